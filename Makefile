@@ -1,0 +1,36 @@
+# probe: two commands on a fresh Debian machine, as root:
+#   make run    installs everything, then traces this host's HTTP traffic live
+#   make test   installs everything, then runs the tests
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROBE := $(VENV)/bin/probe
+SETUP_STAMP := $(VENV)/.installed
+
+.PHONY: setup run check test test-unit lint bench clean
+
+$(SETUP_STAMP): pyproject.toml scripts/setup.sh
+	VENV=$(VENV) scripts/setup.sh
+
+setup:
+	VENV=$(VENV) scripts/setup.sh
+
+run: $(SETUP_STAMP)
+	$(PROBE) capture $(ARGS)
+
+check: $(SETUP_STAMP)
+	$(PROBE) check
+
+# Unit tests need nothing but Python; kernel and end-to-end tests need root.
+test: setup
+	$(PY) -m ruff check probe tests
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: $(SETUP_STAMP)
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+lint: $(SETUP_STAMP)
+	$(PY) -m ruff check probe tests
+	$(PY) -m ruff format --check probe tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,9 @@
+"""probe: traces HTTP requests of unmodified programs with eBPF.
+
+The data flows one way through the subpackages:
+kernel (BPF load, attach, event decoding) -> protocol (HTTP parsing and
+request/response pairing) -> trace (spans and resources) -> export (console,
+JSON lines, OTLP) -> commands (`capture`, `check`, `run`).
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,85 @@
+"""What the kernel stage hands to the protocol stage: plain, decoded events.
+
+These are built by `probe.kernel.decode` from the records that `bpf/probe.h`
+defines, and by tests from captured bytes; the protocol stage never sees a
+C struct.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+
+class Direction(IntEnum):
+    """Which way the bytes went, seen from the traced process."""
+
+    INGRESS = 0  # read or received by the process
+    EGRESS = 1  # written or sent by the process
+
+
+class Role(IntEnum):
+    """How the traced process got the socket."""
+
+    UNKNOWN = 0  # it existed before the probe started; inferred from traffic
+    CLIENT = 1  # the process called connect()
+    SERVER = 2  # the process called accept()
+
+
+@dataclass(frozen=True, slots=True)
+class ConnKey:
+    """Identifies one connection for its whole life.
+
+    ``generation`` is the kernel's monotonic time when the probe first saw
+    the connection, so a reused pid or fd never joins two connections.
+    """
+
+    pid: int
+    fd: int
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    address: str  # textual IPv4 or IPv6 address, without brackets
+    port: int
+
+
+@dataclass(slots=True)
+class ConnOpen:
+    key: ConnKey
+    tid: int
+    timestamp_ns: int  # kernel monotonic clock
+    role: Role
+    local: Endpoint | None  # None when the kernel could not tell
+    peer: Endpoint | None
+
+
+@dataclass(slots=True)
+class DataEvent:
+    """One read- or write-like syscall on a traced connection."""
+
+    key: ConnKey
+    tid: int
+    enter_ns: int  # kernel monotonic clock at syscall entry
+    exit_ns: int  # ... and at its return
+    direction: Direction
+    size: int  # bytes the syscall moved (its return value), > 0
+    payload: bytes  # the first bytes of those, at most the capture size
+    role: Role = Role.UNKNOWN  # as the kernel knows it (UNKNOWN: picked up mid-stream)
+
+
+@dataclass(slots=True)
+class ConnClose:
+    key: ConnKey
+    tid: int
+    timestamp_ns: int
+
+
+@dataclass(slots=True)
+class ProcessExit:
+    pid: int
+    timestamp_ns: int
+
+
+KernelEvent = ConnOpen | DataEvent | ConnClose | ProcessExit

@@ -1,0 +1,61 @@
+"""What the protocol stage hands to the trace stage: parsed HTTP exchanges.
+
+Times are on the kernel's monotonic clock (nanoseconds); the trace stage
+converts them to Unix time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from probe.kernel.events import ConnKey, Endpoint, Role
+
+
+@dataclass(slots=True)
+class ConnectionInfo:
+    key: ConnKey
+    role: Role  # CLIENT or SERVER once known; UNKNOWN only if never inferred
+    local: Endpoint | None
+    peer: Endpoint | None
+
+
+@dataclass(slots=True)
+class HttpMessage:
+    version: str  # "1.0" or "1.1"
+    headers: list[tuple[str, str]]  # names lower-cased, in order, as captured
+    start_ns: int  # first byte: read's return (ingress) or write's entry (egress)
+    end_ns: int  # last byte: return of the syscall that moved it
+    tid: int  # thread that moved the first byte
+    body_size: int = 0  # body bytes, counted from syscall return values
+    head_truncated: bool = False  # the head was longer than what was captured
+    body_framing_lost: bool = False  # the end was inferred, not framed by the parser
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (lower-case), if captured."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+
+@dataclass(slots=True)
+class HttpRequest(HttpMessage):
+    method: str = ""  # as sent, e.g. "GET"
+    target: str = ""  # request-target as sent, e.g. "/a/b?x=1"
+
+
+@dataclass(slots=True)
+class HttpResponse(HttpMessage):
+    status_code: int = 0
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class HttpExchange:
+    """One request and what answered it, on one connection."""
+
+    connection: ConnectionInfo
+    request: HttpRequest
+    response: HttpResponse | None  # None: the connection ended first
+    informational: list[HttpResponse] = field(default_factory=list)  # 1xx before it
+    error: str | None = None  # why there is no response, when there is none

@@ -1,0 +1,76 @@
+"""The span model, shaped like OTLP's so exporters map it field by field."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from enum import Enum
+
+AttributeValue = str | bool | int | float | list[str] | list[int]
+Attributes = dict[str, AttributeValue]
+
+
+class SpanKind(Enum):
+    INTERNAL = 1
+    SERVER = 2
+    CLIENT = 3
+
+
+class StatusCode(Enum):
+    UNSET = 0
+    OK = 1
+    ERROR = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """The entity that produced spans: here, one traced process."""
+
+    attributes: Attributes
+
+    def key(self) -> tuple:
+        """A hashable identity, for grouping spans by resource."""
+        return tuple(sorted((k, str(v)) for k, v in self.attributes.items()))
+
+
+@dataclass(slots=True)
+class SpanEvent:
+    name: str
+    time_unix_nano: int
+    attributes: Attributes = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class SpanLink:
+    trace_id: bytes
+    span_id: bytes
+    attributes: Attributes = field(default_factory=dict)
+
+
+def new_trace_id() -> bytes:
+    return secrets.token_bytes(16)
+
+
+def new_span_id() -> bytes:
+    return secrets.token_bytes(8)
+
+
+@dataclass(slots=True)
+class Span:
+    name: str
+    kind: SpanKind
+    start_time_unix_nano: int
+    end_time_unix_nano: int
+    resource: Resource
+    trace_id: bytes = field(default_factory=new_trace_id)  # 16 bytes
+    span_id: bytes = field(default_factory=new_span_id)  # 8 bytes
+    parent_span_id: bytes | None = None  # 8 bytes, or None for a root span
+    status_code: StatusCode = StatusCode.UNSET
+    status_message: str = ""
+    attributes: Attributes = field(default_factory=dict)
+    events: list[SpanEvent] = field(default_factory=list)
+    links: list[SpanLink] = field(default_factory=list)
+
+    @property
+    def duration_ns(self) -> int:
+        return self.end_time_unix_nano - self.start_time_unix_nano
