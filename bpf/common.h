@@ -1,0 +1,161 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * common.h: maps and helpers shared by the BPF programs (kernel side only).
+ *
+ * Run-time knobs arrive as -D flags from probe/kernel/loader.py, because
+ * bcc compiles at run time anyway:
+ *   PROBE_SELF_PID       the probe's own pid, never traced
+ *   PROBE_CAPTURE_BYTES  payload prefix copied per syscall (<= PROBE_MAX_CAPTURE)
+ *   PROBE_RINGBUF_PAGES  ring buffer size in pages
+ *   PROBE_NR_CPUS        possible CPUs (sizes per-CPU scratch space)
+ *   PROBE_FILTER_PIDS    trace only the pids in `traced_pids`
+ *   PROBE_FILTER_PORTS   trace only connections with a port in `traced_ports`
+ *   PROBE_FILTER_COMM    trace only processes whose comm equals this string
+ */
+#ifndef PROBE_COMMON_H
+#define PROBE_COMMON_H
+
+#include <uapi/linux/ptrace.h>
+#include <linux/socket.h>
+#include <linux/in.h>
+#include <linux/in6.h>
+#include <linux/uio.h>
+
+#include "probe.h"
+
+#ifndef PROBE_CAPTURE_BYTES
+#define PROBE_CAPTURE_BYTES 4096
+#endif
+#ifndef PROBE_RINGBUF_PAGES
+#define PROBE_RINGBUF_PAGES 1024
+#endif
+#define PROBE_MAX_CONNS 65536
+#define PROBE_MAX_INFLIGHT 16384
+
+#define TCP_ESTABLISHED 1
+#define TCP_SYN_SENT 2
+#define TCP_SYN_RECV 3
+#define TCP_CLOSE 7
+
+/* Every record for user space. Read by probe/kernel/loader.py. */
+BPF_RINGBUF_OUTPUT(events, PROBE_RINGBUF_PAGES);
+
+/* enum probe_counter -> count, per CPU so counting never contends. */
+BPF_PERCPU_ARRAY(counters, u64, PROBE_COUNTER_MAX);
+
+/* The traced connections: filled on connect/accept (or on the first HTTP
+ * bytes of a connection opened before the probe), emptied on close. User
+ * space deletes the entries of exited processes. LRU bounds it. */
+BPF_TABLE("lru_hash", struct probe_conn_key, struct probe_conn_state, conns, PROBE_MAX_CONNS);
+
+/* A syscall in flight on one thread: its arguments, kept from entry to exit. */
+struct syscall_args {
+	u64 enter_ns;
+	u64 buf;    /* buffer, iovec array, msghdr or sockaddr, by syscall */
+	u64 len;    /* buffer length or iovec count */
+	u64 addrlen; /* accept: pointer to the sockaddr's length */
+	s32 fd;
+	u8 syscall; /* enum probe_syscall, or one of the SYSCALL_* below */
+	u8 _pad[3];
+};
+#define SYSCALL_CONNECT 100
+#define SYSCALL_ACCEPT 101
+BPF_TABLE("lru_hash", u32, struct syscall_args, inflight, PROBE_MAX_INFLIGHT);
+
+#ifdef PROBE_FILTER_PIDS
+/* pid -> 1: the only processes traced (probe capture -p). */
+BPF_HASH(traced_pids, u32, u8, 1024);
+#endif
+#ifdef PROBE_FILTER_PORTS
+/* port (host order) -> 1: trace only connections with one of these ports. */
+BPF_HASH(traced_ports, u16, u8, 1024);
+#endif
+
+static __always_inline void count(u32 counter)
+{
+	u64 *value = counters.lookup(&counter);
+	if (value)
+		*value += 1;
+}
+
+/* Should this process be looked at at all? Cheap enough for every syscall. */
+static __always_inline bool process_wanted(u32 pid)
+{
+	if (pid == PROBE_SELF_PID)
+		return false;
+#ifdef PROBE_FILTER_PIDS
+	if (!traced_pids.lookup(&pid))
+		return false;
+#endif
+	return true;
+}
+
+/* Filters decided once per connection, when it is first seen. */
+static __always_inline bool connection_wanted(u16 local_port, u16 peer_port)
+{
+#ifdef PROBE_FILTER_COMM
+	char comm[16] = {};
+	char wanted[16] = PROBE_FILTER_COMM;
+	bpf_get_current_comm(&comm, sizeof(comm));
+#pragma unroll
+	for (int i = 0; i < 16; i++) {
+		if (comm[i] != wanted[i])
+			return false;
+		if (comm[i] == 0)
+			break;
+	}
+#endif
+#ifdef PROBE_FILTER_PORTS
+	/* A port of 0 is not known yet (accept without an address): let user
+	 * space decide once it has resolved the address. */
+	if (local_port && peer_port && !traced_ports.lookup(&local_port) &&
+	    !traced_ports.lookup(&peer_port))
+		return false;
+#endif
+	return true;
+}
+
+/* Ring buffer output that counts what could not be delivered. Flags 0 is
+ * the kernel's adaptive wakeup: user space is woken only when it had caught
+ * up, so under load Python wakes once per batch, not per record. */
+static __always_inline void emit(void *record, u64 size)
+{
+	if (events.ringbuf_output(record, size, 0) != 0)
+		count(PROBE_COUNTER_LOST);
+}
+
+/* Read a user-space sockaddr into an endpoint. Returns the family, or 0 if
+ * it is neither IPv4 nor IPv6 (unix sockets and the like are not traced by
+ * address; they are still traced if they carry HTTP). */
+static __always_inline u16 read_sockaddr(struct probe_endpoint *ep, const void *uaddr)
+{
+	u16 family = 0;
+	if (!uaddr || bpf_probe_read_user(&family, sizeof(family), uaddr) != 0)
+		return 0;
+	if (family == AF_INET) {
+		struct sockaddr_in sin = {};
+		bpf_probe_read_user(&sin, sizeof(sin), uaddr);
+		__builtin_memcpy(ep->addr, &sin.sin_addr, 4);
+		ep->port = ntohs(sin.sin_port);
+	} else if (family == AF_INET6) {
+		struct sockaddr_in6 sin6 = {};
+		bpf_probe_read_user(&sin6, sizeof(sin6), uaddr);
+		__builtin_memcpy(ep->addr, &sin6.sin6_addr, 16);
+		ep->port = ntohs(sin6.sin6_port);
+	} else {
+		return 0;
+	}
+	ep->family = family;
+	return family;
+}
+
+static __always_inline void fill_header(struct probe_event_header *header, u32 type, u32 tid,
+					const struct probe_conn_id *conn, u64 timestamp_ns)
+{
+	header->type = type;
+	header->tid = tid;
+	header->conn = *conn;
+	header->timestamp_ns = timestamp_ns;
+}
+
+#endif /* PROBE_COMMON_H */

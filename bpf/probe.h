@@ -1,0 +1,129 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * probe.h: the contract between the BPF programs and user space.
+ *
+ * Every struct, enum and limit that crosses the ring buffer or a map shared
+ * with user space is defined here, once. Plain C with fixed-width types and
+ * no kernel includes, so that both sides read the same text: the BPF side
+ * through bcc, the Python side through cffi (probe/kernel/contract.py), which
+ * accepts only structs, enums and integer #defines, so keep it that way.
+ * Padding is explicit: no field's offset depends on a compiler's choice.
+ */
+#ifndef PROBE_H
+#define PROBE_H
+
+/* Largest payload prefix copied per syscall; the run-time capture size
+ * (PROBE_CAPTURE_BYTES, default 4096) may be smaller, never larger. */
+#define PROBE_MAX_CAPTURE 16384
+/* iovec entries walked per readv/writev/sendmsg/recvmsg. */
+#define PROBE_MAX_IOVECS 8
+/* Bytes looked at to recognise HTTP on a connection the probe did not see open. */
+#define PROBE_SNIFF_BYTES 8
+
+enum probe_event_type {
+	PROBE_EVENT_DATA = 1,  /* struct probe_data_event */
+	PROBE_EVENT_OPEN = 2,  /* struct probe_conn_event: connect() or accept() returned */
+	PROBE_EVENT_CLOSE = 3, /* struct probe_conn_event: close() of a traced connection */
+	PROBE_EVENT_ADDR = 4,  /* struct probe_conn_event: local address learnt after OPEN */
+	PROBE_EVENT_EXIT = 5,  /* struct probe_conn_event: a process exited */
+};
+
+enum probe_direction {
+	PROBE_INGRESS = 0, /* read or received by the traced process */
+	PROBE_EGRESS = 1,  /* written or sent by the traced process */
+};
+
+enum probe_role {
+	PROBE_ROLE_UNKNOWN = 0, /* open before the probe started: seen first in its data */
+	PROBE_ROLE_CLIENT = 1,  /* the process called connect() */
+	PROBE_ROLE_SERVER = 2,  /* the process called accept() */
+};
+
+/* Which syscall produced a data event; SENDFILE carries a count, no bytes. */
+enum probe_syscall {
+	PROBE_SYS_READ = 1,
+	PROBE_SYS_WRITE = 2,
+	PROBE_SYS_READV = 3,
+	PROBE_SYS_WRITEV = 4,
+	PROBE_SYS_RECVFROM = 5,
+	PROBE_SYS_SENDTO = 6,
+	PROBE_SYS_RECVMSG = 7,
+	PROBE_SYS_SENDMSG = 8,
+	PROBE_SYS_SENDFILE = 9,
+};
+
+/* Address families as the kernel numbers them (AF_INET, AF_INET6). */
+enum probe_family {
+	PROBE_AF_UNSPEC = 0,
+	PROBE_AF_INET = 2,
+	PROBE_AF_INET6 = 10,
+};
+
+/* Identifies a traced connection for its whole life. generation is the
+ * monotonic time the probe first saw it: pid and fd reuse never join two. */
+struct probe_conn_id {
+	__u32 pid; /* process (thread group) id */
+	__s32 fd;
+	__u64 generation;
+};
+
+struct probe_endpoint {
+	__u8 addr[16]; /* IPv4 in the first 4 bytes, or IPv6; network order */
+	__u16 port;    /* host order; 0 when unknown */
+	__u16 family;  /* enum probe_family; PROBE_AF_UNSPEC when unknown */
+	__u32 _pad;
+};
+
+/* First in every ring-buffer record; `type` says which record follows. */
+struct probe_event_header {
+	__u32 type; /* enum probe_event_type */
+	__u32 tid;
+	struct probe_conn_id conn;
+	__u64 timestamp_ns; /* bpf_ktime_get_ns(): CLOCK_MONOTONIC; syscall entry for data */
+};
+
+/* One read- or write-like syscall on a traced connection. Only
+ * `captured` bytes of payload are sent: the record is variable-length. */
+struct probe_data_event {
+	struct probe_event_header header;
+	__u64 exit_ns;     /* syscall return */
+	__s64 bytes;       /* the syscall's return value: bytes moved, > 0 */
+	__u32 captured;    /* payload bytes that follow */
+	__u8 direction;    /* enum probe_direction */
+	__u8 role;         /* enum probe_role */
+	__u8 syscall;      /* enum probe_syscall */
+	__u8 _pad;
+	char payload[PROBE_MAX_CAPTURE];
+};
+
+struct probe_conn_event {
+	struct probe_event_header header;
+	struct probe_endpoint local;
+	struct probe_endpoint peer;
+	__u8 role; /* enum probe_role */
+	__u8 _pad[7];
+};
+
+/* Key and value of the `conns` map, which user space also writes: it marks
+ * connections to ignore (not a socket, filtered out) and deletes the
+ * connections of exited processes. */
+struct probe_conn_key {
+	__u32 pid;
+	__s32 fd;
+};
+
+struct probe_conn_state {
+	__u64 generation;
+	__u8 role;    /* enum probe_role */
+	__u8 ignored; /* 1: a socket or file the probe decided not to trace */
+	__u8 _pad[6];
+};
+
+/* Indexes of the per-CPU `counters` array that user space reports. */
+enum probe_counter {
+	PROBE_COUNTER_LOST = 0,       /* ring buffer full: a record was not delivered */
+	PROBE_COUNTER_TRUNCATED = 1,  /* an iovec walk stopped at PROBE_MAX_IOVECS */
+	PROBE_COUNTER_MAX = 2,
+};
+
+#endif /* PROBE_H */

@@ -1,0 +1,281 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * socket_conn.bpf.c: the life of a traced connection.
+ *
+ * connect() and accept()/accept4() add a connection to `conns` and tell user
+ * space (PROBE_EVENT_OPEN); close() removes it (PROBE_EVENT_CLOSE); a process
+ * exit is reported (PROBE_EVENT_EXIT) so user space can drop its connections.
+ *
+ * Addresses without kprobes: the syscalls give only the peer's address (in
+ * user memory). The local side comes from the stable tcp tracepoint
+ * sock:inet_sock_set_state, joined by socket address (clients: the connecting
+ * thread moves the socket to SYN_SENT, then ESTABLISHED carries the ports)
+ * or by the peer's address and port (servers: the child socket becomes
+ * ESTABLISHED before accept() returns). TCP sockets are the only ones that
+ * pass through SYN_SENT, which is also how connect() on UDP is told apart.
+ */
+#include "common.h"
+
+struct tuple {
+	struct probe_endpoint local;
+	struct probe_endpoint peer;
+};
+
+/* Connecting thread -> its socket, set on CLOSE -> SYN_SENT inside connect(). */
+BPF_TABLE("lru_hash", u32, u64, connecting_sock, 4096);
+/* Socket -> addresses, when ESTABLISHED came before connect() returned. */
+BPF_TABLE("lru_hash", u64, struct tuple, sock_tuple, 4096);
+/* Socket -> connection, when connect() returned before ESTABLISHED. */
+BPF_TABLE("lru_hash", u64, struct probe_conn_id, sock_conn, 4096);
+
+/* Peer address of a freshly established server-side socket -> local address. */
+struct peer_key {
+	u8 addr[16];
+	u16 port;
+	u16 family;
+	u32 _pad;
+};
+BPF_TABLE("lru_hash", struct peer_key, struct probe_endpoint, accepted_local, 4096);
+
+static __always_inline void save_conn_args(s32 fd, const void *addr, const void *addrlen,
+					   u8 syscall)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tid = (u32)id;
+	if (!process_wanted(id >> 32))
+		return;
+	struct syscall_args args = {};
+	args.enter_ns = bpf_ktime_get_ns();
+	args.fd = fd;
+	args.buf = (u64)addr;
+	args.addrlen = (u64)addrlen;
+	args.syscall = syscall;
+	inflight.update(&tid, &args);
+}
+
+static __always_inline void open_connection(u32 pid, u32 tid, s32 fd, u8 role,
+					    struct probe_conn_event *event)
+{
+	struct probe_conn_key key = {.pid = pid, .fd = fd};
+	struct probe_conn_state state = {};
+	u64 now = bpf_ktime_get_ns();
+	state.generation = now;
+	state.role = role;
+	state.ignored = !connection_wanted(event->local.port, event->peer.port);
+	conns.update(&key, &state);
+	if (state.ignored)
+		return;
+	struct probe_conn_id conn = {.pid = pid, .fd = fd, .generation = now};
+	fill_header(&event->header, PROBE_EVENT_OPEN, tid, &conn, now);
+	event->role = role;
+	emit(event, sizeof(*event));
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_connect)
+{
+	save_conn_args(args->fd, args->uservaddr, 0, SYSCALL_CONNECT);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_connect)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 pid = id >> 32, tid = (u32)id;
+	struct syscall_args *saved = inflight.lookup(&tid);
+	if (!saved || saved->syscall != SYSCALL_CONNECT)
+		return 0;
+	struct syscall_args call = *saved;
+	inflight.delete(&tid);
+
+	u64 *sock = connecting_sock.lookup(&tid);
+	if (!sock)
+		return 0; /* not TCP: no SYN_SENT happened in this connect() */
+	u64 skaddr = *sock;
+	connecting_sock.delete(&tid);
+	if (args->ret != 0 && args->ret != -EINPROGRESS)
+		return 0;
+
+	struct probe_conn_event event = {};
+	if (!read_sockaddr(&event.peer, (const void *)call.buf))
+		return 0;
+	struct tuple *known = sock_tuple.lookup(&skaddr);
+	if (known) {
+		event.local = known->local;
+		sock_tuple.delete(&skaddr);
+	}
+	open_connection(pid, tid, call.fd, PROBE_ROLE_CLIENT, &event);
+	if (!known) {
+		/* ESTABLISHED comes later (a real network): it sends the address. */
+		struct probe_conn_id conn = {.pid = pid, .fd = call.fd,
+					     .generation = event.header.conn.generation};
+		sock_conn.update(&skaddr, &conn);
+	}
+	return 0;
+}
+
+static __always_inline void save_accept_args(s32 fd, const void *addr, const void *addrlen)
+{
+	save_conn_args(fd, addr, addrlen, SYSCALL_ACCEPT);
+}
+
+static __always_inline void accept_returned(long ret)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 pid = id >> 32, tid = (u32)id;
+	struct syscall_args *saved = inflight.lookup(&tid);
+	if (!saved || saved->syscall != SYSCALL_ACCEPT)
+		return;
+	struct syscall_args call = *saved;
+	inflight.delete(&tid);
+	if (ret < 0)
+		return;
+
+	struct probe_conn_event event = {};
+	if (call.buf) {
+		u16 family = 0;
+		bpf_probe_read_user(&family, sizeof(family), (const void *)call.buf);
+		if (family != AF_INET && family != AF_INET6) {
+			/* A unix socket or similar: remember not to sniff it. */
+			struct probe_conn_key key = {.pid = pid, .fd = (s32)ret};
+			struct probe_conn_state state = {.generation = bpf_ktime_get_ns(),
+							 .role = PROBE_ROLE_SERVER, .ignored = 1};
+			conns.update(&key, &state);
+			return;
+		}
+		read_sockaddr(&event.peer, (const void *)call.buf);
+		struct peer_key peer = {};
+		__builtin_memcpy(peer.addr, event.peer.addr, 16);
+		peer.port = event.peer.port;
+		peer.family = event.peer.family;
+		struct probe_endpoint *local = accepted_local.lookup(&peer);
+		if (local) {
+			event.local = *local;
+			accepted_local.delete(&peer);
+		}
+	}
+	open_connection(pid, tid, (s32)ret, PROBE_ROLE_SERVER, &event);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_accept)
+{
+	save_accept_args(args->fd, args->upeer_sockaddr, args->upeer_addrlen);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_accept)
+{
+	accept_returned(args->ret);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_accept4)
+{
+	save_accept_args(args->fd, args->upeer_sockaddr, args->upeer_addrlen);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_accept4)
+{
+	accept_returned(args->ret);
+	return 0;
+}
+
+static __always_inline void tracepoint_endpoints(struct tuple *tuple, u16 family, u16 sport,
+						 u16 dport, const u8 *saddr, const u8 *daddr,
+						 const u8 *saddr6, const u8 *daddr6)
+{
+	tuple->local.family = family;
+	tuple->peer.family = family;
+	tuple->local.port = sport;
+	tuple->peer.port = dport;
+	if (family == AF_INET) {
+		__builtin_memcpy(tuple->local.addr, saddr, 4);
+		__builtin_memcpy(tuple->peer.addr, daddr, 4);
+	} else {
+		__builtin_memcpy(tuple->local.addr, saddr6, 16);
+		__builtin_memcpy(tuple->peer.addr, daddr6, 16);
+	}
+}
+
+TRACEPOINT_PROBE(sock, inet_sock_set_state)
+{
+	if (args->protocol != IPPROTO_TCP)
+		return 0;
+	u64 skaddr = (u64)args->skaddr;
+
+	if (args->oldstate == TCP_CLOSE && args->newstate == TCP_SYN_SENT) {
+		/* Inside connect(), on the connecting thread. */
+		u64 id = bpf_get_current_pid_tgid();
+		u32 tid = (u32)id;
+		if (process_wanted(id >> 32))
+			connecting_sock.update(&tid, &skaddr);
+		return 0;
+	}
+	if (args->newstate != TCP_ESTABLISHED)
+		return 0;
+
+	struct tuple tuple = {};
+	tracepoint_endpoints(&tuple, args->family, args->sport, args->dport, args->saddr,
+			     args->daddr, args->saddr_v6, args->daddr_v6);
+	if (args->oldstate == TCP_SYN_SENT) {
+		struct probe_conn_id *conn = sock_conn.lookup(&skaddr);
+		if (!conn) {
+			sock_tuple.update(&skaddr, &tuple);
+			return 0;
+		}
+		struct probe_conn_event event = {};
+		fill_header(&event.header, PROBE_EVENT_ADDR, 0, conn, bpf_ktime_get_ns());
+		event.local = tuple.local;
+		event.peer = tuple.peer;
+		event.role = PROBE_ROLE_CLIENT;
+		sock_conn.delete(&skaddr);
+		emit(&event, sizeof(event));
+	} else if (args->oldstate == TCP_SYN_RECV) {
+		struct peer_key peer = {};
+		__builtin_memcpy(peer.addr, tuple.peer.addr, 16);
+		peer.port = tuple.peer.port;
+		peer.family = tuple.peer.family;
+		accepted_local.update(&peer, &tuple.local);
+	}
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_close)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 pid = id >> 32;
+	if (!process_wanted(pid))
+		return 0;
+	struct probe_conn_key key = {.pid = pid, .fd = (s32)args->fd};
+	struct probe_conn_state *state = conns.lookup(&key);
+	if (!state)
+		return 0;
+	if (!state->ignored) {
+		struct probe_conn_event event = {};
+		u64 now = bpf_ktime_get_ns();
+		struct probe_conn_id conn = {.pid = pid, .fd = key.fd,
+					     .generation = state->generation};
+		fill_header(&event.header, PROBE_EVENT_CLOSE, (u32)id, &conn, now);
+		event.role = state->role;
+		emit(&event, sizeof(event));
+	}
+	conns.delete(&key);
+	return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 pid = id >> 32;
+	u32 tid = (u32)id;
+	inflight.delete(&tid);
+	connecting_sock.delete(&tid);
+	/* The group leader's exit stands for the process's. */
+	if (pid != tid || !process_wanted(pid))
+		return 0;
+	struct probe_conn_event event = {};
+	struct probe_conn_id process = {.pid = pid, .fd = -1};
+	fill_header(&event.header, PROBE_EVENT_EXIT, tid, &process, bpf_ktime_get_ns());
+	emit(&event, sizeof(event));
+	return 0;
+}

@@ -1,0 +1,301 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * socket_data.bpf.c: bytes moved on traced connections.
+ *
+ * Entry of every read/write-like syscall saves its arguments per thread;
+ * its exit, if the fd is a traced connection, sends one PROBE_EVENT_DATA
+ * record with timing, the byte count and the first PROBE_CAPTURE_BYTES of
+ * payload (iovecs walked in order, at most PROBE_MAX_IOVECS). A connection
+ * that was open before the probe started is picked up when its bytes look
+ * like HTTP (sniff_connection); user space then resolves its addresses.
+ */
+#include "common.h"
+
+/* Where a data event is built, one slot per CPU, because it is too large
+ * for the BPF stack (and, at 32 KiB, for a per-CPU array's value). Syscall
+ * tracepoints do not nest on a CPU, so a slot is never shared. `spill` lets
+ * the verifier see that a copy at any bounded offset of `payload` stays
+ * inside the map value. */
+struct data_scratch {
+	struct probe_data_event event;
+	char spill[PROBE_MAX_CAPTURE];
+};
+BPF_ARRAY(data_scratch, struct data_scratch, PROBE_NR_CPUS);
+
+static __always_inline int save_data_args(s32 fd, const void *buf, u64 len, u8 syscall)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tid = (u32)id;
+	if (!process_wanted(id >> 32))
+		return 0;
+	struct syscall_args args = {};
+	args.enter_ns = bpf_ktime_get_ns();
+	args.fd = fd;
+	args.buf = (u64)buf;
+	args.len = len;
+	args.syscall = syscall;
+	inflight.update(&tid, &args);
+	return 0;
+}
+
+static __always_inline bool is_vectored(u8 syscall)
+{
+	return syscall == PROBE_SYS_READV || syscall == PROBE_SYS_WRITEV ||
+	       syscall == PROBE_SYS_RECVMSG || syscall == PROBE_SYS_SENDMSG;
+}
+
+/* For sendmsg/recvmsg, turn the msghdr into its iovec array and count. */
+static __always_inline void resolve_msghdr(struct syscall_args *call)
+{
+	if (call->syscall != PROBE_SYS_RECVMSG && call->syscall != PROBE_SYS_SENDMSG)
+		return;
+	struct user_msghdr msg = {};
+	bpf_probe_read_user(&msg, sizeof(msg), (const void *)call->buf);
+	call->buf = (u64)msg.msg_iov;
+	call->len = msg.msg_iovlen;
+}
+
+/* Address of the first byte moved: the buffer, or the first iovec's base. */
+static __always_inline const void *first_byte(const struct syscall_args *call)
+{
+	if (!is_vectored(call->syscall))
+		return (const void *)call->buf;
+	struct iovec first = {};
+	bpf_probe_read_user(&first, sizeof(first), (const void *)call->buf);
+	return first.iov_base;
+}
+
+/* Request methods and the response prefix, as little-endian 32-bit words. */
+#define WORD(a, b, c, d) ((u32)(a) | (u32)(b) << 8 | (u32)(c) << 16 | (u32)(d) << 24)
+
+static __always_inline bool looks_like_http(const char *start)
+{
+	char head[PROBE_SNIFF_BYTES] = {};
+	if (bpf_probe_read_user(head, sizeof(head), start) != 0)
+		return false;
+	u32 word = WORD(head[0], head[1], head[2], head[3]);
+	switch (word) {
+	case WORD('G', 'E', 'T', ' '):
+	case WORD('P', 'U', 'T', ' '):
+	case WORD('P', 'O', 'S', 'T'):
+	case WORD('H', 'E', 'A', 'D'):
+	case WORD('D', 'E', 'L', 'E'):
+	case WORD('P', 'A', 'T', 'C'):
+	case WORD('O', 'P', 'T', 'I'):
+		return true;
+	case WORD('H', 'T', 'T', 'P'):
+		return head[4] == '/' && head[5] == '1' && head[6] == '.';
+	}
+	return false;
+}
+
+/* A connection the probe did not see open: trace it if it speaks HTTP. */
+static __always_inline struct probe_conn_state *sniff_connection(struct probe_conn_key *key,
+								  u32 tid,
+								  const struct syscall_args *call,
+								  long ret)
+{
+	if (ret < PROBE_SNIFF_BYTES || !looks_like_http(first_byte(call)))
+		return 0;
+	struct probe_conn_state state = {};
+	u64 now = bpf_ktime_get_ns();
+	state.generation = now;
+	state.role = PROBE_ROLE_UNKNOWN;
+	state.ignored = !connection_wanted(0, 0);
+	conns.update(key, &state);
+	if (!state.ignored) {
+		struct probe_conn_event event = {};
+		struct probe_conn_id conn = {.pid = key->pid, .fd = key->fd, .generation = now};
+		fill_header(&event.header, PROBE_EVENT_OPEN, tid, &conn, now);
+		event.role = PROBE_ROLE_UNKNOWN;
+		emit(&event, sizeof(event));
+	}
+	return conns.lookup(key);
+}
+
+/* Hide a value from the compiler, so the masks below survive into the
+ * code the verifier reads (clang drops a mask it can prove redundant). */
+#define OPAQUE(x) asm volatile("" : "+r"(x))
+
+/* Copy len (<= PROBE_MAX_CAPTURE) user bytes to payload + offset
+ * (offset < PROBE_MAX_CAPTURE), in a form the verifier can bound. */
+static __always_inline void copy_user(char *payload, u32 offset, u64 len, const void *src)
+{
+	if (len >= PROBE_MAX_CAPTURE) {
+		bpf_probe_read_user(payload, PROBE_MAX_CAPTURE, src); /* offset is 0 */
+		return;
+	}
+	OPAQUE(len);
+	OPAQUE(offset);
+	bpf_probe_read_user(payload + (offset & (PROBE_MAX_CAPTURE - 1)),
+			    len & (PROBE_MAX_CAPTURE - 1), src);
+}
+
+static __always_inline u32 copy_buffer(char *payload, const void *buf, long ret)
+{
+	u32 len = ret < PROBE_CAPTURE_BYTES ? ret : PROBE_CAPTURE_BYTES;
+	copy_user(payload, 0, len, buf);
+	return len;
+}
+
+static __always_inline u32 copy_iovecs(char *payload, const struct iovec *iov, u64 iovcnt,
+				       long ret)
+{
+	u32 copied = 0;
+#pragma unroll
+	for (int i = 0; i < PROBE_MAX_IOVECS; i++) {
+		if (i >= iovcnt || copied >= ret || copied >= PROBE_CAPTURE_BYTES)
+			break;
+		struct iovec vec = {};
+		bpf_probe_read_user(&vec, sizeof(vec), &iov[i]);
+		u64 len = vec.iov_len;
+		if (len > ret - copied)
+			len = ret - copied;
+		if (len > PROBE_CAPTURE_BYTES - copied)
+			len = PROBE_CAPTURE_BYTES - copied;
+		copy_user(payload, copied, len, vec.iov_base);
+		copied += len;
+	}
+	if (iovcnt > PROBE_MAX_IOVECS && copied < ret && copied < PROBE_CAPTURE_BYTES)
+		count(PROBE_COUNTER_TRUNCATED);
+	return copied;
+}
+
+static __always_inline int data_returned(long ret, u8 direction)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 pid = id >> 32, tid = (u32)id;
+	struct syscall_args *saved = inflight.lookup(&tid);
+	if (!saved)
+		return 0;
+	struct syscall_args call = *saved;
+	inflight.delete(&tid);
+	if (ret <= 0 || call.syscall >= SYSCALL_CONNECT)
+		return 0;
+
+	resolve_msghdr(&call);
+	struct probe_conn_key key = {.pid = pid, .fd = call.fd};
+	struct probe_conn_state *state = conns.lookup(&key);
+	if (!state && call.syscall != PROBE_SYS_SENDFILE)
+		state = sniff_connection(&key, tid, &call, ret);
+	if (!state || state->ignored)
+		return 0;
+
+	u32 cpu = bpf_get_smp_processor_id();
+	struct data_scratch *scratch = data_scratch.lookup(&cpu);
+	if (!scratch)
+		return 0;
+	struct probe_data_event *event = &scratch->event;
+	struct probe_conn_id conn = {.pid = pid, .fd = call.fd, .generation = state->generation};
+	fill_header(&event->header, PROBE_EVENT_DATA, tid, &conn, call.enter_ns);
+	event->exit_ns = bpf_ktime_get_ns();
+	event->bytes = ret;
+	event->direction = direction;
+	event->role = state->role;
+	event->syscall = call.syscall;
+	if (call.syscall == PROBE_SYS_SENDFILE)
+		event->captured = 0;
+	else if (is_vectored(call.syscall))
+		event->captured = copy_iovecs(event->payload, (const struct iovec *)call.buf,
+					      call.len, ret);
+	else
+		event->captured = copy_buffer(event->payload, (const void *)call.buf, ret);
+
+	u64 captured = event->captured;
+	OPAQUE(captured);
+	if (captured > PROBE_MAX_CAPTURE)
+		captured = PROBE_MAX_CAPTURE;
+	emit(event, offsetof(struct probe_data_event, payload) + captured);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_read)
+{
+	return save_data_args(args->fd, args->buf, args->count, PROBE_SYS_READ);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_read)
+{
+	return data_returned(args->ret, PROBE_INGRESS);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_write)
+{
+	return save_data_args(args->fd, args->buf, args->count, PROBE_SYS_WRITE);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_write)
+{
+	return data_returned(args->ret, PROBE_EGRESS);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_readv)
+{
+	return save_data_args(args->fd, args->vec, args->vlen, PROBE_SYS_READV);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_readv)
+{
+	return data_returned(args->ret, PROBE_INGRESS);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_writev)
+{
+	return save_data_args(args->fd, args->vec, args->vlen, PROBE_SYS_WRITEV);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_writev)
+{
+	return data_returned(args->ret, PROBE_EGRESS);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom)
+{
+	return save_data_args(args->fd, args->ubuf, args->size, PROBE_SYS_RECVFROM);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom)
+{
+	return data_returned(args->ret, PROBE_INGRESS);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto)
+{
+	return save_data_args(args->fd, args->buff, args->len, PROBE_SYS_SENDTO);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_sendto)
+{
+	return data_returned(args->ret, PROBE_EGRESS);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg)
+{
+	return save_data_args(args->fd, args->msg, 0, PROBE_SYS_RECVMSG);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg)
+{
+	return data_returned(args->ret, PROBE_INGRESS);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg)
+{
+	return save_data_args(args->fd, args->msg, 0, PROBE_SYS_SENDMSG);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg)
+{
+	return data_returned(args->ret, PROBE_EGRESS);
+}
+
+/* sendfile moves body bytes the probe never sees: counted, not copied. */
+TRACEPOINT_PROBE(syscalls, sys_enter_sendfile64)
+{
+	return save_data_args(args->out_fd, 0, args->count, PROBE_SYS_SENDFILE);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_sendfile64)
+{
+	return data_returned(args->ret, PROBE_EGRESS);
+}

@@ -1,0 +1,251 @@
+"""Compile, attach and read the BPF programs of ``bpf/``.
+
+`EventSource` is the kernel stage's one entry point: `start()` compiles the
+programs with bcc and attaches them, `poll()` returns the decoded events of
+one ring-buffer batch. It also owns what the kernel keeps per connection:
+it marks connections to ignore and deletes those of exited processes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from probe.kernel import features, sockets
+from probe.kernel.contract import BPF_DIR, MAX_CAPTURE, lib
+from probe.kernel.decode import AddressUpdate, decode
+from probe.kernel.events import (
+    ConnClose,
+    ConnKey,
+    ConnOpen,
+    DataEvent,
+    KernelEvent,
+    ProcessExit,
+    Role,
+)
+from probe.stats import Stats
+
+# bcc rewrites map calls (`events.ringbuf_output(...)`) and generates
+# tracepoint argument structs only in the main source text, not in included
+# files; so the programs and the map-using helpers are joined into one text.
+# probe.h, which has no maps, stays an ordinary include.
+SOURCES = ("common.h", "socket_conn.bpf.c", "socket_data.bpf.c")
+
+_IGNORED_MEMORY = 4096  # recently ignored connections whose events are still in flight
+
+
+@dataclass(slots=True)
+class ProbeOptions:
+    capture_bytes: int = 4096
+    pids: tuple[int, ...] = ()
+    ports: tuple[int, ...] = ()
+    comm: str | None = None
+    ringbuf_pages: int = 1024  # 4 MiB with 4 KiB pages; must be a power of two
+    extra_cflags: list[str] = field(default_factory=list)
+
+    def cflags(self) -> list[str]:
+        if not 0 < self.capture_bytes <= MAX_CAPTURE:
+            raise features.ProbeError(
+                f"capture size {self.capture_bytes} is out of range: 1 to {MAX_CAPTURE} bytes."
+            )
+        flags = [
+            "-w",  # the headers are a neighbouring kernel's: their warnings are noise
+            f"-I{BPF_DIR}",
+            f"-DPROBE_SELF_PID={os.getpid()}",
+            f"-DPROBE_CAPTURE_BYTES={self.capture_bytes}",
+            f"-DPROBE_RINGBUF_PAGES={self.ringbuf_pages}",
+            f"-DPROBE_NR_CPUS={os.cpu_count() or 1}",
+        ]
+        if self.pids:
+            flags.append("-DPROBE_FILTER_PIDS")
+        if self.ports:
+            flags.append("-DPROBE_FILTER_PORTS")
+        if self.comm:
+            if not self.comm.isprintable() or '"' in self.comm or "\\" in self.comm:
+                raise features.ProbeError(f"--comm {self.comm!r}: not a plain process name.")
+            flags.append(f'-DPROBE_FILTER_COMM="{self.comm[:15]}"')
+        return flags + self.extra_cflags
+
+
+def program_source() -> str:
+    return "\n".join((BPF_DIR / name).read_text() for name in SOURCES)
+
+
+class EventSource:
+    """Kernel events of the traced connections, in batches."""
+
+    def __init__(self, options: ProbeOptions, stats: Stats) -> None:
+        self.options = options
+        self.stats = stats
+        self.notes: list[str] = []  # things done on the user's behalf, to print
+        self._bpf = None
+        self._batch: list[KernelEvent] = []
+        # Client connections whose local address the kernel will send later.
+        self._awaiting_address: dict[ConnKey, ConnOpen] = {}
+        self._open_by_pid: dict[int, set[ConnKey]] = {}
+        self._ignored: OrderedDict[ConnKey, None] = OrderedDict()
+        self._callback = None
+
+    # -- life cycle -------------------------------------------------------
+
+    def start(self) -> None:
+        """Compile and attach every program; raise ProbeError if impossible."""
+        self.notes += features.prepare()
+        cflags = self.options.cflags()
+        try:
+            from bcc import BPF  # noqa: PLC0415 - checked by features.prepare()
+        except ImportError as error:  # pragma: no cover - prepare() checked it
+            raise features.ProbeError(str(error)) from error
+        try:
+            self._bpf = BPF(text=program_source(), cflags=cflags)
+        except Exception as error:
+            raise features.ProbeError(
+                f"The kernel did not accept probe's BPF programs ({error}). The compiler "
+                "or verifier output is above. Check `probe check`: the kernel headers must "
+                "match closely enough, and the kernel must allow BPF tracepoint programs "
+                "(Linux 5.8 or later)."
+            ) from error
+        if self.options.pids:
+            table = self._bpf["traced_pids"]
+            for pid in self.options.pids:
+                table[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+        if self.options.ports:
+            table = self._bpf["traced_ports"]
+            for port in self.options.ports:
+                table[ctypes.c_uint16(port)] = ctypes.c_uint8(1)
+        self._callback = self._on_record  # keep a reference for ctypes
+        self._bpf["events"].open_ring_buffer(self._callback)
+
+    def close(self) -> None:
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None
+
+    def __enter__(self) -> EventSource:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading ----------------------------------------------------------
+
+    def poll(self, timeout_ms: int = 100) -> list[KernelEvent]:
+        """Wait up to ``timeout_ms`` for records; return one batch of events."""
+        assert self._bpf is not None, "start() first"
+        self._bpf.ring_buffer_poll(timeout_ms)
+        batch, self._batch = self._batch, []
+        return batch
+
+    def kernel_counter(self, counter: int) -> int:
+        """Sum over CPUs of one `enum probe_counter` slot."""
+        if self._bpf is None:
+            return 0
+        values = self._bpf["counters"][ctypes.c_int(counter)]
+        return int(sum(values))
+
+    def lost_events(self) -> int:
+        return self.kernel_counter(lib.PROBE_COUNTER_LOST)
+
+    def _on_record(self, _ctx: object, data: int, size: int) -> int:
+        self.stats["events"] += 1
+        event = decode(data, size)
+        if event is None:
+            self.stats["events_malformed"] += 1
+            return 0
+        self._accept(event)
+        return 0
+
+    # -- per-connection bookkeeping ----------------------------------------
+
+    def _accept(self, event: KernelEvent) -> None:
+        if isinstance(event, ProcessExit):
+            self._process_exited(event)
+            self._batch.append(event)
+            return
+        key = event.key
+        if key in self._ignored:
+            return
+        if isinstance(event, AddressUpdate):
+            pending = self._awaiting_address.pop(key, None)
+            if pending is not None:
+                pending.local, pending.peer = event.local, event.peer
+                self._open(pending)
+            return
+        if isinstance(event, ConnOpen):
+            if event.role == Role.CLIENT and event.local is None:
+                self._awaiting_address[key] = event
+            else:
+                self._open(event)
+            return
+        pending = self._awaiting_address.pop(key, None)
+        if pending is not None:  # data or close before the address: go without it
+            self._open(pending)
+            if key in self._ignored:
+                return
+        if isinstance(event, ConnClose):
+            pids = self._open_by_pid.get(key.pid)
+            if pids is not None:
+                pids.discard(key)
+                if not pids:
+                    del self._open_by_pid[key.pid]
+        self._batch.append(event)
+
+    def _open(self, event: ConnOpen) -> None:
+        if event.local is None or event.peer is None:
+            found = sockets.lookup(event.key.pid, event.key.fd)
+            if not found.is_socket or (event.role == Role.UNKNOWN and not found.is_tcp):
+                # Bytes that looked like HTTP on a file, pipe or unix socket.
+                self.ignore(event.key)
+                return
+            event.local = event.local or found.local
+            event.peer = event.peer or found.peer
+        if self.options.ports and not self._port_wanted(event):
+            self.ignore(event.key)
+            return
+        self._open_by_pid.setdefault(event.key.pid, set()).add(event.key)
+        self.stats["connections_traced"] += 1
+        self._batch.append(event)
+
+    def _port_wanted(self, event: ConnOpen) -> bool:
+        ports = {ep.port for ep in (event.local, event.peer) if ep is not None}
+        return bool(ports & set(self.options.ports))
+
+    def ignore(self, key: ConnKey) -> None:
+        """Stop tracing a connection, in the kernel too."""
+        self.stats["connections_ignored"] += 1
+        self._ignored[key] = None
+        if len(self._ignored) > _IGNORED_MEMORY:
+            self._ignored.popitem(last=False)
+        if self._bpf is None:
+            return
+        conns = self._bpf["conns"]
+        conn_key = conns.Key(key.pid, key.fd)
+        try:
+            state = conns[conn_key]
+        except KeyError:
+            return
+        if state.generation == key.generation:
+            state.ignored = 1
+            conns[conn_key] = state
+
+    def _process_exited(self, event: ProcessExit) -> None:
+        keys = self._open_by_pid.pop(event.pid, set())
+        for key in [k for k in self._awaiting_address if k.pid == event.pid]:
+            del self._awaiting_address[key]
+        if self._bpf is not None and keys:
+            self._delete_kernel_connections(keys)
+
+    def _delete_kernel_connections(self, keys: Iterable[ConnKey]) -> None:
+        conns = self._bpf["conns"]
+        for key in keys:
+            try:
+                del conns[conns.Key(key.pid, key.fd)]
+            except KeyError:
+                pass
+
+
+__all__ = ["EventSource", "ProbeOptions", "DataEvent"]
