@@ -1,0 +1,214 @@
+"""Turns one `HttpExchange` into one `Span`, after OpenTelemetry's HTTP conventions.
+
+The attributes follow the stable HTTP semantic conventions. What could carry
+secrets is kept out by default: query values are redacted, no header is
+captured unless allowlisted, and credential headers only with explicit consent.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection
+from urllib.parse import urlsplit
+
+from probe.kernel.events import Endpoint, Role
+from probe.protocol.model import HttpExchange, HttpMessage
+from probe.trace.clock import MonotonicClock
+from probe.trace.resource import ResourceDetector
+from probe.trace.span import Attributes, Span, SpanEvent, SpanKind, StatusCode
+
+KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY"}
+)
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
+REDACTED = "REDACTED"
+OTHER = "_OTHER"  # the conventions' value for anything outside a known set
+INFORMATIONAL_EVENT = "http.informational_response"
+
+_KINDS = {Role.SERVER: SpanKind.SERVER, Role.CLIENT: SpanKind.CLIENT}
+# error.type must stay low-cardinality: a short token is kept, free text is not.
+_ERROR_TOKEN = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+
+class SpanBuilder:
+    """Builds spans for exchanges; holds only configuration, so one serves all connections."""
+
+    def __init__(
+        self,
+        resources: ResourceDetector,
+        clock: MonotonicClock,
+        *,
+        capture_credentials: bool = False,
+        redact_query: bool = True,
+        capture_headers: Collection[str] = (),
+    ) -> None:
+        self._resources = resources
+        self._clock = clock
+        self._redact_query = redact_query
+        self._capture_headers = tuple(
+            name
+            for name in dict.fromkeys(h.lower() for h in capture_headers)
+            if capture_credentials or name not in CREDENTIAL_HEADERS
+        )
+
+    def build(self, exchange: HttpExchange) -> Span:
+        request, response = exchange.request, exchange.response
+        kind = _KINDS.get(exchange.connection.role, SpanKind.INTERNAL)
+        method = request.method if request.method in KNOWN_METHODS else OTHER
+        if response is not None:
+            end_ns = response.end_ns
+        else:  # the last thing seen of the exchange
+            end_ns = max([request.end_ns, *(info.end_ns for info in exchange.informational)])
+
+        span = Span(
+            name=method if method != OTHER else "HTTP",
+            kind=kind,
+            start_time_unix_nano=self._clock.to_unix_ns(request.start_ns),
+            end_time_unix_nano=self._clock.to_unix_ns(end_ns),
+            resource=self._resources.detect(exchange.connection.key.pid),
+            attributes=self._attributes(exchange, kind, method),
+            events=[
+                SpanEvent(
+                    INFORMATIONAL_EVENT,
+                    self._clock.to_unix_ns(info.start_ns),
+                    {"http.response.status_code": info.status_code},
+                )
+                for info in exchange.informational
+            ],
+        )
+        if (error_type := _error_type(exchange, kind)) is not None:
+            span.status_code = StatusCode.ERROR
+            span.status_message = exchange.error or ""
+            span.attributes["error.type"] = error_type
+        return span
+
+    def _attributes(self, exchange: HttpExchange, kind: SpanKind, method: str) -> Attributes:
+        conn, request, response = exchange.connection, exchange.request, exchange.response
+        attrs: Attributes = {"http.request.method": method}
+        if method == OTHER:
+            attrs["http.request.method_original"] = request.method
+
+        path, query, authority = _split_target(request.target)
+        if query and self._redact_query:
+            query = _redact(query)
+        if path is not None:
+            attrs["url.path"] = path
+        if query:
+            attrs["url.query"] = query
+        attrs["url.scheme"] = "http"
+
+        # The server is named as the client asked for it (Host, or the
+        # proxy-style absolute target); the socket's own end fills the gaps.
+        host, port = _split_authority(authority or request.header("host"))
+        if kind is SpanKind.CLIENT:
+            _set_address(attrs, "server", host, port, conn.peer)
+            if not host and conn.peer is not None:
+                host, port = conn.peer.address, conn.peer.port
+            if host and path is not None:
+                attrs["url.full"] = f"http://{_origin(host, port)}{path}" + (
+                    f"?{query}" if query else ""
+                )
+        elif kind is SpanKind.SERVER:
+            _set_address(attrs, "server", host, port, conn.local)
+            _set_address(attrs, "client", None, None, conn.peer)
+
+        if response is not None:
+            attrs["http.response.status_code"] = response.status_code
+        attrs["network.protocol.name"] = "http"
+        attrs["network.protocol.version"] = request.version
+        _set_address(attrs, "network.peer", None, None, conn.peer)
+        _set_address(attrs, "network.local", None, None, conn.local)
+        if user_agent := request.header("user-agent"):
+            attrs["user_agent.original"] = user_agent
+
+        messages: list[tuple[str, HttpMessage]] = [("request", request)]
+        if response is not None:
+            messages.append(("response", response))
+        for side, message in messages:
+            if message.body_size:
+                attrs[f"http.{side}.body.size"] = message.body_size
+            for name in self._capture_headers:
+                if values := [value for key, value in message.headers if key == name]:
+                    attrs[f"http.{side}.header.{name}"] = values
+        if any(message.head_truncated for _, message in messages):
+            attrs["probe.http.head_truncated"] = True
+        if any(message.body_framing_lost for _, message in messages):
+            attrs["probe.http.body_framing_lost"] = True
+        attrs["thread.id"] = request.tid
+        return attrs
+
+
+def _error_type(exchange: HttpExchange, kind: SpanKind) -> str | None:
+    """The span's ``error.type``, or None when the exchange did not fail.
+
+    A server failed on 5xx only (4xx is the client's fault); a client on 4xx too.
+    """
+    response = exchange.response
+    if response is None:
+        error = exchange.error or ""
+        return error if _ERROR_TOKEN.fullmatch(error) else OTHER
+    if response.status_code >= 500 or (kind is SpanKind.CLIENT and response.status_code >= 400):
+        return str(response.status_code)
+    return None
+
+
+def _split_target(target: str) -> tuple[str | None, str, str | None]:
+    """(path, query, authority) of a request-target.
+
+    Origin form ("/a?b") has a path; absolute form ("http://h/a?b", sent to
+    proxies) also names the authority; authority form (CONNECT's "h:443")
+    and asterisk form ("*") have no path.
+    """
+    if target.startswith("/"):
+        path, _, query = target.partition("?")
+        return path, query, None
+    if "://" in target:
+        url = urlsplit(target)
+        return url.path or "/", url.query, url.netloc.rpartition("@")[2] or None
+    return None, "", None
+
+
+def _split_authority(authority: str | None) -> tuple[str | None, int | None]:
+    """Host and explicit port of a Host header value; userinfo is dropped."""
+    if not authority:
+        return None, None
+    authority = authority.rpartition("@")[2]
+    if authority.startswith("["):  # IPv6 literal: "[::1]:8080"
+        host, _, rest = authority[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port = authority.partition(":")
+    # isdigit alone would let "²" through to int().
+    return host or None, int(port) if port.isascii() and port.isdigit() else None
+
+
+def _redact(query: str) -> str:
+    """Keeps the keys, hides every value: "a=1&b" becomes "a=REDACTED&b"."""
+    return "&".join(
+        f"{key}={REDACTED}" if sep else key
+        for key, sep, _ in (pair.partition("=") for pair in query.split("&"))
+    )
+
+
+def _origin(host: str, port: int | None) -> str:
+    """``host[:port]`` as a URL writes it: IPv6 in brackets, port 80 implied."""
+    if ":" in host:
+        host = f"[{host}]"
+    return host if port in (None, 80) else f"{host}:{port}"
+
+
+def _set_address(
+    attrs: Attributes,
+    prefix: str,
+    address: str | None,
+    port: int | None,
+    endpoint: Endpoint | None,
+) -> None:
+    """Sets ``{prefix}.address`` and ``.port``, falling back to ``endpoint``'s."""
+    if endpoint is not None:
+        address = address or endpoint.address
+        port = port or endpoint.port
+    if address:
+        attrs[f"{prefix}.address"] = address
+    if port:
+        attrs[f"{prefix}.port"] = port

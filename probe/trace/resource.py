@@ -1,0 +1,139 @@
+"""Describes each traced process as an OpenTelemetry resource, read from /proc.
+
+A process keeps its resource for its whole life, so detection runs once per
+pid and is cached (bounded, least recently used first out) until the process
+exits and the caller calls `ResourceDetector.forget`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections import OrderedDict
+from pathlib import Path
+from urllib.parse import unquote
+
+from probe.trace.span import Attributes, Resource
+
+UNKNOWN_SERVICE = "unknown_service"
+
+# A container runtime names the process's cgroup after the container's 64-hex
+# id: "/docker/<id>", "docker-<id>.scope", "cri-containerd-<id>.scope",
+# "crio-<id>.scope", "libpod-<id>.scope", "/kubepods/.../pod<uid>/<id>".
+_CONTAINER_SEGMENT = re.compile(r"(?:[\w.-]*?[-:])?([0-9a-f]{64})(?:\.scope)?")
+
+
+class ResourceDetector:
+    """Builds and caches one `Resource` per pid; never raises for a vanished process."""
+
+    def __init__(
+        self,
+        proc_root: str | os.PathLike[str] = "/proc",
+        *,
+        max_entries: int = 4096,
+        hostname: str | None = None,
+    ) -> None:
+        self._proc = Path(proc_root)
+        self._max_entries = max_entries
+        self._hostname = socket.gethostname() if hostname is None else hostname
+        self._cache: OrderedDict[int, Resource] = OrderedDict()
+
+    def detect(self, pid: int) -> Resource:
+        resource = self._cache.get(pid)
+        if resource is not None:
+            self._cache.move_to_end(pid)
+            return resource
+        attributes = self._read(pid)
+        resource = Resource(attributes)
+        # Only a process still there to read is worth remembering; an exited
+        # one is cheap to describe again and its pid may be reused.
+        if "process.executable.name" in attributes:
+            self._cache[pid] = resource
+            if len(self._cache) > self._max_entries:
+                self._cache.popitem(last=False)
+        return resource
+
+    def forget(self, pid: int) -> None:
+        """Drop what is cached for ``pid``: the process exited and its pid may be reused."""
+        self._cache.pop(pid, None)
+
+    def _read(self, pid: int) -> Attributes:
+        base = self._proc / str(pid)
+        exe_path = _read_link(base / "exe")
+        exe_name = os.path.basename(exe_path) if exe_path else _read_text(base / "comm").strip()
+        environ = _parse_environ(_read_bytes(base / "environ"))
+        cmdline = _read_bytes(base / "cmdline").rstrip(b"\0")
+        container_id = _container_id(_read_text(base / "cgroup"))
+
+        attributes: Attributes = {
+            "service.name": _service_name(environ) or exe_name or UNKNOWN_SERVICE,
+            "host.name": self._hostname,
+            "process.pid": pid,
+        }
+        if exe_name:
+            attributes["process.executable.name"] = exe_name
+        if exe_path:
+            attributes["process.executable.path"] = exe_path
+        if cmdline:
+            args = cmdline.split(b"\0")
+            attributes["process.command_line"] = " ".join(_decode(arg) for arg in args)
+        if container_id:
+            attributes["container.id"] = container_id
+        return attributes
+
+
+def _service_name(environ: dict[str, str]) -> str | None:
+    """The name the process gave itself the OpenTelemetry way, if it did."""
+    if name := environ.get("OTEL_SERVICE_NAME", "").strip():
+        return name
+    # OTEL_RESOURCE_ATTRIBUTES is "key=value,..." with percent-encoded values.
+    for pair in environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
+        key, sep, value = pair.partition("=")
+        if sep and key.strip() == "service.name" and (name := unquote(value.strip())):
+            return name
+    return None
+
+
+def _container_id(cgroup: str) -> str | None:
+    # Lines are "hierarchy-id:controllers:path"; the id is usually the last segment.
+    for line in cgroup.splitlines():
+        path = line.split(":", 2)[-1]
+        for segment in reversed(path.split("/")):
+            if match := _CONTAINER_SEGMENT.fullmatch(segment):
+                return match.group(1)
+    return None
+
+
+def _parse_environ(data: bytes) -> dict[str, str]:
+    environ: dict[str, str] = {}
+    for entry in data.split(b"\0"):
+        key, sep, value = entry.partition(b"=")
+        if sep:
+            environ[_decode(key)] = _decode(value)
+    return environ
+
+
+def _decode(data: bytes) -> str:
+    # Exporters must be able to encode every attribute, so no surrogates.
+    return data.decode("utf-8", errors="replace")
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:  # gone, a kernel thread, or not ours to read
+        return b""
+
+
+def _read_text(path: Path) -> str:
+    return _decode(_read_bytes(path))
+
+
+def _read_link(path: Path) -> str:
+    try:
+        target = os.readlink(path)
+    except OSError:
+        return ""
+    # The binary was replaced or removed since the process started it.
+    return target.removesuffix(" (deleted)")
