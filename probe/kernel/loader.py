@@ -8,6 +8,7 @@ it marks connections to ignore and deletes those of exited processes.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 from collections import OrderedDict
@@ -242,10 +243,8 @@ class EventSource:
     def _delete_kernel_connections(self, keys: Iterable[ConnKey]) -> None:
         conns = self._bpf["conns"]
         for key in keys:
-            try:
+            with contextlib.suppress(KeyError):
                 del conns[conns.Key(key.pid, key.fd)]
-            except KeyError:
-                pass
 
 
 __all__ = ["EventSource", "ProbeOptions", "DataEvent"]

@@ -1,0 +1,158 @@
+"""`probe capture`: watch HTTP traffic for a while, print spans, exit."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+import time
+from typing import TextIO
+
+from probe.export.console import ConsoleSpanExporter
+from probe.export.jsonl import JsonLinesSpanExporter
+from probe.export.processor import SimpleSpanProcessor, SpanProcessor
+from probe.kernel.features import ProbeError
+from probe.kernel.loader import EventSource, ProbeOptions
+from probe.pipeline import Pipeline
+from probe.stats import Stats
+
+EXAMPLES = """examples:
+  probe capture                      # everything on this host, until Ctrl-C
+  probe capture -d 10 -P 8080        # connections on port 8080, for 10 seconds
+  probe capture -p 1234 -o jsonl     # process 1234, one JSON span per line
+  probe capture --comm nginx -c 100  # nginx processes, stop after 100 spans
+"""
+
+
+def add_filter_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by `capture` and `run`: what to trace and how much."""
+    parser.add_argument(
+        "-p",
+        "--pid",
+        type=int,
+        action="append",
+        default=[],
+        help="trace only this process (repeatable)",
+    )
+    parser.add_argument(
+        "-P",
+        "--port",
+        type=int,
+        action="append",
+        default=[],
+        help="trace only connections with this local or remote port (repeatable)",
+    )
+    parser.add_argument("--comm", help="trace only processes with this name (as in ps)")
+    parser.add_argument(
+        "--capture-bytes",
+        type=int,
+        default=4096,
+        metavar="N",
+        help="payload bytes copied per syscall (default 4096)",
+    )
+    parser.add_argument("--capture-credentials", action="store_true",
+                        help="export credential headers and raw query strings "
+                             "(redacted by default)")  # fmt: skip
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "capture",
+        help="watch HTTP traffic for a while, print spans, exit",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_filter_arguments(parser)
+    parser.add_argument(
+        "-d", "--duration", type=float, metavar="SECONDS", help="stop after this many seconds"
+    )
+    parser.add_argument(
+        "-c", "--max-spans", type=int, metavar="N", help="stop after this many spans"
+    )
+    parser.add_argument(
+        "-o",
+        "--format",
+        choices=("table", "jsonl"),
+        default="table",
+        help="output format (default: table)",
+    )
+    parser.add_argument("--output", metavar="FILE", help="write spans here, not to stdout")
+    parser.set_defaults(command=run)
+
+
+def probe_options(args: argparse.Namespace) -> ProbeOptions:
+    return ProbeOptions(
+        capture_bytes=args.capture_bytes,
+        pids=tuple(args.pid),
+        ports=tuple(args.port),
+        comm=args.comm,
+    )
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM, a deadline or a span budget."""
+
+    def __init__(self, duration: float | None = None) -> None:
+        self.stopped = False
+        self.deadline = time.monotonic() + duration if duration is not None else None
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, _signum: int, _frame: object) -> None:
+        self.stopped = True
+
+    def __call__(self) -> bool:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self.stopped = True
+        return self.stopped
+
+
+def print_summary(stats: Stats, stream: TextIO = sys.stderr) -> None:
+    print(
+        f"events seen: {stats['events']}, events lost: {stats['events_lost']}, "
+        f"parse errors: {stats['parse_errors']}, spans: {stats['spans']}",
+        file=stream,
+    )
+
+
+def open_output(path: str | None, stack: contextlib.ExitStack) -> TextIO:
+    if path is None:
+        return sys.stdout
+    return stack.enter_context(open(path, "w", encoding="utf-8"))
+
+
+def run(args: argparse.Namespace) -> int:
+    stats = Stats()
+    stop = StopFlag(args.duration)
+    with contextlib.ExitStack() as stack:
+        output = open_output(args.output, stack)
+        exporter_class = JsonLinesSpanExporter if args.format == "jsonl" else ConsoleSpanExporter
+        processors: list[SpanProcessor] = [SimpleSpanProcessor(exporter_class(output))]
+        source = EventSource(probe_options(args), stats)
+        try:
+            source.start()
+        except ProbeError as error:
+            print(f"probe: {error}", file=sys.stderr)
+            return 1
+        stack.callback(source.close)
+        for note in source.notes:
+            print(f"probe: {note}", file=sys.stderr)
+        print("Tracing HTTP... Ctrl-C to end.", file=sys.stderr)
+        print("ready", file=sys.stderr, flush=True)
+        pipeline = Pipeline(
+            source,
+            processors,
+            stats,
+            capture_credentials=args.capture_credentials,
+            redact_query=not args.capture_credentials,
+        )
+        budget = args.max_spans
+
+        def should_stop() -> bool:
+            return stop() or (budget is not None and stats["spans"] >= budget)
+
+        pipeline.run(should_stop)
+        pipeline.finish()
+    print_summary(stats)
+    return 0
