@@ -101,7 +101,7 @@ class EventSource:
         except ImportError as error:  # pragma: no cover - prepare() checked it
             raise features.ProbeError(str(error)) from error
         try:
-            self._bpf = BPF(text=program_source(), cflags=cflags)
+            self._bpf = BPF(text=program_source().encode(), cflags=cflags)
         except Exception as error:
             raise features.ProbeError(
                 f"The kernel did not accept probe's BPF programs ({error}). The compiler "
@@ -110,15 +110,15 @@ class EventSource:
                 "(Linux 5.8 or later)."
             ) from error
         if self.options.pids:
-            table = self._bpf["traced_pids"]
+            table = self._bpf[b"traced_pids"]
             for pid in self.options.pids:
                 table[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
         if self.options.ports:
-            table = self._bpf["traced_ports"]
+            table = self._bpf[b"traced_ports"]
             for port in self.options.ports:
                 table[ctypes.c_uint16(port)] = ctypes.c_uint8(1)
         self._callback = self._on_record  # keep a reference for ctypes
-        self._bpf["events"].open_ring_buffer(self._callback)
+        self._bpf[b"events"].open_ring_buffer(self._callback)
 
     def close(self) -> None:
         if self._bpf is not None:
@@ -145,7 +145,7 @@ class EventSource:
         """Sum over CPUs of one `enum probe_counter` slot."""
         if self._bpf is None:
             return 0
-        values = self._bpf["counters"][ctypes.c_int(counter)]
+        values = self._bpf[b"counters"][ctypes.c_int(counter)]
         return int(sum(values))
 
     def lost_events(self) -> int:
@@ -198,8 +198,11 @@ class EventSource:
     def _open(self, event: ConnOpen) -> None:
         if event.local is None or event.peer is None:
             found = sockets.lookup(event.key.pid, event.key.fd)
-            if not found.is_socket or (event.role == Role.UNKNOWN and not found.is_tcp):
-                # Bytes that looked like HTTP on a file, pipe or unix socket.
+            # Bytes that looked like HTTP on a file, pipe or unix socket are
+            # not followed. One already closed is kept, without addresses.
+            if not found.gone and (
+                not found.is_socket or (event.role == Role.UNKNOWN and not found.is_tcp)
+            ):
                 self.ignore(event.key)
                 return
             event.local = event.local or found.local
@@ -223,7 +226,7 @@ class EventSource:
             self._ignored.popitem(last=False)
         if self._bpf is None:
             return
-        conns = self._bpf["conns"]
+        conns = self._bpf[b"conns"]
         conn_key = conns.Key(key.pid, key.fd)
         try:
             state = conns[conn_key]
@@ -241,7 +244,7 @@ class EventSource:
             self._delete_kernel_connections(keys)
 
     def _delete_kernel_connections(self, keys: Iterable[ConnKey]) -> None:
-        conns = self._bpf["conns"]
+        conns = self._bpf[b"conns"]
         for key in keys:
             with contextlib.suppress(KeyError):
                 del conns[conns.Key(key.pid, key.fd)]

@@ -25,6 +25,7 @@ class SocketInfo:
     """What /proc tells of one file descriptor."""
 
     is_socket: bool
+    gone: bool = False  # the process or descriptor no longer exists
     is_tcp: bool = False
     local: Endpoint | None = None
     peer: Endpoint | None = None
@@ -52,22 +53,16 @@ def _endpoint(field: str, ipv6: bool) -> Endpoint:
     return Endpoint(address, int(hex_port, 16))
 
 
-def socket_inode(pid: int, fd: int, proc: Path = Path("/proc")) -> int | None:
-    """The socket inode behind ``fd`` of ``pid``, or None if it is not a socket."""
+def lookup(pid: int, fd: int, proc: Path = Path("/proc")) -> SocketInfo:
+    """Resolve one descriptor of one process; never raises."""
     try:
         target = os.readlink(proc / str(pid) / "fd" / str(fd))
     except OSError:
-        return None
+        return SocketInfo(is_socket=False, gone=True)
     match = _SOCKET_LINK.fullmatch(target)
-    return int(match.group(1)) if match else None
-
-
-def lookup(pid: int, fd: int, proc: Path = Path("/proc")) -> SocketInfo:
-    """Resolve one descriptor of one process; never raises."""
-    inode = socket_inode(pid, fd, proc)
-    if inode is None:
+    if not match:
         return SocketInfo(is_socket=False)
-    wanted = str(inode)
+    wanted = match.group(1)
     for name, ipv6 in (("tcp", False), ("tcp6", True)):
         try:
             lines = (proc / str(pid) / "net" / name).read_text().splitlines()[1:]

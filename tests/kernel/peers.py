@@ -1,0 +1,55 @@
+"""Small programs the kernel tests trace (the probe never traces its own pid).
+
+python peers.py server PORT FILE   accept one connection: recvmsg into two
+                                   buffers, answer with sendmsg of three
+                                   iovecs, then sendfile FILE, close
+python peers.py client PORT SIZE   connect, send a request with writev-like
+                                   sendmsg, then SIZE bytes with one write,
+                                   read until close
+python peers.py udp PORT           connect a UDP socket and send a datagram
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+
+def server(port: int, path: str) -> None:
+    with socket.create_server(("127.0.0.1", port)) as listener:
+        print("listening", flush=True)
+        conn, _ = listener.accept()
+        with conn:
+            first, second = bytearray(16), bytearray(65536)
+            conn.recvmsg_into([first, second])
+            conn.sendmsg([b"HTTP/1.1 200 OK\r\n", b"Content-Length: 5\r\n", b"\r\n"])
+            with open(path, "rb") as body:
+                os.sendfile(conn.fileno(), body.fileno(), 0, 5)
+            conn.shutdown(socket.SHUT_WR)
+            while conn.recv(65536):
+                pass
+
+
+def client(port: int, size: int) -> None:
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        conn.sendmsg([b"POST /upload ", b"HTTP/1.1\r\n", b"Content-Length: %d\r\n\r\n" % size])
+        os.write(conn.fileno(), b"x" * size)
+        while conn.recv(65536):
+            pass
+
+
+def udp(port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect(("127.0.0.1", port))
+        sock.send(b"GET / HTTP/1.1\r\n\r\n")
+
+
+if __name__ == "__main__":
+    mode, port = sys.argv[1], int(sys.argv[2])
+    if mode == "server":
+        server(port, sys.argv[3])
+    elif mode == "client":
+        client(port, int(sys.argv[3]))
+    else:
+        udp(port)

@@ -1,0 +1,126 @@
+"""The real BPF programs in the real kernel: what they send for real sockets.
+
+Needs root and bcc; skipped with the reason printed otherwise.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from probe.kernel.events import ConnClose, ConnOpen, DataEvent, Direction, ProcessExit, Role
+from probe.kernel.loader import EventSource, ProbeOptions
+from probe.stats import Stats
+
+PEERS = Path(__file__).with_name("peers.py")
+pytestmark = pytest.mark.usefixtures("tracing_ready")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def collect(source: EventSource, until, timeout: float = 10.0) -> list:
+    events: list = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        events += source.poll(50)
+        if until(events):
+            break
+    return events
+
+
+@pytest.fixture(scope="module")
+def body_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("body") / "body.txt"
+    path.write_bytes(b"hello")
+    return path
+
+
+def run_exchange(port: int, body_file: Path, size: int) -> tuple[int, int]:
+    server = subprocess.Popen(
+        [sys.executable, str(PEERS), "server", str(port), str(body_file)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert server.stdout.readline().strip() == "listening"
+    client = subprocess.Popen([sys.executable, str(PEERS), "client", str(port), str(size)])
+    assert client.wait(10) == 0
+    assert server.wait(10) == 0
+    return server.pid, client.pid
+
+
+def test_one_exchange_seen_from_both_ends(body_file: Path) -> None:
+    port = free_port()
+    stats = Stats()
+    with EventSource(ProbeOptions(ports=(port,)), stats) as source:
+        server_pid, client_pid = run_exchange(port, body_file, size=10_000)
+        events = collect(source, lambda evs: sum(isinstance(e, ConnClose) for e in evs) >= 2)
+        lost = source.lost_events()
+
+    assert lost == 0
+    opens = {e.key.pid: e for e in events if isinstance(e, ConnOpen)}
+    assert set(opens) == {server_pid, client_pid}
+    server_open, client_open = opens[server_pid], opens[client_pid]
+    assert server_open.role == Role.SERVER and client_open.role == Role.CLIENT
+    assert server_open.local.port == port and client_open.peer.port == port
+    assert server_open.peer == client_open.local  # mirrored 4-tuple
+    assert server_open.local == client_open.peer
+
+    data = [e for e in events if isinstance(e, DataEvent)]
+    client_out = [e for e in data if e.key.pid == client_pid and e.direction == Direction.EGRESS]
+    # sendmsg's three iovecs arrive as one event, in order.
+    assert client_out[0].payload == b"POST /upload HTTP/1.1\r\nContent-Length: 10000\r\n\r\n"
+    # a 10,000-byte write: all counted, the default 4 KiB captured.
+    assert (client_out[1].size, len(client_out[1].payload)) == (10_000, 4096)
+    assert client_out[0].enter_ns <= client_out[0].exit_ns <= client_out[1].enter_ns
+
+    server_out = [e for e in data if e.key.pid == server_pid and e.direction == Direction.EGRESS]
+    assert server_out[0].payload == b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+    assert (server_out[1].size, server_out[1].payload) == (5, b"")  # sendfile: counted only
+    server_in = [e for e in data if e.key.pid == server_pid and e.direction == Direction.INGRESS]
+    assert sum(e.size for e in server_in) == len(client_out[0].payload) + 10_000
+    assert server_in[0].payload.startswith(b"POST /upload HTTP/1.1\r\n")  # across both buffers
+
+    closes = {e.key.pid: e for e in events if isinstance(e, ConnClose)}
+    assert closes[server_pid].key == server_open.key
+    assert closes[client_pid].key == client_open.key
+    assert stats["events_malformed"] == 0
+
+
+def test_pid_filter_and_capture_size(body_file: Path) -> None:
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, str(PEERS), "server", str(port), str(body_file)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert server.stdout.readline().strip() == "listening"
+    with EventSource(ProbeOptions(pids=(server.pid,), capture_bytes=64), Stats()) as source:
+        client = subprocess.Popen([sys.executable, str(PEERS), "client", str(port), "1000"])
+        assert client.wait(10) == 0
+        assert server.wait(10) == 0
+        events = collect(source, lambda evs: any(isinstance(e, ConnClose) for e in evs))
+    keyed = [e for e in events if not isinstance(e, ProcessExit)]
+    assert {e.key.pid for e in keyed} == {server.pid}
+    assert all(len(e.payload) <= 64 for e in keyed if isinstance(e, DataEvent))
+    assert max(e.size for e in keyed if isinstance(e, DataEvent)) > 64
+
+
+def test_udp_connect_is_not_a_connection() -> None:
+    port = free_port()
+    with EventSource(ProbeOptions(ports=(port,)), Stats()) as source:
+        sender = subprocess.Popen([sys.executable, str(PEERS), "udp", str(port)])
+        assert sender.wait(10) == 0
+        events = collect(
+            source, lambda evs: any(isinstance(e, ProcessExit) and e.pid == sender.pid for e in evs)
+        )
+    assert any(isinstance(e, ProcessExit) and e.pid == sender.pid for e in events)
+    assert [e for e in events if not isinstance(e, ProcessExit)] == []

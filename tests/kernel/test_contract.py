@@ -1,0 +1,167 @@
+"""The kernel/user contract: layout pinned, decoding exact.
+
+If bpf/probe.h changes a size or an offset, these fail: the change must be
+deliberate, because the BPF side and the Python side read the same bytes.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from probe.kernel.contract import DATA_HEADER_SIZE, MAX_CAPTURE, ffi, lib
+from probe.kernel.decode import AddressUpdate, decode
+from probe.kernel.events import (
+    ConnClose,
+    ConnKey,
+    ConnOpen,
+    DataEvent,
+    Direction,
+    Endpoint,
+    ProcessExit,
+    Role,
+)
+
+
+@pytest.mark.parametrize(
+    ("struct", "size"),
+    [
+        ("struct probe_conn_id", 16),
+        ("struct probe_endpoint", 24),
+        ("struct probe_event_header", 32),
+        ("struct probe_conn_event", 88),
+        ("struct probe_conn_key", 8),
+        ("struct probe_conn_state", 16),
+        ("struct probe_data_event", 56 + 16384),
+    ],
+)
+def test_struct_sizes(struct: str, size: int) -> None:
+    assert ffi.sizeof(struct) == size
+
+
+@pytest.mark.parametrize(
+    ("struct", "field", "offset"),
+    [
+        ("struct probe_event_header", "type", 0),
+        ("struct probe_event_header", "tid", 4),
+        ("struct probe_event_header", "conn", 8),
+        ("struct probe_event_header", "timestamp_ns", 24),
+        ("struct probe_data_event", "exit_ns", 32),
+        ("struct probe_data_event", "bytes", 40),
+        ("struct probe_data_event", "captured", 48),
+        ("struct probe_data_event", "direction", 52),
+        ("struct probe_data_event", "role", 53),
+        ("struct probe_data_event", "syscall", 54),
+        ("struct probe_data_event", "payload", 56),
+        ("struct probe_conn_event", "local", 32),
+        ("struct probe_conn_event", "peer", 56),
+        ("struct probe_conn_event", "role", 80),
+        ("struct probe_endpoint", "port", 16),
+        ("struct probe_endpoint", "family", 18),
+    ],
+)
+def test_field_offsets(struct: str, field: str, offset: int) -> None:
+    assert ffi.offsetof(struct, field) == offset
+
+
+def test_constants() -> None:
+    assert MAX_CAPTURE == 16384
+    assert DATA_HEADER_SIZE == 56
+    assert (lib.PROBE_INGRESS, lib.PROBE_EGRESS) == (Direction.INGRESS, Direction.EGRESS)
+    assert (lib.PROBE_ROLE_UNKNOWN, lib.PROBE_ROLE_CLIENT, lib.PROBE_ROLE_SERVER) == (
+        Role.UNKNOWN,
+        Role.CLIENT,
+        Role.SERVER,
+    )
+    assert (lib.PROBE_AF_INET, lib.PROBE_AF_INET6) == (socket.AF_INET, socket.AF_INET6)
+
+
+def _header(record, kind: int, pid: int = 7, fd: int = 3, generation: int = 99) -> None:
+    record.header.type = kind
+    record.header.tid = 8
+    record.header.conn.pid = pid
+    record.header.conn.fd = fd
+    record.header.conn.generation = generation
+    record.header.timestamp_ns = 1_000
+
+
+def _decode(record, size: int | None = None):
+    size = ffi.sizeof(record[0]) if size is None else size
+    return decode(int(ffi.cast("uintptr_t", record)), size)
+
+
+def test_decode_data_event_takes_only_captured_bytes() -> None:
+    record = ffi.new("struct probe_data_event *")
+    _header(record, lib.PROBE_EVENT_DATA)
+    record.exit_ns = 1_500
+    record.bytes = 10_000
+    record.captured = 5
+    record.direction = lib.PROBE_EGRESS
+    record.role = lib.PROBE_ROLE_CLIENT
+    ffi.memmove(record.payload, b"GET / and more", 14)
+
+    event = _decode(record, DATA_HEADER_SIZE + 5)
+
+    assert event == DataEvent(
+        key=ConnKey(7, 3, 99),
+        tid=8,
+        enter_ns=1_000,
+        exit_ns=1_500,
+        direction=Direction.EGRESS,
+        size=10_000,
+        payload=b"GET /",
+        role=Role.CLIENT,
+    )
+
+
+def test_decode_never_reads_past_the_record() -> None:
+    record = ffi.new("struct probe_data_event *")
+    _header(record, lib.PROBE_EVENT_DATA)
+    record.bytes = 100
+    record.captured = 100  # claims more than the record holds
+    event = _decode(record, DATA_HEADER_SIZE + 4)
+    assert len(event.payload) == 4
+
+
+def _endpoint(raw, family: int, address: str, port: int) -> None:
+    packed = socket.inet_pton(family, address)
+    ffi.memmove(raw.addr, packed, len(packed))
+    raw.family = family
+    raw.port = port
+
+
+def test_decode_open_ipv4_and_ipv6() -> None:
+    record = ffi.new("struct probe_conn_event *")
+    _header(record, lib.PROBE_EVENT_OPEN)
+    record.role = lib.PROBE_ROLE_SERVER
+    _endpoint(record.local, socket.AF_INET, "127.0.0.1", 8080)
+    _endpoint(record.peer, socket.AF_INET6, "::ffff:10.1.2.3", 50000)
+
+    event = _decode(record)
+
+    assert type(event) is ConnOpen
+    assert event.role == Role.SERVER
+    assert event.local == Endpoint("127.0.0.1", 8080)
+    assert event.peer == Endpoint("10.1.2.3", 50000)  # v4-mapped, unwrapped
+
+
+def test_decode_unknown_family_is_no_address() -> None:
+    record = ffi.new("struct probe_conn_event *")
+    _header(record, lib.PROBE_EVENT_ADDR)
+    _endpoint(record.peer, socket.AF_INET6, "::1", 443)
+    event = _decode(record)
+    assert isinstance(event, AddressUpdate)
+    assert event.local is None
+    assert event.peer == Endpoint("::1", 443)
+
+
+def test_decode_close_exit_and_garbage() -> None:
+    record = ffi.new("struct probe_conn_event *")
+    _header(record, lib.PROBE_EVENT_CLOSE)
+    assert _decode(record) == ConnClose(ConnKey(7, 3, 99), 8, 1_000)
+    _header(record, lib.PROBE_EVENT_EXIT, fd=-1)
+    assert _decode(record) == ProcessExit(7, 1_000)
+    _header(record, 12345)
+    assert _decode(record) is None
+    assert _decode(record, 10) is None  # shorter than any header
