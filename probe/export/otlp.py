@@ -1,0 +1,434 @@
+"""OTLP trace export over gRPC and over HTTP (http/protobuf).
+
+Owns the mapping from `probe.trace.span` to the official OTLP messages
+(`spans_to_request`), and the two transports. Each transport's `send` sends
+one request once and classifies the answer as the OTLP specification says
+(success, partial success, retryable with the server's delay, permanent);
+retrying is the `BatchSpanProcessor`'s job. `export` is the plain
+`SpanExporter` face: one attempt, partial success counted as success.
+`create_processor` builds the configured exporter behind a BatchSpanProcessor.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import gzip
+import http.client
+import ssl
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import grpc
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import TraceServiceStub
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.trace.v1 import trace_pb2
+
+import probe
+from probe.config import ProbeConfig
+from probe.export.base import ExportResult
+from probe.export.batch import SUCCESS, BatchSpanProcessor, Outcome, SendOutcome
+from probe.stats import Stats
+from probe.trace.span import Attributes, AttributeValue, Span, SpanKind, StatusCode
+
+SCOPE_NAME = "probe"
+USER_AGENT = f"probe/{probe.__version__}"
+
+_KIND = {
+    SpanKind.INTERNAL: trace_pb2.Span.SPAN_KIND_INTERNAL,
+    SpanKind.SERVER: trace_pb2.Span.SPAN_KIND_SERVER,
+    SpanKind.CLIENT: trace_pb2.Span.SPAN_KIND_CLIENT,
+}
+_STATUS = {
+    StatusCode.UNSET: trace_pb2.Status.STATUS_CODE_UNSET,
+    StatusCode.OK: trace_pb2.Status.STATUS_CODE_OK,
+    StatusCode.ERROR: trace_pb2.Status.STATUS_CODE_ERROR,
+}
+
+# -- from the configuration ----
+
+
+def create_exporter(config: ProbeConfig) -> OtlpGrpcSpanExporter | OtlpHttpSpanExporter:
+    """The exporter ``config`` asks for."""
+    options: dict[str, Any] = {
+        "certificate_file": config.otlp_certificate,
+        "headers": config.otlp_headers,
+        "compression": config.otlp_compression,
+        "timeout": config.otlp_timeout_ms / 1000,
+    }
+    if config.otlp_protocol == "http/protobuf":
+        return OtlpHttpSpanExporter(config.otlp_endpoint, **options)
+    return OtlpGrpcSpanExporter(config.otlp_endpoint, insecure=config.otlp_insecure, **options)
+
+
+def create_processor(config: ProbeConfig, stats: Stats) -> BatchSpanProcessor:
+    """A running BatchSpanProcessor feeding the configured OTLP exporter."""
+    return BatchSpanProcessor(
+        create_exporter(config),
+        stats,
+        max_queue_size=config.bsp_max_queue_size,
+        max_queue_bytes=config.bsp_max_queue_bytes,
+        max_export_batch_size=config.bsp_max_export_batch_size,
+        schedule_delay_millis=config.bsp_schedule_delay_ms,
+        export_timeout_millis=config.bsp_export_timeout_ms,
+    )
+
+
+# -- spans to protobuf ----
+
+
+def spans_to_request(spans: Sequence[Span]) -> ExportTraceServiceRequest:
+    """One ResourceSpans per distinct resource, each with a single `probe` scope."""
+    request = ExportTraceServiceRequest()
+    by_resource: dict[tuple, Any] = {}  # Resource.key() -> its ScopeSpans.spans
+    for span in spans:
+        key = span.resource.key()
+        out = by_resource.get(key)
+        if out is None:
+            resource_spans = request.resource_spans.add()
+            _set_attributes(resource_spans.resource.attributes, span.resource.attributes)
+            scope_spans = resource_spans.scope_spans.add()
+            scope_spans.scope.name = SCOPE_NAME
+            scope_spans.scope.version = probe.__version__
+            out = by_resource[key] = scope_spans.spans
+        _fill_span(out.add(), span)
+    return request
+
+
+def _fill_span(out: trace_pb2.Span, span: Span) -> None:
+    out.trace_id = span.trace_id
+    out.span_id = span.span_id
+    if span.parent_span_id:
+        out.parent_span_id = span.parent_span_id
+    out.name = span.name
+    out.kind = _KIND[span.kind]
+    out.start_time_unix_nano = span.start_time_unix_nano
+    out.end_time_unix_nano = span.end_time_unix_nano
+    _set_attributes(out.attributes, span.attributes)
+    for event in span.events:
+        out_event = out.events.add()
+        out_event.name = event.name
+        out_event.time_unix_nano = event.time_unix_nano
+        _set_attributes(out_event.attributes, event.attributes)
+    for link in span.links:
+        out_link = out.links.add()
+        out_link.trace_id = link.trace_id
+        out_link.span_id = link.span_id
+        _set_attributes(out_link.attributes, link.attributes)
+    if span.status_code is not StatusCode.UNSET:
+        out.status.code = _STATUS[span.status_code]
+        out.status.message = span.status_message
+
+
+def _set_attributes(out: Any, attributes: Attributes) -> None:
+    """Append ``attributes`` to a repeated KeyValue field."""
+    for key, value in attributes.items():
+        pair = out.add()
+        pair.key = key
+        _set_value(pair.value, value)
+
+
+def _set_value(out: AnyValue, value: AttributeValue) -> None:
+    # bool first: it is a subclass of int
+    if isinstance(value, str):
+        out.string_value = value
+    elif isinstance(value, bool):
+        out.bool_value = value
+    elif isinstance(value, int):
+        out.int_value = value
+    elif isinstance(value, float):
+        out.double_value = value
+    elif isinstance(value, list | tuple):
+        out.array_value.SetInParent()  # an empty list is still an array
+        for item in value:
+            _set_value(out.array_value.values.add(), item)
+    else:
+        raise TypeError(f"unsupported attribute value {value!r}")
+
+
+def _partial(response: ExportTraceServiceResponse) -> SendOutcome:
+    partial = response.partial_success
+    if partial.rejected_spans or partial.error_message:
+        return SendOutcome(Outcome.PARTIAL, partial.rejected_spans, partial.error_message)
+    return SUCCESS
+
+
+# -- the shared exporter face ----
+
+
+class _OtlpExporter:
+    """`SpanExporter` on top of a transport's `send`."""
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout  # seconds, for a send that names none
+        self._closed = False
+
+    def encode(self, spans: Sequence[Span]) -> ExportTraceServiceRequest:
+        return spans_to_request(spans)
+
+    def send(self, request: ExportTraceServiceRequest, timeout: float | None = None) -> SendOutcome:
+        raise NotImplementedError
+
+    def export(self, spans: Sequence[Span]) -> ExportResult:
+        if self._closed:
+            return ExportResult.FAILURE
+        outcome = self.send(self.encode(spans))
+        ok = outcome.outcome in (Outcome.SUCCESS, Outcome.PARTIAL)
+        return ExportResult.SUCCESS if ok else ExportResult.FAILURE
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return True  # nothing is buffered here
+
+    def shutdown(self) -> None:
+        self._closed = True
+
+
+# -- gRPC ----
+
+# Retryable per the OTLP specification; RESOURCE_EXHAUSTED only with RetryInfo.
+_GRPC_RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+# Where gRPC carries a google.rpc.Status with details such as RetryInfo.
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+class OtlpGrpcSpanExporter(_OtlpExporter):
+    """OTLP/gRPC: ``TraceService/Export`` on one long-lived channel."""
+
+    def __init__(
+        self,
+        endpoint: str = "http://localhost:4317",
+        *,
+        insecure: bool = False,
+        certificate_file: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        compression: str | None = None,
+        timeout: float = 10.0,
+        max_reconnect_backoff_millis: int = 5000,
+    ) -> None:
+        """``endpoint`` is ``host:port`` or a URL; ``http://`` means plaintext and
+        ``https://`` TLS, overriding ``insecure``, as OTel SDKs do."""
+        super().__init__(timeout)
+        target, secure = _grpc_target(endpoint, insecure)
+        options = [
+            ("grpc.primary_user_agent", USER_AGENT),
+            # gRPC's own reconnect backoff grows to 2 minutes; keep it near ours so a
+            # collector that comes back is noticed soon.
+            ("grpc.max_reconnect_backoff_ms", max_reconnect_backoff_millis),
+            ("grpc.initial_reconnect_backoff_ms", min(1000, max_reconnect_backoff_millis)),
+        ]
+        channel_compression = _grpc_compression(compression)
+        if secure:
+            root = None
+            if certificate_file:
+                with open(certificate_file, "rb") as f:
+                    root = f.read()
+            credentials = grpc.ssl_channel_credentials(root_certificates=root)
+            self._channel = grpc.secure_channel(
+                target, credentials, options, compression=channel_compression
+            )
+        else:
+            self._channel = grpc.insecure_channel(target, options, compression=channel_compression)
+        self._stub = TraceServiceStub(self._channel)
+        self._metadata = tuple((k.lower(), v) for k, v in (headers or {}).items())
+
+    def send(self, request: ExportTraceServiceRequest, timeout: float | None = None) -> SendOutcome:
+        try:
+            response = self._stub.Export(
+                request, timeout=timeout or self._timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as error:
+            return _grpc_outcome(error)
+        return _partial(response)
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        self._channel.close()
+
+
+def _grpc_target(endpoint: str, insecure: bool) -> tuple[str, bool]:
+    """The channel target and whether to use TLS."""
+    if "://" not in endpoint:
+        return endpoint, not insecure
+    url = urlsplit(endpoint)
+    if url.scheme not in ("http", "https") or not url.netloc:
+        raise ValueError(f"bad OTLP/gRPC endpoint {endpoint!r}")
+    return url.netloc, url.scheme == "https"
+
+
+def _grpc_compression(compression: str | None) -> grpc.Compression:
+    if compression in (None, "none"):
+        return grpc.Compression.NoCompression
+    if compression == "gzip":
+        return grpc.Compression.Gzip
+    raise ValueError(f"unsupported compression {compression!r}")
+
+
+def _grpc_outcome(error: grpc.RpcError) -> SendOutcome:
+    call: Any = error  # a failed unary call is both an RpcError and a grpc.Call
+    code = call.code()
+    message = f"{code.name}: {call.details()}"
+    delay = _grpc_retry_delay(call.trailing_metadata() or ())
+    if code in _GRPC_RETRYABLE or (
+        code is grpc.StatusCode.RESOURCE_EXHAUSTED and delay is not None
+    ):
+        return SendOutcome(Outcome.RETRYABLE, message=message, retry_after=delay)
+    return SendOutcome(Outcome.PERMANENT, message=message)
+
+
+def _grpc_retry_delay(metadata: Sequence[tuple[str, Any]]) -> float | None:
+    """Seconds from a google.rpc.RetryInfo in the status details, if the server sent one."""
+    for key, value in metadata:
+        if key != STATUS_DETAILS_KEY:
+            continue
+        try:
+            status = status_pb2.Status.FromString(value)
+        except DecodeError:
+            return None
+        for detail in status.details:
+            if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                info = error_details_pb2.RetryInfo()
+                detail.Unpack(info)
+                return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+    return None
+
+
+# -- HTTP ----
+
+_HTTP_RETRYABLE = frozenset({429, 502, 503, 504})
+_CONTENT_TYPE = "application/x-protobuf"
+
+
+class OtlpHttpSpanExporter(_OtlpExporter):
+    """OTLP/HTTP with binary protobuf bodies, on one kept-alive connection."""
+
+    def __init__(
+        self,
+        endpoint: str = "http://localhost:4318/v1/traces",
+        *,
+        certificate_file: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        compression: str | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        """``endpoint`` is the full URL, ``/v1/traces`` included."""
+        super().__init__(timeout)
+        url = urlsplit(endpoint)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"bad OTLP/HTTP endpoint {endpoint!r}")
+        if compression not in (None, "none", "gzip"):
+            raise ValueError(f"unsupported compression {compression!r}")
+        self._gzip = compression == "gzip"
+        self._host = url.hostname
+        self._port = url.port
+        self._path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        self._tls: ssl.SSLContext | None = None
+        if url.scheme == "https":
+            self._tls = ssl.create_default_context(cafile=certificate_file)
+        self._headers = {
+            **(headers or {}),
+            "Content-Type": _CONTENT_TYPE,
+            "User-Agent": USER_AGENT,
+        }
+        if self._gzip:
+            self._headers["Content-Encoding"] = "gzip"
+        self._connection: http.client.HTTPConnection | None = None
+
+    def send(self, request: ExportTraceServiceRequest, timeout: float | None = None) -> SendOutcome:
+        body = request.SerializeToString()
+        if self._gzip:
+            body = gzip.compress(body, compresslevel=6)
+        try:
+            status, reason, response_headers, data = self._post(body, timeout or self._timeout)
+        except (OSError, http.client.HTTPException) as error:
+            return SendOutcome(Outcome.RETRYABLE, message=f"{type(error).__name__}: {error}")
+        if 200 <= status < 300:
+            try:
+                return _partial(ExportTraceServiceResponse.FromString(data))
+            except DecodeError:
+                return SUCCESS  # accepted; an answer we cannot read adds nothing
+        message = f"HTTP {status} {reason}: {_error_text(data, response_headers)}"
+        if status in _HTTP_RETRYABLE:
+            delay = _retry_after(response_headers.get("Retry-After"))
+            return SendOutcome(Outcome.RETRYABLE, message=message, retry_after=delay)
+        return SendOutcome(Outcome.PERMANENT, message=message)
+
+    def _post(self, body: bytes, timeout: float) -> tuple[int, str, http.client.HTTPMessage, bytes]:
+        reused = self._connection is not None
+        connection = self._connection or self._connect(timeout)
+        self._connection = connection
+        if connection.sock is not None:
+            connection.sock.settimeout(timeout)
+        try:
+            connection.request("POST", self._path, body, self._headers)
+            response = connection.getresponse()
+            data = response.read()
+        except (ConnectionError, http.client.RemoteDisconnected):
+            self._close()
+            if not reused:
+                raise
+            # The collector closed the idle kept-alive connection: one more try, fresh.
+            return self._post(body, timeout)
+        except (OSError, http.client.HTTPException):
+            self._close()
+            raise
+        if response.will_close:
+            self._close()
+        if response.headers.get("Content-Encoding", "").lower() == "gzip":
+            data = gzip.decompress(data)  # a bad stream raises BadGzipFile, an OSError
+        return response.status, response.reason, response.headers, data
+
+    def _connect(self, timeout: float) -> http.client.HTTPConnection:
+        if self._tls is not None:
+            return http.client.HTTPSConnection(
+                self._host, self._port, timeout=timeout, context=self._tls
+            )
+        return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+
+    def _close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        self._close()
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _error_text(data: bytes, headers: http.client.HTTPMessage) -> str:
+    """The collector's explanation: a google.rpc.Status message, or the body's text."""
+    if headers.get("Content-Type", "").startswith(_CONTENT_TYPE):
+        try:
+            return status_pb2.Status.FromString(data).message
+        except DecodeError:
+            pass
+    return data[:200].decode("utf-8", "replace")
