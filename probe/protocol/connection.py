@@ -1,0 +1,162 @@
+"""One traced connection: its two message streams and the pairing between them.
+
+`HttpConnection` routes each syscall's bytes to the stream of its direction,
+infers the role of a connection picked up mid-stream, and pairs responses
+with requests in order (HTTP/1.1 keep-alive and pipelining), attaching 1xx
+responses to the request they precede. It emits an `HttpExchange` as soon as
+a final response has ended, and flushes what is left when the connection
+closes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from collections.abc import Callable
+
+from probe.kernel.events import DataEvent, Direction, Role
+from probe.protocol.http1 import (
+    MessageStream,
+    RequestStream,
+    ResponseStream,
+    looks_like_request,
+    looks_like_response,
+)
+from probe.protocol.model import (
+    ConnectionInfo,
+    HttpExchange,
+    HttpMessage,
+    HttpRequest,
+    HttpResponse,
+)
+from probe.stats import Stats
+
+MAX_PENDING = 64  # requests awaiting a response, per connection
+
+
+class _Pending:
+    """A request, and what has answered it so far."""
+
+    __slots__ = ("request", "informational")
+
+    def __init__(self, request: HttpRequest) -> None:
+        self.request = request
+        self.informational: list[HttpResponse] = []
+
+
+def _is_informational(response: HttpResponse) -> bool:
+    # 101 is final: it ends the exchange, and HTTP/1 with it
+    return response.status_code < 200 and response.status_code != 101
+
+
+class HttpConnection:
+    """Pairs the requests and responses of one connection."""
+
+    def __init__(
+        self,
+        info: ConnectionInfo,
+        emit: Callable[[HttpExchange], None],
+        stats: Stats,
+        max_pending: int = MAX_PENDING,
+    ) -> None:
+        self.info = info
+        self._emit = emit
+        self._stats = stats
+        self._max_pending = max_pending
+        self._pending: deque[_Pending] = deque()
+        self._reading: _Pending | None = None  # its request's bytes are still arriving
+        self._answering: _Pending | None = None  # its final response's bytes are arriving
+        self._requests = RequestStream(self, stats)
+        self._responses = ResponseStream(self, stats)
+        self._request_direction: Direction | None = None
+        if info.role != Role.UNKNOWN:
+            self._set_role(info.role)
+
+    def feed(self, event: DataEvent) -> None:
+        """One syscall's bytes on this connection."""
+        if self._request_direction is None and not self._infer_role(event):
+            return
+        # a blocked read's entry says nothing of when its bytes arrived
+        ingress = event.direction == Direction.INGRESS
+        first_ns = event.exit_ns if ingress else event.enter_ns
+        stream = self._requests if event.direction == self._request_direction else self._responses
+        stream.feed(event.payload, event.size, first_ns, event.exit_ns, event.tid)
+
+    def close(self, reason: str) -> None:
+        """The connection is gone: end what is in progress, emit what is waiting.
+
+        ``reason`` becomes the error of requests that got no response.
+        """
+        self._requests.close()
+        self._responses.close()
+        while self._pending:
+            pending = self._pending.popleft()
+            self._emit(
+                HttpExchange(self.info, pending.request, None, pending.informational, error=reason)
+            )
+
+    # -- StreamSink: what the streams report
+
+    def message_started(self, stream: MessageStream) -> None:
+        # an unframed message in the other direction ends where this one starts
+        other = self._responses if stream is self._requests else self._requests
+        other.end_open_message()
+
+    def head_parsed(self, message: HttpMessage) -> None:
+        if isinstance(message, HttpRequest):
+            if len(self._pending) >= self._max_pending:
+                self._stats["requests_dropped"] += 1
+                self._reading = None
+                return
+            self._reading = _Pending(message)
+            self._pending.append(self._reading)
+        elif not _is_informational(message):
+            if self._pending:
+                self._answering = self._pending.popleft()
+            else:
+                self._stats["parse_errors"] += 1  # a response to no request we saw
+
+    def message_ended(self, message: HttpMessage) -> None:
+        if isinstance(message, HttpRequest):
+            if self._reading is not None and self._reading.request is message:
+                self._reading = None
+        elif _is_informational(message):
+            if self._pending:
+                self._pending[0].informational.append(message)
+            else:
+                self._stats["parse_errors"] += 1
+        else:
+            pending, self._answering = self._answering, None
+            if pending is not None:
+                self._complete(pending, message)
+            tunnel = pending is not None and pending.request.method == "CONNECT"
+            if message.status_code == 101 or (tunnel and message.status_code < 300):
+                self._requests.stop()  # what follows is another protocol
+                self._responses.stop()
+
+    def answered_method(self) -> str | None:
+        return self._pending[0].request.method if self._pending else None
+
+    # -- internals
+
+    def _complete(self, pending: _Pending, response: HttpResponse) -> None:
+        request = pending.request
+        if pending is self._reading:
+            # answered before fully sent: emit a copy, the stream still counts its body
+            request = dataclasses.replace(request)
+        self._emit(HttpExchange(self.info, request, response, pending.informational))
+
+    def _infer_role(self, event: DataEvent) -> bool:
+        """Learns the role of a connection that existed before the probe did."""
+        if looks_like_response(event.payload):
+            requests_read = event.direction == Direction.EGRESS
+        elif looks_like_request(event.payload):
+            requests_read = event.direction == Direction.INGRESS
+        else:
+            return False  # mid-message, or not HTTP: wait for a message start
+        self.info.role = Role.SERVER if requests_read else Role.CLIENT
+        self._set_role(self.info.role)
+        return True
+
+    def _set_role(self, role: Role) -> None:
+        self._request_direction = Direction.INGRESS if role == Role.SERVER else Direction.EGRESS

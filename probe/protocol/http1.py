@@ -1,0 +1,484 @@
+"""HTTP/1.x message framing for one direction of one connection.
+
+A `MessageStream` turns the bytes that one direction of a connection moved
+into `HttpRequest` or `HttpResponse` messages. The bytes come from syscalls
+whose payload holds only the first bytes of what each syscall moved, so the
+stream has gaps; framing is therefore done here, counting bytes by syscall
+sizes, and httptools only parses complete (or cut-short) message heads.
+
+Framing rules, as RFC 9112 section 6 gives them:
+
+- a head ends at the first blank line (at most `MAX_HEAD_SIZE` bytes);
+- ``Transfer-Encoding: chunked`` bodies are framed chunk by chunk, and
+  ``body_size`` counts chunk data only, not the chunk framing;
+- ``Content-Length`` bodies are counted down, captured or not;
+- responses to HEAD and CONNECT (2xx), and 1xx, 204 and 304 responses have no
+  body; other responses without a length run until the connection closes.
+
+A gap inside body data only counts bytes. A gap in a head or a chunk-size line
+loses the framing: the message keeps what was captured, is marked, and ends
+when the connection says so (`end_open_message`) or closes. Bytes that do not
+start a message are a parse error; the stream then ignores bytes until a
+syscall's payload starts a message again.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum, auto
+from typing import Protocol
+
+import httptools
+
+from probe.protocol.model import HttpMessage, HttpRequest, HttpResponse
+from probe.stats import Stats
+
+MAX_HEAD_SIZE = 64 * 1024  # a longer head is not HTTP worth buffering for
+MAX_CHUNK_LINE = 1024  # chunk size plus extensions
+
+_REQUEST_START = re.compile(rb"[A-Z][A-Z0-9_-]{0,31} ")
+_REQUEST_PREFIX = re.compile(rb"[A-Z][A-Z0-9_-]{0,31}\Z")
+_RESPONSE_START = b"HTTP/1."
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_VERSIONS = ("1.0", "1.1")
+
+_Parser = httptools.HttpRequestParser | httptools.HttpResponseParser
+
+
+def looks_like_request(data: bytes | bytearray) -> bool | None:
+    """Whether ``data`` can start a request line; None while too short to tell."""
+    if _REQUEST_START.match(data):
+        return True
+    if len(data) <= 32 and _REQUEST_PREFIX.match(data):
+        return None
+    return False
+
+
+def looks_like_response(data: bytes | bytearray) -> bool | None:
+    """Whether ``data`` can start a status line; None while too short to tell."""
+    prefix = bytes(data[: len(_RESPONSE_START)])
+    if prefix == _RESPONSE_START:
+        return True
+    return None if _RESPONSE_START.startswith(prefix) else False
+
+
+class StreamSink(Protocol):
+    """What a stream tells its connection, and asks it."""
+
+    def message_started(self, stream: MessageStream) -> None:
+        """The first bytes of a message arrived on ``stream``."""
+
+    def head_parsed(self, message: HttpMessage) -> None:
+        """A message's head is parsed; its body may still be on the way."""
+
+    def message_ended(self, message: HttpMessage) -> None:
+        """The message's last byte is known; the stream will not touch it again."""
+
+    def answered_method(self) -> str | None:
+        """The method of the request the next response answers, if known."""
+
+
+class _State(Enum):
+    IDLE = auto()  # between messages: the next byte starts one
+    HEAD = auto()  # reading the start line and header fields
+    BODY = auto()  # counting down a Content-Length body
+    CHUNK_LINE = auto()  # reading a chunk-size line
+    CHUNK_DATA = auto()  # counting down a chunk's data
+    CHUNK_END = auto()  # the CRLF after a chunk's data
+    TRAILERS = auto()  # trailer fields after the last chunk
+    OPEN = auto()  # body without framing: ends by close or by the other direction
+    RESYNC = auto()  # framing unknown: wait for a payload that starts a message
+    STOPPED = auto()  # closed, or no longer HTTP/1 (upgraded, tunnelled)
+
+
+class _Body(Enum):
+    NONE = auto()
+    LENGTH = auto()
+    CHUNKED = auto()
+    UNTIL_CLOSE = auto()
+
+
+class _Head:
+    """httptools callbacks: collects the parts of one head."""
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.reason = b""
+        self.headers: list[tuple[str, str]] = []
+        self.complete = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # latin-1 maps every byte, so odd header bytes never fail decoding
+        self.headers.append((name.decode("latin-1").lower(), value.decode("latin-1").strip()))
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
+def _parse(parser_class: type[_Parser], head: bytes) -> tuple[_Head, _Parser]:
+    """Parses a complete head; returns its parts and the parser that read them."""
+    parts = _Head()
+    parser = parser_class(parts)
+    # Transfer-Encoding wins over Content-Length (RFC 9112 6.3); we observe, not enforce
+    parser.set_dangerous_leniencies(lenient_chunked_length=True)
+    try:
+        parser.feed_data(head)
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+        # llhttp stops after the head of an upgrade or CONNECT; the head is all we gave it
+        if not parts.complete:
+            raise
+    if parser.get_http_version() not in _VERSIONS:
+        raise ValueError(f"not HTTP/1.x: {parser.get_http_version()}")
+    return parts, parser
+
+
+def _is_chunked(transfer_encoding: str) -> bool:
+    return transfer_encoding.rsplit(",", 1)[-1].strip().lower() == "chunked"
+
+
+def _chunk_size(line: bytes) -> int | None:
+    digits = line.split(b";", 1)[0].strip(b" \t\r\n")
+    return int(digits, 16) if _CHUNK_SIZE.fullmatch(digits) else None
+
+
+class MessageStream:
+    """Frames the messages of one direction; subclasses know requests or responses."""
+
+    def __init__(self, sink: StreamSink, stats: Stats) -> None:
+        self._sink = sink
+        self._stats = stats
+        self._state = _State.IDLE
+        self._buf = bytearray()  # the head, chunk-size line or trailers being read
+        self._confirmed = False  # the head's first bytes look like a start line
+        self._message: HttpMessage | None = None  # head parsed, body in progress
+        self._remaining = 0  # bytes left in a Content-Length body, chunk or chunk CRLF
+        self._until_close = False  # OPEN because the message says so, not lost framing
+        self._count_body = True  # OPEN bytes are body (not when the head was cut)
+        # the current syscall, and the one that moved the message's first byte
+        self._syscall_ns = 0
+        self._syscall_tid = 0
+        self._last_ns = 0
+        self._start_ns = 0
+        self._tid = 0
+
+    def feed(self, payload: bytes, size: int, first_ns: int, last_ns: int, tid: int) -> None:
+        """One syscall moved ``size`` bytes, of which ``payload`` are the first.
+
+        ``first_ns`` is when its first byte counts as moved (a read's return, a
+        write's entry), ``last_ns`` when its last one does (the return).
+        """
+        if self._state is _State.STOPPED:
+            return
+        self._syscall_ns, self._syscall_tid, self._last_ns = first_ns, tid, last_ns
+        if self._message is not None:
+            self._message.end_ns = last_ns
+        self._run(payload, len(payload))
+        if size > len(payload):
+            self._run(None, size - len(payload))
+
+    def end_open_message(self) -> None:
+        """The other direction started a message: an unframed message here ends."""
+        if self._state is _State.OPEN:
+            self._message.body_framing_lost = True
+            self._end_message(_State.RESYNC)
+
+    def close(self) -> None:
+        """The connection closed: end the message in progress, then stop."""
+        if self._state is _State.HEAD:
+            self._cut_head()
+        if self._message is not None:
+            if not (self._state is _State.OPEN and self._until_close):
+                self._message.body_framing_lost = True
+            self._end_message(_State.STOPPED)
+        self.stop()
+
+    def stop(self) -> None:
+        """Ignore every later byte: the connection no longer speaks HTTP/1."""
+        self._state = _State.STOPPED
+        self._message = None
+        self._buf.clear()
+
+    # -- what requests and responses do differently
+
+    def _looks_like_start(self, data: bytes | bytearray) -> bool | None:
+        raise NotImplementedError
+
+    def _parse_head(self, head: bytes, start_ns: int, end_ns: int, tid: int) -> HttpMessage:
+        """Parses a head; raises httptools.HttpParserError or ValueError."""
+        raise NotImplementedError
+
+    def _body(self, message: HttpMessage) -> tuple[_Body, int]:
+        """How the body of ``message`` is framed, and its length if fixed."""
+        raise NotImplementedError
+
+    # -- the state machine: data is None for bytes moved but not captured
+
+    def _run(self, data: bytes | None, end: int) -> None:
+        pos = 0
+        while pos < end:
+            pos = self._STEPS[self._state](self, data, pos, end)
+
+    def _idle(self, data: bytes | None, pos: int, end: int) -> int:
+        if data is None:
+            self._state = _State.RESYNC  # a message started in bytes we did not see
+            return pos
+        # RFC 9112 2.2: empty lines before a start line are ignored
+        while pos < end and data[pos] in b"\r\n":
+            pos += 1
+        if pos < end:
+            self._start_ns, self._tid = self._syscall_ns, self._syscall_tid
+            self._confirmed = False
+            self._state = _State.HEAD
+        return pos
+
+    def _head(self, data: bytes | None, pos: int, end: int) -> int:
+        if data is None:
+            self._cut_head()
+            return pos
+        scan_from = self._append(data, pos, end)
+        if not self._confirmed:
+            verdict = self._looks_like_start(self._buf)
+            if verdict is None:
+                return end
+            if not verdict:
+                self._fail()
+                return end
+            self._confirmed = True
+            self._sink.message_started(self)
+        cut = self._blank_line(scan_from)
+        if cut < 0:
+            if len(self._buf) > MAX_HEAD_SIZE:
+                self._fail()
+            return end
+        next_pos = end - (len(self._buf) - cut)
+        head = bytes(self._buf[:cut])
+        self._buf.clear()
+        self._start_message(head, truncated=False)
+        return next_pos
+
+    def _counted(self, data: bytes | None, pos: int, end: int) -> int:
+        taken = min(self._remaining, end - pos)
+        self._remaining -= taken
+        self._message.body_size += taken
+        if self._remaining == 0:
+            if self._state is _State.BODY:
+                self._end_message(_State.IDLE)
+            else:
+                self._state, self._remaining = _State.CHUNK_END, 2
+        return pos + taken
+
+    def _chunk_line(self, data: bytes | None, pos: int, end: int) -> int:
+        if data is None:
+            self._lose_framing(count_body=True)
+            return pos
+        newline = data.find(b"\n", pos, end)
+        if newline < 0:
+            self._buf += data[pos:end]
+            if len(self._buf) > MAX_CHUNK_LINE:
+                self._malformed()
+            return end
+        self._buf += data[pos : newline + 1]
+        size = _chunk_size(self._buf)
+        self._buf.clear()
+        if size is None:
+            self._malformed()
+        elif size == 0:
+            self._state = _State.TRAILERS
+        else:
+            self._state, self._remaining = _State.CHUNK_DATA, size
+        return newline + 1
+
+    def _chunk_end(self, data: bytes | None, pos: int, end: int) -> int:
+        taken = min(self._remaining, end - pos)
+        expected = b"\r\n"[2 - self._remaining :][:taken]
+        if data is not None and data[pos : pos + taken] != expected:
+            self._malformed()
+            return pos
+        self._remaining -= taken
+        if self._remaining == 0:
+            self._state = _State.CHUNK_LINE
+        return pos + taken
+
+    def _trailers(self, data: bytes | None, pos: int, end: int) -> int:
+        if data is None:
+            self._lose_framing(count_body=True)
+            return pos
+        cut = self._blank_line(self._append(data, pos, end))
+        if cut < 0:
+            if len(self._buf) > MAX_HEAD_SIZE:
+                self._malformed()
+            return end
+        next_pos = end - (len(self._buf) - cut)
+        self._buf.clear()
+        self._end_message(_State.IDLE)
+        return next_pos
+
+    def _open(self, data: bytes | None, pos: int, end: int) -> int:
+        if self._count_body:
+            self._message.body_size += end - pos
+        return end
+
+    def _resync(self, data: bytes | None, pos: int, end: int) -> int:
+        # only a syscall's first bytes can be told apart from the middle of something
+        if data is not None and pos == 0 and self._looks_like_start(data):
+            self._state = _State.IDLE
+            return pos
+        return end
+
+    def _stopped(self, data: bytes | None, pos: int, end: int) -> int:
+        return end
+
+    _STEPS = {
+        _State.IDLE: _idle,
+        _State.HEAD: _head,
+        _State.BODY: _counted,
+        _State.CHUNK_LINE: _chunk_line,
+        _State.CHUNK_DATA: _counted,
+        _State.CHUNK_END: _chunk_end,
+        _State.TRAILERS: _trailers,
+        _State.OPEN: _open,
+        _State.RESYNC: _resync,
+        _State.STOPPED: _stopped,
+    }
+
+    # -- helpers
+
+    def _append(self, data: bytes, pos: int, end: int) -> int:
+        """Buffers data[pos:end]; returns where a blank line search resumes."""
+        scan_from = max(0, len(self._buf) - 3)
+        self._buf += data[pos:end]
+        return scan_from
+
+    def _blank_line(self, scan_from: int) -> int:
+        """The buffer index just past the blank line ending a field section, or -1."""
+        if self._buf.startswith(b"\r\n"):  # an empty section (no trailers)
+            return 2
+        found = self._buf.find(b"\r\n\r\n", scan_from)
+        return found + 4 if found >= 0 else -1
+
+    def _cut_head(self) -> None:
+        """The head's end was not captured: parse its complete lines."""
+        last_line_end = self._buf.rfind(b"\r\n")
+        if not self._confirmed or last_line_end < 0:
+            self._fail()
+            return
+        head = bytes(self._buf[: last_line_end + 2]) + b"\r\n"
+        self._buf.clear()
+        self._start_message(head, truncated=True)
+
+    def _start_message(self, head: bytes, truncated: bool) -> None:
+        try:
+            message = self._parse_head(head, self._start_ns, self._last_ns, self._tid)
+            body, length = self._body(message)
+        except (httptools.HttpParserError, ValueError):
+            self._fail()
+            return
+        message.head_truncated = truncated
+        self._message = message
+        self._sink.head_parsed(message)
+        if truncated:
+            self._lose_framing(count_body=False)  # where the head ends is unknown
+        elif body is _Body.LENGTH and length > 0:
+            self._state, self._remaining = _State.BODY, length
+        elif body is _Body.CHUNKED:
+            self._state = _State.CHUNK_LINE
+        elif body is _Body.UNTIL_CLOSE:
+            self._state, self._until_close, self._count_body = _State.OPEN, True, True
+        else:
+            self._end_message(_State.IDLE)
+
+    def _end_message(self, next_state: _State) -> None:
+        message = self._message
+        self._message = None
+        self._state = next_state  # before the sink runs: it may stop this stream
+        self._sink.message_ended(message)
+
+    def _lose_framing(self, count_body: bool) -> None:
+        self._message.body_framing_lost = True
+        self._state, self._until_close, self._count_body = _State.OPEN, False, count_body
+
+    def _malformed(self) -> None:
+        """A body's framing is broken: keep the message, count the error."""
+        self._stats["parse_errors"] += 1
+        self._buf.clear()
+        self._lose_framing(count_body=True)
+
+    def _fail(self) -> None:
+        """These bytes are not an HTTP message: count it, then wait to resync."""
+        self._stats["parse_errors"] += 1
+        self._buf.clear()
+        self._message = None
+        self._state = _State.RESYNC
+
+
+class RequestStream(MessageStream):
+    """The direction that carries requests."""
+
+    def _looks_like_start(self, data: bytes | bytearray) -> bool | None:
+        return looks_like_request(data)
+
+    def _parse_head(self, head: bytes, start_ns: int, end_ns: int, tid: int) -> HttpRequest:
+        method = head[: head.index(b" ")]
+        try:
+            parts, parser = _parse(httptools.HttpRequestParser, head)
+        except httptools.HttpParserInvalidMethodError:
+            # llhttp knows a fixed list of methods; any token is a valid one (RFC 9110 9.1)
+            parts, parser = _parse(httptools.HttpRequestParser, b"GET" + head[len(method) :])
+        return HttpRequest(
+            version=parser.get_http_version(),
+            headers=parts.headers,
+            start_ns=start_ns,
+            end_ns=end_ns,
+            tid=tid,
+            method=method.decode("ascii"),
+            target=parts.url.decode("latin-1"),
+        )
+
+    def _body(self, message: HttpMessage) -> tuple[_Body, int]:
+        # llhttp already refused a request whose Transfer-Encoding is not chunked
+        if message.header("transfer-encoding") is not None:
+            return _Body.CHUNKED, 0
+        length = message.header("content-length")
+        if length is not None:
+            return _Body.LENGTH, int(length)
+        return _Body.NONE, 0
+
+
+class ResponseStream(MessageStream):
+    """The direction that carries responses."""
+
+    def _looks_like_start(self, data: bytes | bytearray) -> bool | None:
+        return looks_like_response(data)
+
+    def _parse_head(self, head: bytes, start_ns: int, end_ns: int, tid: int) -> HttpResponse:
+        parts, parser = _parse(httptools.HttpResponseParser, head)
+        return HttpResponse(
+            version=parser.get_http_version(),
+            headers=parts.headers,
+            start_ns=start_ns,
+            end_ns=end_ns,
+            tid=tid,
+            status_code=parser.get_status_code(),
+            reason=parts.reason.decode("latin-1"),
+        )
+
+    def _body(self, message: HttpMessage) -> tuple[_Body, int]:
+        method = self._sink.answered_method()
+        status = message.status_code
+        if method == "HEAD" or status < 200 or status in (204, 304):
+            return _Body.NONE, 0
+        if method == "CONNECT" and status < 300:
+            return _Body.NONE, 0  # a tunnel follows, not a body
+        transfer_encoding = message.header("transfer-encoding")
+        if transfer_encoding is not None:
+            return (_Body.CHUNKED if _is_chunked(transfer_encoding) else _Body.UNTIL_CLOSE), 0
+        length = message.header("content-length")
+        if length is not None:
+            return _Body.LENGTH, int(length)
+        return _Body.UNTIL_CLOSE, 0

@@ -1,0 +1,124 @@
+"""The protocol stage's entry point: every traced connection, by key.
+
+`ConnectionTracker` takes the kernel stage's events one by one, keeps an
+`HttpConnection` per live connection (bounded, least recently used evicted
+first) and hands each completed `HttpExchange` to a callback. It runs for
+every syscall event, so the per-event path is a dict lookup and a feed.
+
+Counters it maintains in `Stats`: ``connections_opened`` (connections it
+started to follow, from ConnOpen or from the first data of one it had not
+seen), ``connections_closed``, ``connections_evicted``, ``exchanges``; the
+streams and connections add ``parse_errors`` and ``requests_dropped``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+from probe.kernel.events import (
+    ConnClose,
+    ConnKey,
+    ConnOpen,
+    DataEvent,
+    Endpoint,
+    KernelEvent,
+    ProcessExit,
+)
+from probe.protocol.connection import HttpConnection
+from probe.protocol.model import ConnectionInfo, HttpExchange
+from probe.stats import Stats
+
+Resolver = Callable[[int, int], tuple[Endpoint | None, Endpoint | None]]
+"""(pid, fd) -> (local, peer) addresses of a connection opened before the probe."""
+
+CLOSED = "connection closed before response"
+EXITED = "process exited before response"
+EVICTED = "connection evicted before response"
+STOPPED = "probe stopped before response"
+
+
+class ConnectionTracker:
+    """Routes kernel events to per-connection HTTP state."""
+
+    def __init__(
+        self,
+        on_exchange: Callable[[HttpExchange], None],
+        stats: Stats,
+        resolve: Resolver | None = None,
+        max_connections: int = 65536,
+    ) -> None:
+        self._on_exchange = on_exchange
+        self._stats = stats
+        self._resolve = resolve
+        self._max_connections = max_connections
+        # insertion order doubles as recency order: the first entry is evicted first
+        self._connections: OrderedDict[ConnKey, HttpConnection] = OrderedDict()
+        self._by_pid: dict[int, set[ConnKey]] = {}
+
+    def __len__(self) -> int:
+        return len(self._connections)
+
+    def handle(self, event: KernelEvent) -> None:
+        """Takes one kernel event; exchanges it completes go to ``on_exchange``."""
+        if isinstance(event, DataEvent):
+            self._data(event)
+        elif isinstance(event, ConnOpen):
+            if event.key not in self._connections:
+                self._add(ConnectionInfo(event.key, event.role, event.local, event.peer))
+        elif isinstance(event, ConnClose):
+            self._remove(event.key, CLOSED)
+        elif isinstance(event, ProcessExit):
+            for key in self._by_pid.pop(event.pid, ()):
+                self._remove(key, EXITED)
+
+    def flush(self) -> None:
+        """Completes everything pending, e.g. when the probe stops."""
+        connections = list(self._connections.values())
+        self._connections.clear()
+        self._by_pid.clear()
+        for connection in connections:
+            connection.close(STOPPED)
+
+    def _data(self, event: DataEvent) -> None:
+        connection = self._connections.get(event.key)
+        if connection is None:
+            # opened before the probe started, or its ConnOpen was lost
+            local, peer = (
+                self._resolve(event.key.pid, event.key.fd) if self._resolve else (None, None)
+            )
+            connection = self._add(ConnectionInfo(event.key, event.role, local, peer))
+        else:
+            self._connections.move_to_end(event.key)
+        connection.feed(event)
+
+    def _add(self, info: ConnectionInfo) -> HttpConnection:
+        if len(self._connections) >= self._max_connections:
+            key, evicted = self._connections.popitem(last=False)
+            self._forget(key)
+            self._stats["connections_evicted"] += 1
+            evicted.close(EVICTED)
+        connection = HttpConnection(info, self._emit, self._stats)
+        self._connections[info.key] = connection
+        self._by_pid.setdefault(info.key.pid, set()).add(info.key)
+        self._stats["connections_opened"] += 1
+        return connection
+
+    def _remove(self, key: ConnKey, reason: str) -> None:
+        connection = self._connections.pop(key, None)
+        if connection is None:
+            return
+        self._forget(key)
+        self._stats["connections_closed"] += 1
+        connection.close(reason)
+
+    def _forget(self, key: ConnKey) -> None:
+        keys = self._by_pid.get(key.pid)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._by_pid[key.pid]
+
+    def _emit(self, exchange: HttpExchange) -> None:
+        self._stats["exchanges"] += 1
+        self._on_exchange(exchange)

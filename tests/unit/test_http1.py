@@ -1,0 +1,361 @@
+"""Message framing of one direction: heads, bodies, gaps, garbage."""
+
+from __future__ import annotations
+
+import pytest
+
+from probe.protocol.http1 import (
+    MAX_HEAD_SIZE,
+    MessageStream,
+    RequestStream,
+    ResponseStream,
+    looks_like_request,
+    looks_like_response,
+)
+from probe.protocol.model import HttpMessage, HttpRequest, HttpResponse
+from probe.stats import Stats
+
+CURL_GET = (
+    b"GET /api/items?page=2 HTTP/1.1\r\n"
+    b"Host: example.test:8080\r\n"
+    b"User-Agent: curl/8.5.0\r\n"
+    b"Accept: */*\r\n"
+    b"\r\n"
+)
+CHUNKED_RESPONSE = (
+    b"HTTP/1.1 200 OK\r\n"
+    b"Content-Type: text/plain\r\n"
+    b"Transfer-Encoding: chunked\r\n"
+    b"\r\n"
+    b"7\r\nMozilla\r\n"
+    b"11;ext=1\r\nDeveloper Network\r\n"
+    b"0\r\n"
+    b"Expires: Wed, 21 Oct 2015 07:28:00 GMT\r\n"
+    b"\r\n"
+)
+
+
+class Sink:
+    """Records what a stream reports; answers as if ``method`` were pending."""
+
+    def __init__(self, method: str | None = "GET") -> None:
+        self.method = method
+        self.started = 0
+        self.parsed: list[HttpMessage] = []
+        self.ended: list[HttpMessage] = []
+
+    def message_started(self, stream: MessageStream) -> None:
+        self.started += 1
+
+    def head_parsed(self, message: HttpMessage) -> None:
+        self.parsed.append(message)
+
+    def message_ended(self, message: HttpMessage) -> None:
+        self.ended.append(message)
+
+    def answered_method(self) -> str | None:
+        return self.method
+
+
+class Fixture:
+    """A stream under test, fed one syscall at a time on a fake clock."""
+
+    def __init__(self, stream_class: type[MessageStream], method: str | None = "GET") -> None:
+        self.sink = Sink(method)
+        self.stats = Stats()
+        self.stream = stream_class(self.sink, self.stats)
+        self.now = 0
+
+    def feed(self, data: bytes, size: int | None = None, tid: int = 1) -> None:
+        """One syscall that started at now+1 and returned at now+2."""
+        self.stream.feed(data, len(data) if size is None else size, self.now + 1, self.now + 2, tid)
+        self.now += 10
+
+    @property
+    def ended(self) -> list[HttpMessage]:
+        return self.sink.ended
+
+
+def requests() -> Fixture:
+    return Fixture(RequestStream)
+
+
+def responses(method: str | None = "GET") -> Fixture:
+    return Fixture(ResponseStream, method)
+
+
+@pytest.mark.parametrize(
+    ("data", "verdict"),
+    [
+        (b"GET / HTTP/1.1", True),
+        (b"M-SEARCH * HTTP/1.1", True),
+        (b"PURGE /x", True),
+        (b"G", None),
+        (b"POST", None),
+        (b"get / HTTP/1.1", False),
+        (b" GET /", False),
+        (b"\x16\x03\x01\x02\x00", False),
+        (b"HTTP/1.1 200 OK", False),
+        (b"A" * 33, False),
+    ],
+)
+def test_looks_like_request(data: bytes, verdict: bool | None) -> None:
+    assert looks_like_request(data) is verdict
+
+
+@pytest.mark.parametrize(
+    ("data", "verdict"),
+    [
+        (b"HTTP/1.1 200 OK", True),
+        (b"HTTP/1.0 ", True),
+        (b"HTT", None),
+        (b"HTTP/2 200", False),
+        (b"GET / HTTP/1.1", False),
+        (b"\x17\x03\x03", False),
+    ],
+)
+def test_looks_like_response(data: bytes, verdict: bool | None) -> None:
+    assert looks_like_response(data) is verdict
+
+
+def test_curl_get_head_fields_and_timing() -> None:
+    f = requests()
+    f.feed(CURL_GET, tid=42)
+    [request] = f.ended
+    assert isinstance(request, HttpRequest)
+    assert (request.method, request.target, request.version) == ("GET", "/api/items?page=2", "1.1")
+    assert request.headers == [
+        ("host", "example.test:8080"),
+        ("user-agent", "curl/8.5.0"),
+        ("accept", "*/*"),
+    ]
+    assert (request.start_ns, request.end_ns, request.tid) == (1, 2, 42)
+    assert (request.body_size, request.head_truncated, request.body_framing_lost) == (
+        0,
+        False,
+        False,
+    )
+    assert f.sink.started == 1
+    assert f.sink.parsed == [request]
+
+
+def test_head_spread_over_syscalls_starts_at_first_and_ends_at_last() -> None:
+    f = requests()
+    f.feed(CURL_GET[:5], tid=7)
+    f.feed(CURL_GET[5:-1], tid=8)
+    assert f.ended == []
+    f.feed(CURL_GET[-1:], tid=9)
+    [request] = f.ended
+    assert (request.start_ns, request.end_ns, request.tid) == (1, 22, 7)
+
+
+def test_post_body_by_content_length() -> None:
+    f = requests()
+    f.feed(b"POST /form HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\n\r\nhello")
+    assert f.ended == []
+    f.feed(b" world")
+    [request] = f.ended
+    assert (request.method, request.body_size, request.end_ns) == ("POST", 11, 12)
+
+
+def test_body_gap_is_counted_from_sizes() -> None:
+    f = requests()
+    data = b"PUT /blob HTTP/1.1\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1_000_000
+    for pos in range(0, len(data), 65536):
+        piece = data[pos : pos + 65536]
+        f.feed(piece[:4096], size=len(piece))
+    [request] = f.ended
+    assert request.body_size == 1_000_000
+    assert (request.head_truncated, request.body_framing_lost) == (False, False)
+
+
+def test_chunked_body_counts_chunk_data_with_extensions_and_trailers() -> None:
+    f = responses()
+    f.feed(CHUNKED_RESPONSE)
+    [response] = f.ended
+    assert isinstance(response, HttpResponse)
+    assert (response.status_code, response.reason) == (200, "OK")
+    assert response.body_size == 7 + 17
+    assert response.body_framing_lost is False
+
+
+def test_chunk_data_gap_keeps_framing() -> None:
+    f = responses()
+    f.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    f.feed(b"2000\r\n" + b"a" * 10, size=6 + 0x2000 + 2)  # the chunk's CRLF is in the gap too
+    f.feed(b"0\r\n\r\n")
+    [response] = f.ended
+    assert (response.body_size, response.body_framing_lost) == (0x2000, False)
+    assert f.stats["parse_errors"] == 0
+
+
+def test_gap_in_chunk_size_line_loses_framing_until_the_other_side_speaks() -> None:
+    f = responses()
+    f.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10", size=60)
+    f.feed(b"more bytes")
+    assert f.ended == []
+    f.stream.end_open_message()
+    [response] = f.ended
+    assert response.body_framing_lost is True
+    assert response.body_size == 11 + 10  # the bytes after the lost chunk-size line
+    assert response.end_ns == 12
+    assert f.stats["parse_errors"] == 0
+
+
+def test_malformed_chunk_size_is_a_parse_error_and_loses_framing() -> None:
+    f = responses()
+    f.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc")
+    assert f.stats["parse_errors"] == 1
+    f.stream.close()
+    [response] = f.ended
+    assert response.body_framing_lost is True
+
+
+def test_head_response_has_no_body_despite_content_length() -> None:
+    f = responses(method="HEAD")
+    f.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 5120\r\n\r\nHTTP/1.1 404 Not Found\r\n\r\n")
+    assert [(m.status_code, m.body_size) for m in f.ended] == [(200, 0), (404, 0)]
+
+
+@pytest.mark.parametrize("status", [100, 101, 103, 204, 304])
+def test_statuses_without_body(status: int) -> None:
+    f = responses()
+    f.feed(f"HTTP/1.1 {status} X\r\nContent-Length: 10\r\n\r\n".encode())
+    [response] = f.ended
+    assert (response.status_code, response.body_size) == (status, 0)
+
+
+def test_connect_success_has_no_body() -> None:
+    f = responses(method="CONNECT")
+    f.feed(b"HTTP/1.1 200 Connection established\r\n\r\n")
+    [response] = f.ended
+    assert response.reason == "Connection established"
+
+
+def test_http10_response_without_length_runs_until_close() -> None:
+    f = responses()
+    f.feed(b"HTTP/1.0 200 OK\r\nContent-Type: text/html\r\n\r\n<html>")
+    f.feed(b"x" * 100, size=5000)
+    assert f.ended == []
+    f.stream.close()
+    [response] = f.ended
+    assert (response.version, response.body_size, response.end_ns) == ("1.0", 6 + 5000, 12)
+    assert response.body_framing_lost is False
+
+
+def test_read_until_close_ended_by_the_other_side_is_inferred() -> None:
+    f = responses()
+    f.feed(b"HTTP/1.1 200 OK\r\n\r\nabc")
+    f.stream.end_open_message()
+    [response] = f.ended
+    assert (response.body_size, response.body_framing_lost) == (3, True)
+
+
+def test_unknown_method_keeps_its_name() -> None:
+    f = requests()
+    f.feed(b"FOO /thing HTTP/1.1\r\nHost: a\r\n\r\nPURGE /cache HTTP/1.1\r\n\r\n")
+    assert [(m.method, m.target) for m in f.ended] == [("FOO", "/thing"), ("PURGE", "/cache")]
+    assert f.stats["parse_errors"] == 0
+
+
+def test_pipelined_requests_in_one_write() -> None:
+    f = requests()
+    f.feed(b"".join(f"GET /{i} HTTP/1.1\r\nHost: a\r\n\r\n".encode() for i in range(5)))
+    assert [m.target for m in f.ended] == ["/0", "/1", "/2", "/3", "/4"]
+    assert {(m.start_ns, m.end_ns) for m in f.ended} == {(1, 2)}
+
+
+def test_empty_lines_between_messages_are_ignored() -> None:
+    f = requests()
+    f.feed(b"POST / HTTP/1.1\r\nContent-Length: 1\r\n\r\nx\r\n")
+    f.feed(b"\r\nGET /next HTTP/1.1\r\n\r\n")
+    assert [m.target for m in f.ended] == ["/", "/next"]
+    assert f.stats["parse_errors"] == 0
+
+
+def test_cut_head_keeps_start_line_and_complete_header_lines() -> None:
+    f = requests()
+    head = CURL_GET[:-2] + b"Cookie: " + b"c" * 8000 + b"\r\n\r\n"
+    f.feed(head[:4096], size=len(head))
+    [request] = f.sink.parsed
+    assert (request.method, request.target, request.head_truncated) == (
+        "GET",
+        "/api/items?page=2",
+        True,
+    )
+    assert [name for name, _ in request.headers] == ["host", "user-agent", "accept"]
+    assert f.ended == []
+    f.stream.end_open_message()
+    assert f.ended == [request]
+    assert (request.body_framing_lost, request.body_size, request.end_ns) == (True, 0, 2)
+    f.feed(CURL_GET)  # the next syscall starts the next request
+    assert len(f.ended) == 2
+    assert f.stats["parse_errors"] == 0
+
+
+def test_head_cut_inside_start_line_is_a_parse_error() -> None:
+    f = requests()
+    f.feed(b"GET /" + b"a" * 100, size=9000)
+    assert (f.sink.parsed, f.stats["parse_errors"]) == ([], 1)
+
+
+def test_head_without_end_is_bounded() -> None:
+    f = requests()
+    f.feed(b"GET / HTTP/1.1\r\n")
+    for _ in range(MAX_HEAD_SIZE // 4096 + 1):
+        f.feed(b"X-Filler: " + b"f" * 4084 + b"\r\n")
+    assert (f.sink.parsed, f.stats["parse_errors"]) == ([], 1)
+    f.feed(CURL_GET)
+    assert len(f.ended) == 1
+
+
+def test_garbage_is_one_parse_error_then_a_request_resyncs() -> None:
+    f = requests()
+    f.feed(bytes(range(256)) * 4)
+    f.feed(b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03")
+    f.feed(b"more garbage GET / HTTP/1.1\r\n\r\n")
+    assert (f.ended, f.stats["parse_errors"], f.sink.started) == ([], 1, 0)
+    f.feed(CURL_GET)
+    assert [m.target for m in f.ended] == ["/api/items?page=2"]
+    assert f.stats["parse_errors"] == 1
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        b"GET / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+        b"GET / HTTP/1.1\r\nContent-Length: five\r\n\r\n",
+        b"GET /\x00 HTTP/1.1\r\n\r\n",
+    ],
+)
+def test_invalid_heads_are_parse_errors(data: bytes) -> None:
+    f = requests()
+    f.feed(data)
+    assert (f.ended, f.stats["parse_errors"]) == ([], 1)
+
+
+def test_message_lost_in_a_gap_is_skipped_silently() -> None:
+    f = requests()
+    f.feed(CURL_GET, size=len(CURL_GET) + 500)  # a whole request moved but not captured
+    f.feed(CURL_GET)
+    assert len(f.ended) == 2
+    assert f.stats["parse_errors"] == 0
+
+
+def test_close_ends_a_body_in_progress_as_framing_lost() -> None:
+    f = requests()
+    f.feed(b"POST / HTTP/1.1\r\nContent-Length: 100\r\n\r\nabc")
+    f.stream.close()
+    [request] = f.ended
+    assert (request.body_size, request.body_framing_lost) == (3, True)
+    f.feed(CURL_GET)
+    assert len(f.ended) == 1
+
+
+def test_stop_ignores_everything_after() -> None:
+    f = responses()
+    f.stream.stop()
+    f.feed(b"HTTP/1.1 200 OK\r\n\r\n")
+    f.feed(b"\x81\x05hello")
+    assert (f.ended, f.stats["parse_errors"]) == ([], 0)
