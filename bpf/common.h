@@ -158,4 +158,11 @@ static __always_inline void fill_header(struct probe_event_header *header, u32 t
 	header->timestamp_ns = timestamp_ns;
 }
 
+/* Send a connection event; comm is the current task's. */
+static __always_inline void emit_conn_event(struct probe_conn_event *event)
+{
+	bpf_get_current_comm(event->comm, sizeof(event->comm));
+	emit(event, sizeof(*event));
+}
+
 #endif /* PROBE_COMMON_H */

@@ -102,6 +102,9 @@ struct probe_conn_event {
 	struct probe_endpoint peer;
 	__u8 role; /* enum probe_role */
 	__u8 _pad[7];
+	/* The process's name: a short-lived client may be gone from /proc by
+	 * the time user space reads it, and its name is better than nothing. */
+	char comm[16];
 };
 
 /* Key and value of the `conns` map, which user space also writes: it marks

@@ -68,7 +68,7 @@ static __always_inline void open_connection(u32 pid, u32 tid, s32 fd, u8 role,
 	struct probe_conn_id conn = {.pid = pid, .fd = fd, .generation = now};
 	fill_header(&event->header, PROBE_EVENT_OPEN, tid, &conn, now);
 	event->role = role;
-	emit(event, sizeof(*event));
+	emit_conn_event(event);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_connect)
@@ -229,7 +229,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		event.peer = tuple.peer;
 		event.role = PROBE_ROLE_CLIENT;
 		sock_conn.delete(&skaddr);
-		emit(&event, sizeof(event));
+		emit_conn_event(&event);
 	} else if (args->oldstate == TCP_SYN_RECV) {
 		struct peer_key peer = {};
 		__builtin_memcpy(peer.addr, tuple.peer.addr, 16);
@@ -257,7 +257,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
 					     .generation = state->generation};
 		fill_header(&event.header, PROBE_EVENT_CLOSE, (u32)id, &conn, now);
 		event.role = state->role;
-		emit(&event, sizeof(event));
+		emit_conn_event(&event);
 	}
 	conns.delete(&key);
 	return 0;
@@ -276,6 +276,6 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	struct probe_conn_event event = {};
 	struct probe_conn_id process = {.pid = pid, .fd = -1};
 	fill_header(&event.header, PROBE_EVENT_EXIT, tid, &process, bpf_ktime_get_ns());
-	emit(&event, sizeof(event));
+	emit_conn_event(&event);
 	return 0;
 }

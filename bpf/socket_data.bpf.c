@@ -108,7 +108,7 @@ static __always_inline struct probe_conn_state *sniff_connection(struct probe_co
 		struct probe_conn_id conn = {.pid = key->pid, .fd = key->fd, .generation = now};
 		fill_header(&event.header, PROBE_EVENT_OPEN, tid, &conn, now);
 		event.role = PROBE_ROLE_UNKNOWN;
-		emit(&event, sizeof(event));
+		emit_conn_event(&event);
 	}
 	return conns.lookup(key);
 }

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from probe import __version__
-from probe.commands import capture, check
+from probe.commands import capture, check, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", required=True)
     capture.add_parser(subparsers)
     check.add_parser(subparsers)
+    run.add_parser(subparsers)
     return parser
 
 

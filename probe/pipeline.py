@@ -8,7 +8,9 @@ has a thread of its own, behind its processor's queue.
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from probe.export.processor import SpanProcessor
 from probe.kernel.events import ConnOpen, KernelEvent, ProcessExit
@@ -19,6 +21,34 @@ from probe.stats import Stats
 from probe.trace.builder import SpanBuilder
 from probe.trace.clock import MonotonicClock
 from probe.trace.resource import ResourceDetector
+from probe.trace.span import Resource
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessFilter:
+    """Which processes to trace, by what the kernel cannot see cheaply: glob
+    patterns on the process name and executable path, and container ids.
+    Empty means everything."""
+
+    comm_patterns: tuple[str, ...] = ()
+    exe_patterns: tuple[str, ...] = ()
+    container_ids: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.comm_patterns or self.exe_patterns or self.container_ids)
+
+    def wants(self, resource: Resource) -> bool:
+        attributes = resource.attributes
+        name = str(attributes.get("process.executable.name", ""))
+        path = str(attributes.get("process.executable.path", ""))
+        container = str(attributes.get("container.id", ""))
+        if self.comm_patterns and not any(fnmatch.fnmatch(name, p) for p in self.comm_patterns):
+            return False
+        if self.exe_patterns and not any(fnmatch.fnmatch(path, p) for p in self.exe_patterns):
+            return False
+        return not self.container_ids or any(
+            container.startswith(wanted) for wanted in self.container_ids if wanted
+        )
 
 
 class Pipeline:
@@ -29,6 +59,7 @@ class Pipeline:
         stats: Stats,
         *,
         resources: ResourceDetector | None = None,
+        process_filter: ProcessFilter | None = None,
         capture_credentials: bool = False,
         redact_query: bool = True,
         capture_headers: Sequence[str] = (),
@@ -37,6 +68,7 @@ class Pipeline:
         self.processors = list(processors)
         self.stats = stats
         self.resources = resources or ResourceDetector()
+        self.process_filter = process_filter or ProcessFilter()
         self.builder = SpanBuilder(
             self.resources,
             MonotonicClock(),
@@ -45,17 +77,20 @@ class Pipeline:
             capture_headers=capture_headers,
         )
         self.tracker = ConnectionTracker(self._on_exchange, stats)
+        source.on_open = self._on_open
+
+    def _on_open(self, event: ConnOpen) -> bool:
+        """Describe the process while it is surely alive; filter by it."""
+        resource = self.resources.detect(event.key.pid, event.comm)
+        return not self.process_filter or self.process_filter.wants(resource)
 
     def _on_exchange(self, exchange: HttpExchange) -> None:
         span = self.builder.build(exchange)
-        self.stats["spans"] += 1
+        self.stats["spans_produced"] += 1
         for processor in self.processors:
             processor.on_end(span)
 
     def handle(self, event: KernelEvent) -> None:
-        if isinstance(event, ConnOpen):
-            # Read /proc now: a short-lived client may be gone when its span ends.
-            self.resources.detect(event.key.pid)
         self.tracker.handle(event)
         if isinstance(event, ProcessExit):
             self.resources.forget(event.pid)
@@ -67,6 +102,8 @@ class Pipeline:
                 self.handle(event)
                 if should_stop():
                     return
+            self.stats["connections_tracked"] = len(self.tracker)
+            self.stats["events_lost"] = self.source.lost_events()
 
     def finish(self, timeout_millis: float = 10_000) -> None:
         """Complete what is pending and flush every processor."""

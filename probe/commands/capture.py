@@ -111,7 +111,7 @@ class StopFlag:
 def print_summary(stats: Stats, stream: TextIO = sys.stderr) -> None:
     print(
         f"events seen: {stats['events']}, events lost: {stats['events_lost']}, "
-        f"parse errors: {stats['parse_errors']}, spans: {stats['spans']}",
+        f"parse errors: {stats['parse_errors']}, spans: {stats['spans_produced']}",
         file=stream,
     )
 
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         budget = args.max_spans
 
         def should_stop() -> bool:
-            return stop() or (budget is not None and stats["spans"] >= budget)
+            return stop() or (budget is not None and stats["spans_produced"] >= budget)
 
         pipeline.run(should_stop)
         pipeline.finish()

@@ -77,6 +77,7 @@ def decode(address: int, size: int) -> KernelEvent | None:
             role=Role(conn.role),
             local=_endpoint(conn.local),
             peer=_endpoint(conn.peer),
+            comm=ffi.string(conn.comm).decode("utf-8", "replace"),
         )
     if kind == lib.PROBE_EVENT_CLOSE:
         return ConnClose(key=_key(header), tid=header.tid, timestamp_ns=header.timestamp_ns)

@@ -53,6 +53,7 @@ class ConnOpen:
     role: Role
     local: Endpoint | None  # None when the kernel could not tell
     peer: Endpoint | None
+    comm: str = ""  # the process's name when the kernel saw it
 
 
 @dataclass(slots=True)

@@ -12,7 +12,7 @@ import contextlib
 import ctypes
 import os
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from probe.kernel import features, sockets
@@ -78,9 +78,18 @@ def program_source() -> str:
 class EventSource:
     """Kernel events of the traced connections, in batches."""
 
-    def __init__(self, options: ProbeOptions, stats: Stats) -> None:
+    def __init__(
+        self,
+        options: ProbeOptions,
+        stats: Stats,
+        on_open: Callable[[ConnOpen], bool] | None = None,
+    ) -> None:
         self.options = options
         self.stats = stats
+        # Called as each connection is accepted for tracing, from inside the
+        # ring-buffer read, i.e. as early as user space can: a short-lived
+        # client is best looked up in /proc now. False means "ignore it".
+        self.on_open = on_open
         self.notes: list[str] = []  # things done on the user's behalf, to print
         self._bpf = None
         self._batch: list[KernelEvent] = []
@@ -210,6 +219,9 @@ class EventSource:
         if self.options.ports and not self._port_wanted(event):
             self.ignore(event.key)
             return
+        if self.on_open is not None and not self.on_open(event):
+            self.ignore(event.key)
+            return
         self._open_by_pid.setdefault(event.key.pid, set()).add(event.key)
         self.stats["connections_traced"] += 1
         self._batch.append(event)
@@ -217,6 +229,9 @@ class EventSource:
     def _port_wanted(self, event: ConnOpen) -> bool:
         ports = {ep.port for ep in (event.local, event.peer) if ep is not None}
         return bool(ports & set(self.options.ports))
+
+    def is_ignored(self, key: ConnKey) -> bool:
+        return key in self._ignored
 
     def ignore(self, key: ConnKey) -> None:
         """Stop tracing a connection, in the kernel too."""

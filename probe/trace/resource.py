@@ -11,6 +11,7 @@ import os
 import re
 import socket
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -33,18 +34,25 @@ class ResourceDetector:
         *,
         max_entries: int = 4096,
         hostname: str | None = None,
+        extra_attributes: Mapping[str, str] | None = None,
     ) -> None:
         self._proc = Path(proc_root)
+        # The probe's own OTEL_RESOURCE_ATTRIBUTES (deployment.environment,
+        # k8s.cluster.name...): under what is detected per process, so that
+        # they never overwrite a process's own service.name.
+        self._extra: Attributes = dict(extra_attributes or {})
         self._max_entries = max_entries
         self._hostname = socket.gethostname() if hostname is None else hostname
         self._cache: OrderedDict[int, Resource] = OrderedDict()
 
-    def detect(self, pid: int) -> Resource:
+    def detect(self, pid: int, comm: str = "") -> Resource:
+        """The resource of ``pid``; ``comm``, the name the kernel saw, stands in
+        for the executable's name when /proc no longer has the process."""
         resource = self._cache.get(pid)
         if resource is not None:
             self._cache.move_to_end(pid)
             return resource
-        attributes = self._read(pid)
+        attributes = self._read(pid, comm)
         resource = Resource(attributes)
         # Only a process still there to read is worth remembering; an exited
         # one is cheap to describe again and its pid may be reused.
@@ -58,15 +66,17 @@ class ResourceDetector:
         """Drop what is cached for ``pid``: the process exited and its pid may be reused."""
         self._cache.pop(pid, None)
 
-    def _read(self, pid: int) -> Attributes:
+    def _read(self, pid: int, comm: str = "") -> Attributes:
         base = self._proc / str(pid)
         exe_path = _read_link(base / "exe")
         exe_name = os.path.basename(exe_path) if exe_path else _read_text(base / "comm").strip()
+        exe_name = exe_name or comm
         environ = _parse_environ(_read_bytes(base / "environ"))
         cmdline = _read_bytes(base / "cmdline").rstrip(b"\0")
         container_id = _container_id(_read_text(base / "cgroup"))
 
         attributes: Attributes = {
+            **self._extra,
             "service.name": _service_name(environ) or exe_name or UNKNOWN_SERVICE,
             "host.name": self._hostname,
             "process.pid": pid,

@@ -30,7 +30,7 @@ from probe.kernel.events import (
         ("struct probe_conn_id", 16),
         ("struct probe_endpoint", 24),
         ("struct probe_event_header", 32),
-        ("struct probe_conn_event", 88),
+        ("struct probe_conn_event", 104),
         ("struct probe_conn_key", 8),
         ("struct probe_conn_state", 16),
         ("struct probe_data_event", 56 + 16384),
@@ -57,6 +57,7 @@ def test_struct_sizes(struct: str, size: int) -> None:
         ("struct probe_conn_event", "local", 32),
         ("struct probe_conn_event", "peer", 56),
         ("struct probe_conn_event", "role", 80),
+        ("struct probe_conn_event", "comm", 88),
         ("struct probe_endpoint", "port", 16),
         ("struct probe_endpoint", "family", 18),
     ],
@@ -137,6 +138,7 @@ def test_decode_open_ipv4_and_ipv6() -> None:
     record.role = lib.PROBE_ROLE_SERVER
     _endpoint(record.local, socket.AF_INET, "127.0.0.1", 8080)
     _endpoint(record.peer, socket.AF_INET6, "::ffff:10.1.2.3", 50000)
+    record.comm = b"nginx"
 
     event = _decode(record)
 
@@ -144,6 +146,7 @@ def test_decode_open_ipv4_and_ipv6() -> None:
     assert event.role == Role.SERVER
     assert event.local == Endpoint("127.0.0.1", 8080)
     assert event.peer == Endpoint("10.1.2.3", 50000)  # v4-mapped, unwrapped
+    assert event.comm == "nginx"
 
 
 def test_decode_unknown_family_is_no_address() -> None:

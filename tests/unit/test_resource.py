@@ -144,6 +144,15 @@ def test_vanished_process(detector):
     }
 
 
+def test_vanished_process_named_by_the_kernel(detector):
+    assert detector.detect(998, comm="curl").attributes == {
+        "service.name": "curl",
+        "host.name": "node-1",
+        "process.pid": 998,
+        "process.executable.name": "curl",
+    }
+
+
 def test_cached_after_process_exits_until_forgotten(tmp_path, detector):
     base = make_process(tmp_path, 108, environ={b"OTEL_SERVICE_NAME": b"cart"})
     first = detector.detect(108)

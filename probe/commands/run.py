@@ -1,0 +1,158 @@
+"""`probe run`: the host daemon. Traces until SIGTERM/SIGINT, ships spans
+over OTLP, serves its own metrics and health on localhost, and on stop
+flushes the export queue within a deadline."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from probe.commands.capture import StopFlag
+from probe.config import ConfigError, ProbeConfig, load
+from probe.export.otlp import create_processor
+from probe.kernel.features import ProbeError
+from probe.kernel.loader import EventSource, ProbeOptions
+from probe.logs import configure
+from probe.metrics import MetricsServer
+from probe.pipeline import Pipeline, ProcessFilter
+from probe.stats import Stats
+from probe.trace.resource import ResourceDetector
+
+SHUTDOWN_DEADLINE_MS = 10_000
+
+EXAMPLES = """examples:
+  probe run                                   # OTLP/gRPC to localhost:4317
+  OTEL_EXPORTER_OTLP_ENDPOINT=http://collector:4318 \\
+  OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf probe run
+  probe run --config /etc/probe/probe.yaml -P 8080
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="the host daemon: trace until stopped and export spans over OTLP",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    # Defaults are None: "not given", so the environment and file decide.
+    parser.add_argument("--config", metavar="FILE", help="YAML settings (see deploy/probe.yaml)")
+    parser.add_argument(
+        "-p",
+        "--pid",
+        dest="pids",
+        type=int,
+        action="append",
+        help="trace only this process (repeatable)",
+    )
+    parser.add_argument(
+        "-P",
+        "--port",
+        dest="ports",
+        type=int,
+        action="append",
+        help="trace only connections with this local or remote port",
+    )
+    parser.add_argument(
+        "--comm",
+        dest="comm_patterns",
+        action="append",
+        metavar="GLOB",
+        help="trace only processes whose name matches (repeatable)",
+    )
+    parser.add_argument(
+        "--exe",
+        dest="exe_patterns",
+        action="append",
+        metavar="GLOB",
+        help="trace only executables whose path matches (repeatable)",
+    )
+    parser.add_argument("--otlp-endpoint", dest="otlp_endpoint", metavar="URL")
+    parser.add_argument("--otlp-protocol", dest="otlp_protocol", choices=("grpc", "http/protobuf"))
+    parser.add_argument(
+        "--metrics-address",
+        dest="metrics_address",
+        metavar="HOST:PORT",
+        help="where /metrics and /healthz listen (default 127.0.0.1:9464)",
+    )
+    parser.add_argument("--log-format", dest="log_format", choices=("text", "json"))
+    parser.add_argument("--capture-bytes", dest="capture_size", type=int, metavar="N")
+    parser.set_defaults(command=run)  # fmt: skip
+
+
+def overrides(args: argparse.Namespace) -> dict[str, object]:
+    names = (
+        "pids", "ports", "comm_patterns", "exe_patterns", "otlp_endpoint", "otlp_protocol",
+        "metrics_address", "log_format", "capture_size",
+    )  # fmt: skip
+    return {name: getattr(args, name) for name in names}
+
+
+def kernel_options(config: ProbeConfig) -> ProbeOptions:
+    # One plain process name can be filtered in the kernel; globs need user space.
+    plain = [p for p in config.comm_patterns if not any(c in p for c in "*?[")]
+    comm = plain[0] if len(config.comm_patterns) == 1 and plain else None
+    return ProbeOptions(
+        capture_bytes=config.capture_size, pids=config.pids, ports=config.ports, comm=comm
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load(overrides(args), os.environ, args.config)
+    except (ConfigError, OSError) as error:
+        print(f"probe: configuration: {error}", file=sys.stderr)
+        return 2
+    log = configure(config.log_format)
+    stats = Stats()
+    source = EventSource(kernel_options(config), stats)
+    stop = StopFlag()
+    try:
+        source.start()
+    except ProbeError as error:
+        log.error("%s", error)
+        return 1
+    processor = create_processor(config, stats)
+    metrics = MetricsServer(
+        stats,
+        processor,
+        address=config.metrics_address,
+        health_threshold_s=config.health_threshold_s,
+    )
+    try:
+        host, port = metrics.start()
+    except OSError as error:
+        log.error("cannot serve metrics on %s:%s: %s", *config.metrics_address, error)
+        source.close()
+        processor.shutdown(0)
+        return 1
+    try:
+        for note in source.notes:
+            log.info("%s", note)
+        log.info(
+            "exporting spans over OTLP (%s) to %s; metrics on http://%s:%s/metrics",
+            config.otlp_protocol, config.otlp_endpoint, host, port,
+        )  # fmt: skip
+        print("ready", file=sys.stderr, flush=True)
+        pipeline = Pipeline(
+            source,
+            [processor],
+            stats,
+            resources=ResourceDetector(extra_attributes=config.resource_attributes),
+            process_filter=ProcessFilter(config.comm_patterns, config.exe_patterns),
+            capture_credentials=config.capture_credentials,
+            redact_query=config.redact_query,
+            capture_headers=config.header_allowlist,
+        )
+        pipeline.run(stop)
+        log.info("stopping: flushing %d queued spans", processor.queue_depth())
+        pipeline.finish(SHUTDOWN_DEADLINE_MS)
+    finally:
+        metrics.stop()
+        source.close()
+    log.info(
+        "stopped: %d spans produced, %d exported, %d dropped",
+        stats["spans_produced"], stats["spans_exported"], stats["spans_dropped"],
+    )  # fmt: skip
+    return 0
