@@ -46,6 +46,7 @@ The YAML file (every key optional; the variables are in brackets)::
       ports: [80, 8080]                # [PROBE_PORTS]
       comm: [nginx*]                   # globs on the process name [PROBE_COMM]
       exe: [/usr/bin/*]                # globs on the executable path [PROBE_EXE]
+      containers: [3f4e1a2b9c0d]       # container ids or prefixes [PROBE_CONTAINERS]
 
 Command-line overrides are passed to `load` by field name (``otlp_endpoint``,
 ``pids``...); a None value means "not given", so an argparse namespace whose
@@ -98,6 +99,7 @@ class ProbeConfig:
     ports: tuple[int, ...] = ()
     comm_patterns: tuple[str, ...] = ()
     exe_patterns: tuple[str, ...] = ()
+    container_ids: tuple[str, ...] = ()
 
 
 # -- value parsers: each takes a string (flag, variable) or a YAML value ----
@@ -278,6 +280,7 @@ _SETTINGS = (
     _Setting("ports", "filters.ports", _many(_int(1, 65535)), ("PROBE_PORTS",)),
     _Setting("comm_patterns", "filters.comm", _many(_text), ("PROBE_COMM",)),
     _Setting("exe_patterns", "filters.exe", _many(_text), ("PROBE_EXE",)),
+    _Setting("container_ids", "filters.containers", _many(_text), ("PROBE_CONTAINERS",)),
 )
 assert {s.field for s in _SETTINGS} == {f.name for f in fields(ProbeConfig)}
 

@@ -68,6 +68,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="GLOB",
         help="trace only executables whose path matches (repeatable)",
     )
+    parser.add_argument(
+        "--container",
+        dest="container_ids",
+        action="append",
+        metavar="ID",
+        help="trace only processes in this container (id or prefix)",
+    )
     parser.add_argument("--otlp-endpoint", dest="otlp_endpoint", metavar="URL")
     parser.add_argument("--otlp-protocol", dest="otlp_protocol", choices=("grpc", "http/protobuf"))
     parser.add_argument(
@@ -83,7 +90,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def overrides(args: argparse.Namespace) -> dict[str, object]:
     names = (
-        "pids", "ports", "comm_patterns", "exe_patterns", "otlp_endpoint", "otlp_protocol",
+        "pids", "ports", "comm_patterns", "exe_patterns", "container_ids", "otlp_endpoint",
+        "otlp_protocol",
         "metrics_address", "log_format", "capture_size",
     )  # fmt: skip
     return {name: getattr(args, name) for name in names}
@@ -140,7 +148,9 @@ def run(args: argparse.Namespace) -> int:
             [processor],
             stats,
             resources=ResourceDetector(extra_attributes=config.resource_attributes),
-            process_filter=ProcessFilter(config.comm_patterns, config.exe_patterns),
+            process_filter=ProcessFilter(
+                config.comm_patterns, config.exe_patterns, config.container_ids
+            ),
             capture_credentials=config.capture_credentials,
             redact_query=config.redact_query,
             capture_headers=config.header_allowlist,

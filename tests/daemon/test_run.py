@@ -1,0 +1,254 @@
+"""`probe run` end to end: real BPF, a real HTTP server and client, and real
+OTLP receivers (the official gRPC service and OTLP/HTTP) decoding what the
+daemon sends. Needs root and bcc; skipped with the reason printed otherwise."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.otlp_receiver import GrpcReceiver, HttpReceiver, decode_attributes, span_ids
+
+pytestmark = pytest.mark.usefixtures("tracing_ready")
+PROBE = [sys.executable, "-m", "probe"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Daemon:
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.process = process
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stderr:
+            self.lines.append(line.rstrip("\n"))
+            if line.strip() == "ready":
+                self._ready.set()
+        self._ready.set()
+
+    def wait_ready(self) -> None:
+        assert self._ready.wait(60), "no 'ready' within 60 s"
+        assert self.process.poll() is None, "\n".join(self.lines)
+
+    def metrics_url(self) -> str:
+        for line in self.lines:
+            found = re.search(r"metrics on (http://\S+)/metrics", line)
+            if found:
+                return found.group(1)
+        raise AssertionError("\n".join(self.lines))
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(30)
+        self._reader.join(5)
+        return code
+
+
+@contextmanager
+def daemon(*args: str, **env: str) -> Iterator[Daemon]:
+    environ = {**os.environ, "OTEL_BSP_SCHEDULE_DELAY": "200", **env}
+    process = subprocess.Popen(
+        [*PROBE, "run", "--metrics-address", "127.0.0.1:0", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environ,
+        cwd=REPO,
+    )
+    running = Daemon(process)
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def http_server(port: int) -> Iterator[subprocess.Popen]:
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=dict(os.environ, OTEL_SERVICE_NAME="files"),
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as probe_socket:
+                if probe_socket.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        yield server
+    finally:
+        server.kill()
+        server.wait()
+
+
+def curl(url: str) -> None:
+    subprocess.run(["curl", "-s", "-o", "/dev/null", "-A", "probe-test/1", url], check=True)
+
+
+@pytest.mark.parametrize("receiver_class", [GrpcReceiver, HttpReceiver])
+def test_every_attribute_and_the_resource_arrive(receiver_class) -> None:
+    receiver = receiver_class()
+    port = free_port()
+    protocol = "grpc" if receiver_class is GrpcReceiver else "http/protobuf"
+    try:
+        with http_server(port) as server, daemon(
+            "-P", str(port),
+            OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=receiver.endpoint,
+            OTEL_EXPORTER_OTLP_PROTOCOL=protocol,
+            OTEL_RESOURCE_ATTRIBUTES="deployment.environment=test",
+        ) as probe:  # fmt: skip
+            curl(f"http://127.0.0.1:{port}/?token=secret")
+            received = receiver.wait_for(1)
+            assert probe.stop() == 0
+    finally:
+        receiver.stop()
+
+    servers = [
+        (resource_spans, span)
+        for item in received
+        for resource_spans in item.request.resource_spans
+        for scope in resource_spans.scope_spans
+        for span in scope.spans
+        if span.kind == span.SPAN_KIND_SERVER
+    ]
+    assert len(servers) == 1
+    resource_spans, span = servers[0]
+    resource = decode_attributes(resource_spans.resource.attributes)
+    assert resource["service.name"] == "files"  # the process's own OTEL_SERVICE_NAME
+    assert resource["process.pid"] == server.pid
+    assert resource["deployment.environment"] == "test"
+    assert resource_spans.scope_spans[0].scope.name == "probe"
+    attributes = decode_attributes(span.attributes)
+    client_port = attributes.pop("client.port")
+    assert attributes.pop("network.peer.port") == client_port
+    assert attributes.pop("thread.id") > 0
+    assert attributes.pop("http.response.body.size") > 0
+    assert attributes == {
+        "http.request.method": "GET",
+        "url.path": "/",
+        "url.query": "token=REDACTED",
+        "url.scheme": "http",
+        "server.address": "127.0.0.1",
+        "server.port": port,
+        "client.address": "127.0.0.1",
+        "http.response.status_code": 200,
+        "network.protocol.name": "http",
+        "network.protocol.version": "1.1",
+        "network.peer.address": "127.0.0.1",
+        "network.local.address": "127.0.0.1",
+        "network.local.port": port,
+        "user_agent.original": "probe-test/1",
+    }
+    assert span.name == "GET"
+    assert len(span.trace_id) == 16 and len(span.span_id) == 8
+    assert span.end_time_unix_nano > span.start_time_unix_nano > 0
+
+
+def test_collector_down_at_start_then_up_gets_every_span_once() -> None:
+    collector_port, port = free_port(), free_port()
+    with http_server(port), daemon(
+        "-P", str(port), OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{collector_port}"
+    ) as probe:  # fmt: skip
+        for index in range(5):
+            curl(f"http://127.0.0.1:{port}/{index}")
+        time.sleep(1.5)  # export fails meanwhile; spans wait in the queue
+        receiver = GrpcReceiver(port=collector_port)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and len(span_ids(receiver.accepted)) < 10:
+                time.sleep(0.2)
+            assert probe.stop() == 0
+            ids = span_ids(receiver.accepted)
+        finally:
+            receiver.stop()
+    assert len(ids) == 10  # a server and a client span per request
+    assert len(set(ids)) == 10  # none twice
+
+
+def test_sigterm_exports_queued_spans_before_exit() -> None:
+    receiver = GrpcReceiver()
+    port = free_port()
+    try:
+        with http_server(port), daemon(
+            "-P", str(port),
+            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+            OTEL_BSP_SCHEDULE_DELAY="600000",  # nothing leaves before the stop
+        ) as probe:  # fmt: skip
+            for index in range(3):
+                curl(f"http://127.0.0.1:{port}/{index}")
+            time.sleep(0.5)
+            assert receiver.accepted == []
+            assert probe.stop() == 0
+            assert len(span_ids(receiver.accepted)) == 6
+    finally:
+        receiver.stop()
+
+
+def _scrape(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def test_metrics_on_localhost_only_and_counters_move() -> None:
+    receiver = GrpcReceiver()
+    port = free_port()
+    try:
+        with http_server(port), daemon(
+            "-P", str(port), OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint
+        ) as probe:  # fmt: skip
+            url = probe.metrics_url()
+            assert url.startswith("http://127.0.0.1:")
+            metrics_port = int(url.rsplit(":", 1)[1])
+            listening = Path("/proc/net/tcp").read_text().splitlines()[1:]
+            local = [line.split()[1] for line in listening if line.split()[3] == "0A"]
+            assert f"0100007F:{metrics_port:04X}" in local  # bound to 127.0.0.1, not 0.0.0.0
+            assert f"00000000:{metrics_port:04X}" not in local
+            before = _scrape(url)
+            for index in range(4):
+                curl(f"http://127.0.0.1:{port}/{index}")
+            receiver.wait_for(1)
+            deadline = time.monotonic() + 20
+            after = _scrape(url)
+            while time.monotonic() < deadline and after.get("probe_spans_exported_total", 0) < 8:
+                time.sleep(0.2)
+                after = _scrape(url)
+            with urllib.request.urlopen(url + "/healthz", timeout=5) as health:
+                assert health.status == 200
+            assert probe.stop() == 0
+    finally:
+        receiver.stop()
+    assert after["probe_spans_produced_total"] - before.get("probe_spans_produced_total", 0) == 8
+    assert after["probe_spans_exported_total"] == 8
+    assert after["probe_events_total"] > before.get("probe_events_total", 0)
+    assert after["probe_resident_memory_bytes"] > 0

@@ -1,0 +1,72 @@
+"""The daemon's log rate limit and formats, and the user-space process filter."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+from probe.logs import RateLimitFilter, configure
+from probe.pipeline import ProcessFilter
+from probe.trace.span import Resource
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _record(message: str) -> logging.LogRecord:
+    return logging.LogRecord("probe", logging.WARNING, __file__, 1, message, (), None)
+
+
+def test_rate_limit_lets_one_per_interval_and_counts_the_rest() -> None:
+    clock = FakeClock()
+    limit = RateLimitFilter(interval=60, clock=clock)
+    assert limit.filter(_record("collector down: %s"))
+    assert not limit.filter(_record("collector down: %s"))
+    assert not limit.filter(_record("collector down: %s"))
+    assert limit.filter(_record("another problem"))  # other messages are not held back
+    clock.now = 61
+    passed = _record("collector down: %s")
+    assert limit.filter(passed)
+    assert passed.suppressed == 2
+
+
+def test_text_and_json_lines() -> None:
+    text = io.StringIO()
+    configure("text", text).warning("queue full: dropped %d spans", 3)
+    assert text.getvalue() == "probe: warning: queue full: dropped 3 spans\n"
+
+    lines = io.StringIO()
+    configure("json", lines).error("export failed: %s", "UNAVAILABLE")
+    entry = json.loads(lines.getvalue())
+    assert (entry["level"], entry["logger"], entry["message"]) == (
+        "error",
+        "probe",
+        "export failed: UNAVAILABLE",
+    )
+    assert entry["time"].endswith("Z")
+
+
+def _process(name: str, path: str, container: str | None = None) -> Resource:
+    attributes = {"process.executable.name": name, "process.executable.path": path}
+    if container:
+        attributes["container.id"] = container
+    return Resource(attributes)
+
+
+def test_process_filter() -> None:
+    nginx = _process("nginx", "/usr/sbin/nginx", "ab" * 32)
+    curl = _process("curl", "/usr/bin/curl")
+    assert not ProcessFilter()  # empty: everything, and the pipeline skips it
+    assert ProcessFilter(comm_patterns=("ng*",)).wants(nginx)
+    assert not ProcessFilter(comm_patterns=("ng*",)).wants(curl)
+    assert ProcessFilter(exe_patterns=("/usr/bin/*",)).wants(curl)
+    assert not ProcessFilter(exe_patterns=("/usr/bin/*",)).wants(nginx)
+    assert ProcessFilter(container_ids=("abab",)).wants(nginx)
+    assert not ProcessFilter(container_ids=("abab",)).wants(curl)
+    assert not ProcessFilter(comm_patterns=("nginx",), exe_patterns=("/usr/bin/*",)).wants(nginx)
