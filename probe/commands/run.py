@@ -17,6 +17,7 @@ from probe.logs import configure
 from probe.metrics import MetricsServer
 from probe.pipeline import Pipeline, ProcessFilter
 from probe.stats import Stats
+from probe.trace.kubernetes import PodMetadata
 from probe.trace.resource import ResourceDetector
 
 SHUTDOWN_DEADLINE_MS = 10_000
@@ -135,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
         source.close()
         processor.shutdown(0)
         return 1
+    pods = PodMetadata.from_environment()  # None outside a cluster (says so once)
+    if pods is not None:
+        pods.start()
     try:
         for note in source.notes:
             log.info("%s", note)
@@ -147,7 +151,9 @@ def run(args: argparse.Namespace) -> int:
             source,
             [processor],
             stats,
-            resources=ResourceDetector(extra_attributes=config.resource_attributes),
+            resources=ResourceDetector(
+                extra_attributes=config.resource_attributes, kubernetes=pods
+            ),
             process_filter=ProcessFilter(
                 config.comm_patterns, config.exe_patterns, config.container_ids
             ),
@@ -159,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
         log.info("stopping: flushing %d queued spans", processor.queue_depth())
         pipeline.finish(SHUTDOWN_DEADLINE_MS)
     finally:
+        if pods is not None:
+            pods.stop()
         metrics.stop()
         source.close()
     log.info(

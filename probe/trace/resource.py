@@ -2,7 +2,8 @@
 
 A process keeps its resource for its whole life, so detection runs once per
 pid and is cached (bounded, least recently used first out) until the process
-exits and the caller calls `ResourceDetector.forget`.
+exits and the caller calls `ResourceDetector.forget`. On Kubernetes, the pod's
+names come from `probe.trace.kubernetes.PodMetadata`.
 """
 
 from __future__ import annotations
@@ -13,9 +14,13 @@ import socket
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 from probe.trace.span import Attributes, Resource
+
+if TYPE_CHECKING:  # imported by the daemon only: it loads the kubernetes client
+    from probe.trace.kubernetes import PodMetadata
 
 UNKNOWN_SERVICE = "unknown_service"
 
@@ -23,6 +28,14 @@ UNKNOWN_SERVICE = "unknown_service"
 # id: "/docker/<id>", "docker-<id>.scope", "cri-containerd-<id>.scope",
 # "crio-<id>.scope", "libpod-<id>.scope", "/kubepods/.../pod<uid>/<id>".
 _CONTAINER_SEGMENT = re.compile(r"(?:[\w.-]*?[-:])?([0-9a-f]{64})(?:\.scope)?")
+
+# The kubelet names a pod's cgroup after the pod's UID: "pod<uid>" with the
+# cgroupfs driver, "kubepods[-<qos>]-pod<uid>.slice" with the systemd one,
+# which turns the UID's dashes into underscores. A static pod's UID is a hash
+# without dashes.
+_POD_SEGMENT = re.compile(
+    r"(?:kubepods(?:-[a-z]+)?-)?pod([0-9a-f]{8}(?:[-_]?[0-9a-f]{4}){3}[-_]?[0-9a-f]{12})(?:\.slice)?"
+)
 
 
 class ResourceDetector:
@@ -35,12 +48,14 @@ class ResourceDetector:
         max_entries: int = 4096,
         hostname: str | None = None,
         extra_attributes: Mapping[str, str] | None = None,
+        kubernetes: PodMetadata | None = None,
     ) -> None:
         self._proc = Path(proc_root)
         # The probe's own OTEL_RESOURCE_ATTRIBUTES (deployment.environment,
         # k8s.cluster.name...): under what is detected per process, so that
         # they never overwrite a process's own service.name.
         self._extra: Attributes = dict(extra_attributes or {})
+        self._kubernetes = kubernetes
         self._max_entries = max_entries
         self._hostname = socket.gethostname() if hostname is None else hostname
         self._cache: OrderedDict[int, Resource] = OrderedDict()
@@ -55,8 +70,11 @@ class ResourceDetector:
         attributes = self._read(pid, comm)
         resource = Resource(attributes)
         # Only a process still there to read is worth remembering; an exited
-        # one is cheap to describe again and its pid may be reused.
-        if "process.executable.name" in attributes:
+        # one is cheap to describe again and its pid may be reused. Nor one in
+        # a pod the API server has not reported yet: it just started, and will
+        # be described with its pod's names shortly.
+        pod_pending = "k8s.pod.uid" in attributes and "k8s.pod.name" not in attributes
+        if "process.executable.name" in attributes and not (self._kubernetes and pod_pending):
             self._cache[pid] = resource
             if len(self._cache) > self._max_entries:
                 self._cache.popitem(last=False)
@@ -73,11 +91,15 @@ class ResourceDetector:
         exe_name = exe_name or comm
         environ = _parse_environ(_read_bytes(base / "environ"))
         cmdline = _read_bytes(base / "cmdline").rstrip(b"\0")
-        container_id = _container_id(_read_text(base / "cgroup"))
+        cgroup = _read_text(base / "cgroup")
+        container_id = _container_id(cgroup)
+        pod_uid = _pod_uid(cgroup)
+        pod = self._kubernetes.lookup(pod_uid, container_id) if self._kubernetes else None
+        service_name = _service_name(environ) or (pod and pod.service_name) or exe_name
 
         attributes: Attributes = {
             **self._extra,
-            "service.name": _service_name(environ) or exe_name or UNKNOWN_SERVICE,
+            "service.name": service_name or UNKNOWN_SERVICE,
             "host.name": self._hostname,
             "process.pid": pid,
         }
@@ -90,6 +112,10 @@ class ResourceDetector:
             attributes["process.command_line"] = " ".join(_decode(arg) for arg in args)
         if container_id:
             attributes["container.id"] = container_id
+        if pod_uid:
+            attributes["k8s.pod.uid"] = pod_uid
+        if pod:
+            attributes.update(pod.attributes)
         return attributes
 
 
@@ -106,11 +132,21 @@ def _service_name(environ: dict[str, str]) -> str | None:
 
 
 def _container_id(cgroup: str) -> str | None:
+    return _find_segment(cgroup, _CONTAINER_SEGMENT)
+
+
+def _pod_uid(cgroup: str) -> str | None:
+    uid = _find_segment(cgroup, _POD_SEGMENT)
+    return uid.replace("_", "-") if uid else None
+
+
+def _find_segment(cgroup: str, pattern: re.Pattern[str]) -> str | None:
+    """The group of the deepest path segment that ``pattern`` matches."""
     # Lines are "hierarchy-id:controllers:path"; the id is usually the last segment.
     for line in cgroup.splitlines():
         path = line.split(":", 2)[-1]
         for segment in reversed(path.split("/")):
-            if match := _CONTAINER_SEGMENT.fullmatch(segment):
+            if match := pattern.fullmatch(segment):
                 return match.group(1)
     return None
 

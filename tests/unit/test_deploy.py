@@ -205,7 +205,7 @@ def check_probe_objects(objects: dict[str, list], namespace: str, tmp_path: Path
     assert config.metrics_address == ("0.0.0.0", 9464)
     ports = {p.name: p.container_port for p in container.ports}
     assert ports == {"metrics": 9464}
-    for check in (container.startup_probe, container.liveness_probe):
+    for check in (container.startup_probe, container.readiness_probe):
         assert (check.http_get.path, check.http_get.port) == ("/healthz", "metrics")
 
 
