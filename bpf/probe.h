@@ -26,6 +26,8 @@ enum probe_event_type {
 	PROBE_EVENT_CLOSE = 3, /* struct probe_conn_event: close() of a traced connection */
 	PROBE_EVENT_ADDR = 4,  /* struct probe_conn_event: local address learnt after OPEN */
 	PROBE_EVENT_EXIT = 5,  /* struct probe_conn_event: a process exited */
+	PROBE_EVENT_EXEC = 6,  /* struct probe_conn_event: a process exec'd a new image
+				* (user space looks for TLS libraries and Go in it) */
 };
 
 enum probe_direction {
@@ -50,6 +52,16 @@ enum probe_syscall {
 	PROBE_SYS_RECVMSG = 7,
 	PROBE_SYS_SENDMSG = 8,
 	PROBE_SYS_SENDFILE = 9,
+	/* Plaintext at the TLS library, not at the socket (flags has PROBE_DATA_TLS). */
+	PROBE_SYS_SSL_READ = 10,
+	PROBE_SYS_SSL_WRITE = 11,
+	PROBE_SYS_GO_TLS_READ = 12,
+	PROBE_SYS_GO_TLS_WRITE = 13,
+};
+
+/* Bits of probe_data_event.flags. */
+enum probe_data_flags {
+	PROBE_DATA_TLS = 1, /* decrypted bytes from a TLS library's read or write */
 };
 
 /* Address families as the kernel numbers them (AF_INET, AF_INET6). */
@@ -88,11 +100,12 @@ struct probe_data_event {
 	struct probe_event_header header;
 	__u64 exit_ns;     /* syscall return */
 	__s64 bytes;       /* the syscall's return value: bytes moved, > 0 */
+	__u64 goroutine;   /* Go: the goroutine this I/O is done for; 0 elsewhere */
 	__u32 captured;    /* payload bytes that follow */
 	__u8 direction;    /* enum probe_direction */
 	__u8 role;         /* enum probe_role */
 	__u8 syscall;      /* enum probe_syscall */
-	__u8 _pad;
+	__u8 flags;        /* enum probe_data_flags */
 	char payload[PROBE_MAX_CAPTURE];
 };
 

@@ -279,3 +279,17 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	emit_conn_event(&event);
 	return 0;
 }
+
+/* A new image: user space looks in it for TLS libraries and Go to probe. */
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 pid = id >> 32;
+	if (!process_wanted(pid))
+		return 0;
+	struct probe_conn_event event = {};
+	struct probe_conn_id process = {.pid = pid, .fd = -1};
+	fill_header(&event.header, PROBE_EVENT_EXEC, (u32)id, &process, bpf_ktime_get_ns());
+	emit_conn_event(&event);
+	return 0;
+}

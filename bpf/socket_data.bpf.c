@@ -193,6 +193,8 @@ static __always_inline int data_returned(long ret, u8 direction)
 	event->direction = direction;
 	event->role = state->role;
 	event->syscall = call.syscall;
+	event->flags = 0;
+	event->goroutine = 0;
 	if (call.syscall == PROBE_SYS_SENDFILE)
 		event->captured = 0;
 	else if (is_vectored(call.syscall))

@@ -18,6 +18,7 @@ from probe.kernel.events import (
     Direction,
     Endpoint,
     KernelEvent,
+    ProcessExec,
     ProcessExit,
     Role,
 )
@@ -64,6 +65,8 @@ def decode(address: int, size: int) -> KernelEvent | None:
             size=data.bytes,
             payload=ffi.buffer(data.payload, captured)[:],
             role=Role(data.role),
+            goroutine=data.goroutine,
+            tls=bool(data.flags & lib.PROBE_DATA_TLS),
         )
     if size < ffi.sizeof("struct probe_conn_event"):
         return None
@@ -83,4 +86,10 @@ def decode(address: int, size: int) -> KernelEvent | None:
         return ConnClose(key=_key(header), tid=header.tid, timestamp_ns=header.timestamp_ns)
     if kind == lib.PROBE_EVENT_EXIT:
         return ProcessExit(pid=header.conn.pid, timestamp_ns=header.timestamp_ns)
+    if kind == lib.PROBE_EVENT_EXEC:
+        return ProcessExec(
+            pid=header.conn.pid,
+            timestamp_ns=header.timestamp_ns,
+            comm=ffi.string(conn.comm).decode("utf-8", "replace"),
+        )
     return None

@@ -68,6 +68,8 @@ class DataEvent:
     size: int  # bytes the syscall moved (its return value), > 0
     payload: bytes  # the first bytes of those, at most the capture size
     role: Role = Role.UNKNOWN  # as the kernel knows it (UNKNOWN: picked up mid-stream)
+    goroutine: int = 0  # Go: the goroutine the I/O was done for; 0 elsewhere
+    tls: bool = False  # plaintext from a TLS library rather than bytes on the socket
 
 
 @dataclass(slots=True)
@@ -83,4 +85,13 @@ class ProcessExit:
     timestamp_ns: int
 
 
-KernelEvent = ConnOpen | DataEvent | ConnClose | ProcessExit
+@dataclass(slots=True)
+class ProcessExec:
+    """A process replaced its image (execve): new libraries and binaries to probe."""
+
+    pid: int
+    timestamp_ns: int
+    comm: str = ""
+
+
+KernelEvent = ConnOpen | DataEvent | ConnClose | ProcessExit | ProcessExec

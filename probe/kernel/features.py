@@ -20,11 +20,22 @@ BTF = Path("/sys/kernel/btf/vmlinux")
 REQUIRED_TRACEPOINTS = [
     f"syscalls/sys_{edge}_{call}"
     for call in (
-        "connect", "accept", "accept4", "close", "read", "write", "readv", "writev",
-        "recvfrom", "sendto", "recvmsg", "sendmsg", "sendfile64",
+        "connect",
+        "accept",
+        "accept4",
+        "close",
+        "read",
+        "write",
+        "readv",
+        "writev",
+        "recvfrom",
+        "sendto",
+        "recvmsg",
+        "sendmsg",
+        "sendfile64",
     )
     for edge in ("enter", "exit")
-] + ["sock/inet_sock_set_state", "sched/sched_process_exit"]  # fmt: skip
+] + ["sock/inet_sock_set_state", "sched/sched_process_exit", "sched/sched_process_exec"]
 
 # Capabilities by number (linux/capability.h) and what the probe needs each for.
 CAPABILITIES = {

@@ -24,6 +24,7 @@ from probe.kernel.events import (
     ConnOpen,
     DataEvent,
     KernelEvent,
+    ProcessExec,
     ProcessExit,
     Role,
 )
@@ -174,6 +175,9 @@ class EventSource:
     def _accept(self, event: KernelEvent) -> None:
         if isinstance(event, ProcessExit):
             self._process_exited(event)
+            self._batch.append(event)
+            return
+        if isinstance(event, ProcessExec):
             self._batch.append(event)
             return
         key = event.key

@@ -69,6 +69,7 @@ class HttpConnection:
         self._requests = RequestStream(self, stats)
         self._responses = ResponseStream(self, stats)
         self._request_direction: Direction | None = None
+        self._requests_seen = 0  # numbers requests in order, for same-host matching
         if info.role != Role.UNKNOWN:
             self._set_role(info.role)
 
@@ -80,7 +81,9 @@ class HttpConnection:
         ingress = event.direction == Direction.INGRESS
         first_ns = event.exit_ns if ingress else event.enter_ns
         stream = self._requests if event.direction == self._request_direction else self._responses
-        stream.feed(event.payload, event.size, first_ns, event.exit_ns, event.tid)
+        if event.tls:
+            self.info.tls = True
+        stream.feed(event.payload, event.size, first_ns, event.exit_ns, event.tid, event.goroutine)
 
     def close(self, reason: str) -> None:
         """The connection is gone: end what is in progress, emit what is waiting.
@@ -104,6 +107,8 @@ class HttpConnection:
 
     def head_parsed(self, message: HttpMessage) -> None:
         if isinstance(message, HttpRequest):
+            message.sequence = self._requests_seen
+            self._requests_seen += 1
             if len(self._pending) >= self._max_pending:
                 self._stats["requests_dropped"] += 1
                 self._reading = None

@@ -163,11 +163,15 @@ class MessageStream:
         # the current syscall, and the one that moved the message's first byte
         self._syscall_ns = 0
         self._syscall_tid = 0
+        self._syscall_goroutine = 0
         self._last_ns = 0
         self._start_ns = 0
         self._tid = 0
+        self._goroutine = 0
 
-    def feed(self, payload: bytes, size: int, first_ns: int, last_ns: int, tid: int) -> None:
+    def feed(
+        self, payload: bytes, size: int, first_ns: int, last_ns: int, tid: int, goroutine: int = 0
+    ) -> None:
         """One syscall moved ``size`` bytes, of which ``payload`` are the first.
 
         ``first_ns`` is when its first byte counts as moved (a read's return, a
@@ -176,6 +180,7 @@ class MessageStream:
         if self._state is _State.STOPPED:
             return
         self._syscall_ns, self._syscall_tid, self._last_ns = first_ns, tid, last_ns
+        self._syscall_goroutine = goroutine
         if self._message is not None:
             self._message.end_ns = last_ns
         self._run(payload, len(payload))
@@ -233,6 +238,7 @@ class MessageStream:
             pos += 1
         if pos < end:
             self._start_ns, self._tid = self._syscall_ns, self._syscall_tid
+            self._goroutine = self._syscall_goroutine
             self._confirmed = False
             self._state = _State.HEAD
         return pos
@@ -380,6 +386,7 @@ class MessageStream:
             self._fail()
             return
         message.head_truncated = truncated
+        message.goroutine = self._goroutine
         self._message = message
         self._sink.head_parsed(message)
         if truncated:

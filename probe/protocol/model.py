@@ -17,6 +17,7 @@ class ConnectionInfo:
     role: Role  # CLIENT or SERVER once known; UNKNOWN only if never inferred
     local: Endpoint | None
     peer: Endpoint | None
+    tls: bool = False  # the HTTP was read at a TLS library: url.scheme is https
 
 
 @dataclass(slots=True)
@@ -29,6 +30,7 @@ class HttpMessage:
     body_size: int = 0  # body bytes, counted from syscall return values
     head_truncated: bool = False  # the head was longer than what was captured
     body_framing_lost: bool = False  # the end was inferred, not framed by the parser
+    goroutine: int = 0  # Go: the goroutine of the first byte; 0 elsewhere
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (lower-case), if captured."""
@@ -42,6 +44,7 @@ class HttpMessage:
 class HttpRequest(HttpMessage):
     method: str = ""  # as sent, e.g. "GET"
     target: str = ""  # request-target as sent, e.g. "/a/b?x=1"
+    sequence: int = 0  # 0 for the first request on its connection, 1 for the next...
 
 
 @dataclass(slots=True)

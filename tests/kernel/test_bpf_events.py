@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from probe.kernel.events import ConnClose, ConnOpen, DataEvent, Direction, ProcessExit, Role
+from probe.kernel.events import (
+    ConnClose,
+    ConnOpen,
+    DataEvent,
+    Direction,
+    ProcessExec,
+    ProcessExit,
+    Role,
+)
 from probe.kernel.loader import EventSource, ProbeOptions
 from probe.stats import Stats
 
@@ -108,7 +116,7 @@ def test_pid_filter_and_capture_size(body_file: Path) -> None:
         assert client.wait(10) == 0
         assert server.wait(10) == 0
         events = collect(source, lambda evs: any(isinstance(e, ConnClose) for e in evs))
-    keyed = [e for e in events if not isinstance(e, ProcessExit)]
+    keyed = [e for e in events if not isinstance(e, (ProcessExit, ProcessExec))]
     assert {e.key.pid for e in keyed} == {server.pid}
     assert all(len(e.payload) <= 64 for e in keyed if isinstance(e, DataEvent))
     assert max(e.size for e in keyed if isinstance(e, DataEvent)) > 64
@@ -123,4 +131,4 @@ def test_udp_connect_is_not_a_connection() -> None:
             source, lambda evs: any(isinstance(e, ProcessExit) and e.pid == sender.pid for e in evs)
         )
     assert any(isinstance(e, ProcessExit) and e.pid == sender.pid for e in events)
-    assert [e for e in events if not isinstance(e, ProcessExit)] == []
+    assert [e for e in events if not isinstance(e, (ProcessExit, ProcessExec))] == []

@@ -19,6 +19,7 @@ from probe.kernel.events import (
     DataEvent,
     Direction,
     Endpoint,
+    ProcessExec,
     ProcessExit,
     Role,
 )
@@ -33,7 +34,7 @@ from probe.kernel.events import (
         ("struct probe_conn_event", 104),
         ("struct probe_conn_key", 8),
         ("struct probe_conn_state", 16),
-        ("struct probe_data_event", 56 + 16384),
+        ("struct probe_data_event", 64 + 16384),
     ],
 )
 def test_struct_sizes(struct: str, size: int) -> None:
@@ -49,11 +50,13 @@ def test_struct_sizes(struct: str, size: int) -> None:
         ("struct probe_event_header", "timestamp_ns", 24),
         ("struct probe_data_event", "exit_ns", 32),
         ("struct probe_data_event", "bytes", 40),
-        ("struct probe_data_event", "captured", 48),
-        ("struct probe_data_event", "direction", 52),
-        ("struct probe_data_event", "role", 53),
-        ("struct probe_data_event", "syscall", 54),
-        ("struct probe_data_event", "payload", 56),
+        ("struct probe_data_event", "goroutine", 48),
+        ("struct probe_data_event", "captured", 56),
+        ("struct probe_data_event", "direction", 60),
+        ("struct probe_data_event", "role", 61),
+        ("struct probe_data_event", "syscall", 62),
+        ("struct probe_data_event", "flags", 63),
+        ("struct probe_data_event", "payload", 64),
         ("struct probe_conn_event", "local", 32),
         ("struct probe_conn_event", "peer", 56),
         ("struct probe_conn_event", "role", 80),
@@ -68,7 +71,7 @@ def test_field_offsets(struct: str, field: str, offset: int) -> None:
 
 def test_constants() -> None:
     assert MAX_CAPTURE == 16384
-    assert DATA_HEADER_SIZE == 56
+    assert DATA_HEADER_SIZE == 64
     assert (lib.PROBE_INGRESS, lib.PROBE_EGRESS) == (Direction.INGRESS, Direction.EGRESS)
     assert (lib.PROBE_ROLE_UNKNOWN, lib.PROBE_ROLE_CLIENT, lib.PROBE_ROLE_SERVER) == (
         Role.UNKNOWN,
@@ -100,6 +103,8 @@ def test_decode_data_event_takes_only_captured_bytes() -> None:
     record.captured = 5
     record.direction = lib.PROBE_EGRESS
     record.role = lib.PROBE_ROLE_CLIENT
+    record.goroutine = 0xC000123456
+    record.flags = lib.PROBE_DATA_TLS
     ffi.memmove(record.payload, b"GET / and more", 14)
 
     event = _decode(record, DATA_HEADER_SIZE + 5)
@@ -113,6 +118,8 @@ def test_decode_data_event_takes_only_captured_bytes() -> None:
         size=10_000,
         payload=b"GET /",
         role=Role.CLIENT,
+        goroutine=0xC000123456,
+        tls=True,
     )
 
 
@@ -165,6 +172,9 @@ def test_decode_close_exit_and_garbage() -> None:
     assert _decode(record) == ConnClose(ConnKey(7, 3, 99), 8, 1_000)
     _header(record, lib.PROBE_EVENT_EXIT, fd=-1)
     assert _decode(record) == ProcessExit(7, 1_000)
+    _header(record, lib.PROBE_EVENT_EXEC, fd=-1)
+    record.comm = b"node"
+    assert _decode(record) == ProcessExec(7, 1_000, "node")
     _header(record, 12345)
     assert _decode(record) is None
     assert _decode(record, 10) is None  # shorter than any header
