@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from probe.export.processor import SpanProcessor
-from probe.kernel.events import ConnOpen, KernelEvent, ProcessExit
+from probe.kernel import sockets
+from probe.kernel.events import ConnOpen, Endpoint, KernelEvent, ProcessExit
 from probe.kernel.loader import EventSource
 from probe.protocol.model import HttpExchange
 from probe.protocol.tracker import ConnectionTracker
@@ -51,6 +52,12 @@ class ProcessFilter:
         )
 
 
+def _addresses(pid: int, fd: int) -> tuple[Endpoint | None, Endpoint | None]:
+    """For a connection whose open event was lost: ask /proc."""
+    found = sockets.lookup(pid, fd)
+    return found.local, found.peer
+
+
 class Pipeline:
     def __init__(
         self,
@@ -76,7 +83,7 @@ class Pipeline:
             redact_query=redact_query,
             capture_headers=capture_headers,
         )
-        self.tracker = ConnectionTracker(self._on_exchange, stats)
+        self.tracker = ConnectionTracker(self._on_exchange, stats, resolve=_addresses)
         source.on_open = self._on_open
 
     def _on_open(self, event: ConnOpen) -> bool:
@@ -100,13 +107,19 @@ class Pipeline:
         while not should_stop():
             for event in self.source.poll(poll_ms):
                 self.handle(event)
-                if should_stop():
-                    return
             self.stats["connections_tracked"] = len(self.tracker)
             self.stats["events_lost"] = self.source.lost_events()
 
+    def drain(self) -> None:
+        """Process what the kernel has already written: a stop right after
+        traffic must not lose its last events."""
+        while batch := self.source.poll(0):
+            for event in batch:
+                self.handle(event)
+
     def finish(self, timeout_millis: float = 10_000) -> None:
-        """Complete what is pending and flush every processor."""
+        """Read what is left, complete what is pending, flush every processor."""
+        self.drain()
         self.tracker.flush()
         for processor in self.processors:
             processor.shutdown(timeout_millis)

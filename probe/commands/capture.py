@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import time
 from typing import TextIO
 
+from probe.config import ConfigError, load
 from probe.export.console import ConsoleSpanExporter
 from probe.export.jsonl import JsonLinesSpanExporter
+from probe.export.otlp import create_processor
 from probe.export.processor import SimpleSpanProcessor, SpanProcessor
 from probe.kernel.features import ProbeError
 from probe.kernel.loader import EventSource, ProbeOptions
 from probe.pipeline import Pipeline
 from probe.stats import Stats
+from probe.trace.span import Span
 
 EXAMPLES = """examples:
   probe capture                      # everything on this host, until Ctrl-C
@@ -78,6 +82,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="output format (default: table)",
     )
     parser.add_argument("--output", metavar="FILE", help="write spans here, not to stdout")
+    parser.add_argument("--otlp-endpoint", metavar="URL",
+                        help="also export spans over OTLP (protocol and the rest from OTEL_* "
+                             "variables)")  # fmt: skip
     parser.set_defaults(command=run)
 
 
@@ -122,6 +129,32 @@ def open_output(path: str | None, stack: contextlib.ExitStack) -> TextIO:
     return stack.enter_context(open(path, "w", encoding="utf-8"))
 
 
+class SpanBudget:
+    """Passes the first ``limit`` spans (all if None) to its processors."""
+
+    def __init__(self, limit: int | None, processors: list[SpanProcessor]) -> None:
+        self.limit = limit
+        self.processors = processors
+        self.passed = 0
+
+    @property
+    def spent(self) -> bool:
+        return self.limit is not None and self.passed >= self.limit
+
+    def on_end(self, span: Span) -> None:
+        if self.spent:
+            return
+        self.passed += 1
+        for processor in self.processors:
+            processor.on_end(span)
+
+    def force_flush(self, timeout_millis: float = 30_000) -> bool:
+        return all(p.force_flush(timeout_millis) for p in self.processors)
+
+    def shutdown(self, timeout_millis: float = 30_000) -> bool:
+        return all([p.shutdown(timeout_millis) for p in self.processors])
+
+
 def run(args: argparse.Namespace) -> int:
     stats = Stats()
     stop = StopFlag(args.duration)
@@ -129,6 +162,14 @@ def run(args: argparse.Namespace) -> int:
         output = open_output(args.output, stack)
         exporter_class = JsonLinesSpanExporter if args.format == "jsonl" else ConsoleSpanExporter
         processors: list[SpanProcessor] = [SimpleSpanProcessor(exporter_class(output))]
+        if args.otlp_endpoint:
+            try:
+                config = load({"otlp_endpoint": args.otlp_endpoint}, os.environ)
+            except ConfigError as error:
+                print(f"probe: configuration: {error}", file=sys.stderr)
+                return 2
+            processors.append(create_processor(config, stats))
+        budget = SpanBudget(args.max_spans, processors)
         source = EventSource(probe_options(args), stats)
         try:
             source.start()
@@ -142,17 +183,12 @@ def run(args: argparse.Namespace) -> int:
         print("ready", file=sys.stderr, flush=True)
         pipeline = Pipeline(
             source,
-            processors,
+            [budget],
             stats,
             capture_credentials=args.capture_credentials,
             redact_query=not args.capture_credentials,
         )
-        budget = args.max_spans
-
-        def should_stop() -> bool:
-            return stop() or (budget is not None and stats["spans_produced"] >= budget)
-
-        pipeline.run(should_stop)
+        pipeline.run(lambda: stop() or budget.spent)
         pipeline.finish()
     print_summary(stats)
     return 0
