@@ -1,0 +1,676 @@
+"""End-to-end harness: the real probe against real servers and real clients.
+
+Owns the decision to skip this suite (only when not root or when bcc cannot be
+imported), ``probe capture`` runs whose spans a test reads back after stopping
+them, the servers under test (Python, nginx, Go, a raw TCP echo server), each a
+process of its own on loopback with an ephemeral port, and the clients, which
+record what they themselves saw and when, so a test can hold every span to it.
+
+Tests never import this module: everything reaches them through fixtures.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+HERE = Path(__file__).parent
+PROGRAMS = HERE / "programs"
+READY_TIMEOUT_S = 60  # each start compiles the BPF programs
+EXIT_TIMEOUT_S = 60
+SETTLE_QUIET_S = 0.3  # no new span for this long: the probe has caught up
+SETTLE_MAX_S = 20
+SERVER_START_TIMEOUT_S = 20
+USER_AGENT = "probe-e2e/1"
+KNOWN_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+
+Span = dict[str, Any]
+
+
+# --- whether the suite can run at all ---------------------------------------
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    """Why this machine cannot run the probe, or None when it can."""
+    if os.geteuid() != 0:
+        return "e2e: needs root (the probe loads BPF programs)"
+    result = subprocess.run(
+        [sys.executable, "-c", "import bcc"], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["?"])[-1]
+        return f"e2e: bcc cannot be imported by {sys.executable}: {last}"
+    return None
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return unavailable_reason() or "e2e: running as root with bcc"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = unavailable_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if HERE in item.path.parents:
+            item.add_marker(skip)
+
+
+# --- the probe --------------------------------------------------------------
+
+
+def probe_command() -> list[str]:
+    """The probe installed next to this interpreter, else the module."""
+    script = Path(sys.executable).with_name("probe")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "probe"]
+
+
+SPAN_FORMAT = {
+    "trace_id": re.compile(r"[0-9a-f]{32}"),
+    "span_id": re.compile(r"[0-9a-f]{16}"),
+    "parent_span_id": re.compile(r"([0-9a-f]{16})?"),
+    "kind": re.compile(r"SERVER|CLIENT"),
+    "status_code": re.compile(r"UNSET|OK|ERROR"),
+}
+
+
+def parse_span(line: str) -> Span:
+    """One JSON line of ``-o jsonl``, checked against the output contract."""
+    try:
+        span = json.loads(line)
+    except json.JSONDecodeError as error:
+        pytest.fail(f"probe wrote a line that is not JSON ({error}): {line!r}")
+    for name, pattern in SPAN_FORMAT.items():
+        assert isinstance(span.get(name), str) and pattern.fullmatch(span[name]), (
+            f"span field {name!r} is malformed: {line}"
+        )
+    assert 0 < span["start_time_unix_nano"] <= span["end_time_unix_nano"], line
+    assert isinstance(span["attributes"], dict), line
+    assert isinstance(span["resource"], dict), line
+    assert {"service.name", "process.pid"} <= span["resource"].keys(), line
+    return span
+
+
+@pytest.fixture(scope="session")
+def probe() -> list[str]:
+    """The command that runs the probe, for commands other than capture."""
+    return probe_command()
+
+
+class ProbeCapture:
+    """One ``probe capture -o jsonl --output FILE`` run.
+
+    ``start()`` returns once the probe printed ``ready``; ``stop()`` interrupts
+    it like Ctrl-C would, requires exit status 0 and reads the spans back.
+    """
+
+    def __init__(self, args: Sequence[str], workdir: Path) -> None:
+        self.output = workdir / "spans.jsonl"
+        self.command = [
+            *probe_command(),
+            *("capture", "-o", "jsonl", "--output", str(self.output)),
+            *args,
+        ]
+        self.spans: list[Span] = []
+        self._stdout = workdir / "stdout.txt"
+        self._stderr: list[str] = []
+        self._ready = threading.Event()  # set on "ready", or when stderr ends
+        self._process: subprocess.Popen[str] | None = None
+        self._reader: threading.Thread | None = None
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self._stderr)
+
+    def start(self) -> None:
+        with self._stdout.open("w") as stdout:
+            self._process = subprocess.Popen(
+                self.command,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._reader.start()
+        self._ready.wait(READY_TIMEOUT_S)
+        if any(line.strip() == "ready" for line in self._stderr):
+            return
+        if self._process.poll() is not None:
+            self._reader.join()
+            self._fail("exited before printing 'ready'")
+        self.kill()
+        self._fail(f"did not print 'ready' within {READY_TIMEOUT_S} s")
+
+    def stop(self) -> list[Span]:
+        assert self._process is not None and self._reader is not None
+        self._settle()
+        self._process.send_signal(signal.SIGINT)
+        try:
+            self._process.wait(EXIT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self._fail(f"did not exit within {EXIT_TIMEOUT_S} s of SIGINT")
+        self._reader.join()
+        if self._process.returncode != 0:
+            self._fail("exited with a failure after SIGINT")
+        text = self.output.read_text() if self.output.exists() else ""
+        self.spans = [parse_span(line) for line in text.splitlines() if line.strip()]
+        return self.spans
+
+    def _settle(self) -> None:
+        """Wait until the probe stops writing spans (it flushes each one).
+
+        The test's last response reaches the client before the server's write
+        returns, so the kernel may report it after the client is done; a Ctrl-C
+        at that instant tests a race, not the spans.
+        """
+        deadline = time.monotonic() + SETTLE_MAX_S
+        size = -1
+        while time.monotonic() < deadline:
+            current = self.output.stat().st_size if self.output.exists() else 0
+            if current == size:
+                return
+            size = current
+            time.sleep(SETTLE_QUIET_S)
+
+    def kill(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+
+    def select(
+        self, kind: str | None = None, pid: int | None = None, path: str | None = None
+    ) -> list[Span]:
+        """Spans in output order, by kind, by the pid of their resource, by url.path."""
+        return [
+            span
+            for span in self.spans
+            if (kind is None or span["kind"] == kind)
+            and (pid is None or span["resource"]["process.pid"] == pid)
+            and (path is None or span["attributes"].get("url.path") == path)
+        ]
+
+    def one(self, kind: str, path: str, pid: int | None = None) -> Span:
+        """The only span that matches, failing with every span shown otherwise."""
+        found = self.select(kind, pid, path)
+        assert len(found) == 1, (
+            f"expected exactly one {kind} span for {path} (pid {pid}), got {len(found)}; "
+            f"all spans:\n{self.describe()}"
+        )
+        return found[0]
+
+    def describe(self) -> str:
+        return "\n".join(
+            f"  {s['kind']} pid={s['resource']['process.pid']} {s['attributes']}"
+            for s in self.spans
+        )
+
+    def summary(self) -> dict[str, int]:
+        """The counters of the summary the probe printed on stderr at exit."""
+        counts = {}
+        for name in ("events_seen", "events_lost", "parse_errors", "spans"):
+            words = name.replace("_", r"[ _-]")
+            match = re.search(rf"\b{words}\b\W{{0,3}}(\d+)", self.stderr, re.IGNORECASE) or (
+                re.search(rf"(\d+)\s+{words}\b", self.stderr, re.IGNORECASE)
+            )
+            if match:
+                counts[name] = int(match.group(1))
+        return counts
+
+    def _read_stderr(self) -> None:
+        assert self._process is not None and self._process.stderr is not None
+        with self._process.stderr as stream:
+            for line in stream:
+                self._stderr.append(line)
+                if line.strip() == "ready":
+                    self._ready.set()
+        self._ready.set()
+
+    def _fail(self, what: str) -> None:
+        assert self._process is not None
+        stdout = self._stdout.read_text() if self._stdout.exists() else ""
+        pytest.fail(
+            f"probe {what} (exit status {self._process.returncode})\n"
+            f"$ {' '.join(self.command)}\n--- stderr ---\n{self.stderr}"
+            f"--- stdout ---\n{stdout}",
+            pytrace=False,
+        )
+
+
+@pytest.fixture(scope="session")
+def probe_capture(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Callable[..., Any]:
+    """``with probe_capture("-P", port) as probe:`` traffic; then ``probe.spans``."""
+
+    @contextmanager
+    def run(*args: str) -> Iterator[ProbeCapture]:
+        capture = ProbeCapture(args, tmp_path_factory.mktemp("probe"))
+        capture.start()
+        try:
+            yield capture
+        except BaseException:
+            capture.kill()
+            raise
+        capture.stop()
+
+    return run
+
+
+# --- servers ----------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """A server process on loopback; ``pid`` is the process that serves."""
+
+    process: subprocess.Popen[str]
+    host: str
+    port: int
+    pid: int
+
+    @property
+    def authority(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def url(self, target: str) -> str:
+        return f"http://{self.authority}{target}"
+
+    def stop(self) -> None:
+        with self.process:  # closes its pipes and waits
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def spawn(command: Sequence[str], host: str = "127.0.0.1") -> Server:
+    """Start a program that prints its listening port as its first line."""
+    process = subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None and process.stderr is not None
+    line = process.stdout.readline()
+    if not line.strip().isdigit():
+        process.kill()
+        pytest.fail(f"{command} did not print its port: {line!r} {process.stderr.read()}")
+    return Server(process, host, int(line), process.pid)
+
+
+@contextmanager
+def serving(server: Server) -> Iterator[Server]:
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def pyserver() -> Iterator[Server]:
+    """programs/pyserver.py on 127.0.0.1."""
+    with serving(spawn([sys.executable, str(PROGRAMS / "pyserver.py")])) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def pyserver6() -> Iterator[Server]:
+    """programs/pyserver.py on ::1."""
+    command = [sys.executable, str(PROGRAMS / "pyserver.py"), "--host", "::1"]
+    with serving(spawn(command, host="::1")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def echoserver() -> Iterator[Server]:
+    """programs/echoserver.py: raw TCP, echoes bytes back."""
+    with serving(spawn([sys.executable, str(PROGRAMS / "echoserver.py")])) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def goserver_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """programs/goserver/main.go built with the system's Go, stdlib only, offline."""
+    workdir = tmp_path_factory.mktemp("go")
+    binary = workdir / "goserver"
+    env = {
+        **os.environ,
+        "GO111MODULE": "off",
+        "GOCACHE": str(workdir / "cache"),  # HOME may be unset under CI
+        "GOPATH": str(workdir / "gopath"),
+        "GOFLAGS": "",
+    }
+    result = subprocess.run(
+        ["go", "build", "-o", str(binary), "main.go"],
+        cwd=PROGRAMS / "goserver",
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.fail(f"go build failed:\n{result.stdout}{result.stderr}")
+    return binary
+
+
+@pytest.fixture(scope="module")
+def goserver(goserver_binary: Path) -> Iterator[Server]:
+    """The Go net/http server on 127.0.0.1."""
+    with serving(spawn([str(goserver_binary)])) as server:
+        yield server
+
+
+NGINX_CONF = """\
+daemon off;
+master_process on;
+user root;  # pytest's temporary directories are private to root
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/client_body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    default_type text/plain;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        location = /hello {{ return 200 "hello from nginx\\n"; }}
+    }}
+}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_listening(server: Server, log: Path) -> None:
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline and server.process.poll() is None:
+        try:
+            socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    server.stop()
+    pytest.fail(f"server on port {server.port} did not start: {log.read_text()}")
+
+
+def child_pid(pid: int) -> int:
+    """The one child of ``pid`` (nginx's worker), once it exists."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        found = children.read_text().split()
+        if found:
+            return int(found[0])
+        time.sleep(0.05)
+    pytest.fail(f"process {pid} started no child")
+
+
+@pytest.fixture(scope="module")
+def nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A private nginx, a master and one worker; ``pid`` is the worker's.
+
+    It serves ``/hello`` from its config and ``/static/`` from programs/nginx.
+    """
+    workdir = tmp_path_factory.mktemp("nginx")
+    port = free_port()
+    conf = workdir / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=workdir, port=port, root=PROGRAMS / "nginx"))
+    process = subprocess.Popen(
+        ["/usr/sbin/nginx", "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "error.log")],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    server = Server(process, "127.0.0.1", port, process.pid)
+    wait_listening(server, workdir / "error.log")
+    server.pid = child_pid(process.pid)
+    with serving(server):
+        yield server
+
+
+# --- clients ----------------------------------------------------------------
+
+
+@dataclass
+class Observed:
+    """What one client saw of one request, timed on the Unix clock around it."""
+
+    method: str
+    target: str  # path and query, as sent
+    pid: int
+    thread_id: int
+    local_port: int
+    before_ns: int  # just before the request's first byte was handed to the kernel
+    after_ns: int  # just after the response's last byte came back
+    request_body_size: int = 0
+    status: int | None = None  # None: no response
+    response_body_size: int | None = None  # None: not known to the client (chunked)
+    server_thread_id: int | None = None  # pyserver's X-Thread-Id
+    error: str | None = None
+
+    @property
+    def path(self) -> str:
+        return self.target.partition("?")[0]
+
+    @property
+    def redacted_query(self) -> str | None:
+        query = self.target.partition("?")[2]
+        if not query:
+            return None
+        return "&".join(
+            f"{key}=REDACTED" if sep else key
+            for key, sep, _ in (pair.partition("=") for pair in query.split("&"))
+        )
+
+    def check_times(self, span: Span) -> None:
+        start, end = span["start_time_unix_nano"], span["end_time_unix_nano"]
+        assert self.before_ns <= start <= end <= self.after_ns, (
+            f"{span['kind']} span for {self.target} [{start}, {end}] is not within "
+            f"what the client measured [{self.before_ns}, {self.after_ns}]"
+        )
+
+    def check_server_span(
+        self, span: Span, server: Server, user_agent: str = USER_AGENT, head_truncated: bool = False
+    ) -> None:
+        """Everything the server span must say about this exchange."""
+        assert span["kind"] == "SERVER"
+        assert span["resource"]["process.pid"] == server.pid
+        assert span["status_code"] == (
+            "ERROR" if self.status is None or self.status >= 500 else "UNSET"
+        )
+        attributes = span["attributes"]
+        self._check_common(attributes, server, user_agent, head_truncated)
+        assert attributes.get("client.address") == server.host
+        assert attributes.get("client.port") == self.local_port
+        assert attributes.get("network.peer.address") == server.host
+        assert attributes.get("network.peer.port") == self.local_port
+        assert "url.full" not in attributes
+        if self.server_thread_id is not None:
+            assert attributes.get("thread.id") == self.server_thread_id
+        self.check_times(span)
+
+    def check_client_span(
+        self, span: Span, server: Server, user_agent: str = USER_AGENT, head_truncated: bool = False
+    ) -> None:
+        """Everything the client span must say about this exchange."""
+        assert span["kind"] == "CLIENT"
+        assert span["resource"]["process.pid"] == self.pid
+        assert span["status_code"] == (
+            "ERROR" if self.status is None or self.status >= 400 else "UNSET"
+        )
+        attributes = span["attributes"]
+        self._check_common(attributes, server, user_agent, head_truncated)
+        assert attributes.get("network.peer.address") == server.host
+        assert attributes.get("network.peer.port") == server.port
+        query = self.redacted_query
+        assert attributes.get("url.full") == server.url(self.path + (f"?{query}" if query else ""))
+        assert attributes.get("thread.id") == self.thread_id
+        self.check_times(span)
+
+    def _check_common(
+        self, attributes: dict[str, Any], server: Server, user_agent: str, head_truncated: bool
+    ) -> None:
+        if self.method in KNOWN_METHODS:
+            assert attributes.get("http.request.method") == self.method
+            assert "http.request.method_original" not in attributes
+        else:
+            assert attributes.get("http.request.method") == "_OTHER"
+            assert attributes.get("http.request.method_original") == self.method
+        assert attributes.get("url.path") == self.path
+        assert attributes.get("url.query") == self.redacted_query
+        assert attributes.get("url.scheme") == "http"
+        assert attributes.get("http.response.status_code") == self.status
+        assert attributes.get("server.address") == server.host
+        assert attributes.get("server.port") == server.port
+        assert attributes.get("network.protocol.version") == "1.1"
+        assert attributes.get("user_agent.original") == user_agent
+        assert attributes.get("http.request.body.size", 0) == self.request_body_size
+        if self.response_body_size is not None:
+            assert attributes.get("http.response.body.size", 0) == self.response_body_size
+        assert attributes.get("probe.http.head_truncated", False) is head_truncated
+        if not head_truncated:  # a cut head may hide the body's framing
+            assert "probe.http.body_framing_lost" not in attributes
+
+
+class HttpClient:
+    """One keep-alive ``http.client`` connection, in the test's own process."""
+
+    def __init__(self, server: Server) -> None:
+        self.connection = http.client.HTTPConnection(server.host, server.port, timeout=30)
+
+    def __enter__(self) -> HttpClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def connect(self) -> int:
+        """Connect now (if not yet); the connection's local port."""
+        if self.connection.sock is None:
+            self.connection.connect()
+        return self.connection.sock.getsockname()[1]
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def request(
+        self,
+        method: str,
+        target: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Observed:
+        local_port = self.connect()
+        observed = Observed(
+            method,
+            target,
+            pid=os.getpid(),
+            thread_id=threading.get_native_id(),
+            local_port=local_port,
+            before_ns=time.time_ns(),
+            after_ns=0,
+            request_body_size=len(body or b""),
+        )
+        try:
+            self.connection.request(
+                method, target, body=body, headers={"User-Agent": USER_AGENT, **(headers or {})}
+            )
+            response = self.connection.getresponse()
+            data = response.read()
+        except (http.client.HTTPException, ConnectionError) as error:
+            observed.after_ns = time.time_ns()
+            observed.error = repr(error)
+            self.close()
+            return observed
+        observed.after_ns = time.time_ns()
+        observed.status = response.status
+        observed.response_body_size = None if response.chunked else len(data)
+        thread_id = response.getheader("X-Thread-Id")
+        observed.server_thread_id = int(thread_id) if thread_id else None
+        return observed
+
+
+@pytest.fixture(scope="session")
+def http_client() -> Callable[[Server], HttpClient]:
+    """``with http_client(server) as client: client.request("GET", "/x")``."""
+    return HttpClient
+
+
+def run_curl(server: Server, method: str, target: str, data: bytes | None = None) -> Observed:
+    """One request by curl, its own process, from before exec to after exit."""
+    command = ["curl", "-sS", "--http1.1", "--max-time", "30", "-o", "/dev/null"]
+    command += ["-w", "%{http_code} %{local_port} %{size_download}"]
+    if method == "HEAD":
+        command.append("--head")  # -X HEAD would wait for a body
+    else:
+        command += ["-X", method]
+    if data is not None:
+        command += ["--data-binary", "@-"]
+    before_ns = time.time_ns()
+    process = subprocess.Popen(
+        [*command, server.url(target)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    stdout, stderr = process.communicate(data, timeout=60)
+    after_ns = time.time_ns()
+    assert process.returncode == 0, f"curl failed: {stderr.decode()}"
+    status, local_port, size = stdout.decode().split()
+    return Observed(
+        method,
+        target,
+        pid=process.pid,
+        thread_id=process.pid,
+        local_port=int(local_port),
+        before_ns=before_ns,
+        after_ns=after_ns,
+        request_body_size=len(data or b""),
+        status=int(status),
+        response_body_size=int(size),
+    )
+
+
+@pytest.fixture(scope="session")
+def curl() -> Callable[..., Observed]:
+    """``curl(server, "GET", "/x", data=None)``: one request by the curl program."""
+    return run_curl
+
+
+@pytest.fixture(scope="session")
+def curl_user_agent() -> str:
+    version = subprocess.run(
+        ["curl", "--version"], capture_output=True, text=True, check=True
+    ).stdout.split()[1]
+    return f"curl/{version}"

@@ -1,0 +1,210 @@
+"""The Python server under harder traffic: big bodies and heads, chunking,
+keep-alive, pipelining, dropped answers, old connections, IPv6, concurrency.
+
+Each test runs its own capture, filtered by its server's port.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+MIB = 1024 * 1024
+
+
+def test_large_request_body(pyserver, probe_capture, http_client):
+    with probe_capture("-P", str(pyserver.port)) as probe, http_client(pyserver) as client:
+        observed = client.request("POST", "/big", b"b" * MIB)
+    assert observed.status == 200
+    server_span = probe.one("SERVER", "/big", pyserver.pid)
+    client_span = probe.one("CLIENT", "/big", observed.pid)
+    observed.check_server_span(server_span, pyserver)
+    observed.check_client_span(client_span, pyserver)
+    assert server_span["attributes"]["http.request.body.size"] == MIB
+    assert client_span["attributes"]["http.request.body.size"] == MIB
+    assert len(probe.spans) == 2
+
+
+def test_chunked_response(pyserver, probe_capture, http_client):
+    """``http.response.body.size`` counts chunk data, not chunk framing.
+
+    http.client reads 8 KiB at a time: the capture size holds all of each
+    read, so every chunk-size line is seen and the count can be exact.
+    """
+    count, size = 8, 1000
+    capture = ("--capture-bytes", "16384", "-P", str(pyserver.port))
+    with probe_capture(*capture) as probe, http_client(pyserver) as client:
+        observed = client.request("GET", f"/chunked?n={count}&size={size}")
+        after = client.request("GET", "/after-chunked")  # the chunked body ended where it should
+    assert observed.status == 200
+    server_span = probe.one("SERVER", "/chunked", pyserver.pid)
+    client_span = probe.one("CLIENT", "/chunked", observed.pid)
+    observed.check_server_span(server_span, pyserver)
+    observed.check_client_span(client_span, pyserver)
+    assert server_span["attributes"]["http.response.body.size"] == count * size
+    assert client_span["attributes"]["http.response.body.size"] == count * size
+    after.check_server_span(probe.one("SERVER", "/after-chunked", pyserver.pid), pyserver)
+    after.check_client_span(probe.one("CLIENT", "/after-chunked", after.pid), pyserver)
+    assert len(probe.spans) == 4
+
+
+def test_head_larger_than_capture(pyserver, probe_capture, http_client):
+    """8 KiB of headers against the default 4 KiB capture: still one span, marked."""
+    padding = {f"X-Padding-{i}": "p" * 1000 for i in range(8)}
+    with probe_capture("-P", str(pyserver.port)) as probe, http_client(pyserver) as client:
+        observed = client.request("GET", "/big-head", headers=padding)
+    assert observed.status == 200
+    server_span = probe.one("SERVER", "/big-head", pyserver.pid)
+    client_span = probe.one("CLIENT", "/big-head", observed.pid)
+    observed.check_server_span(server_span, pyserver, head_truncated=True)
+    observed.check_client_span(client_span, pyserver, head_truncated=True)
+    assert len(probe.spans) == 2
+
+
+def test_keep_alive_connection(pyserver, probe_capture, http_client):
+    paths = [f"/keep-alive/{i}" for i in range(200)]
+    with probe_capture("-P", str(pyserver.port)) as probe, http_client(pyserver) as client:
+        seen = [client.request("GET", path) for path in paths]
+    assert {observed.status for observed in seen} == {200}
+    assert len({observed.local_port for observed in seen}) == 1
+    server_spans = probe.select("SERVER", pyserver.pid)
+    client_spans = probe.select("CLIENT", os.getpid())
+    assert [span["attributes"]["url.path"] for span in server_spans] == paths
+    assert [span["attributes"]["url.path"] for span in client_spans] == paths
+    for observed, server_span, client_span in zip(seen, server_spans, client_spans, strict=True):
+        observed.check_server_span(server_span, pyserver)
+        observed.check_client_span(client_span, pyserver)
+    assert len(probe.spans) == 400
+
+
+def test_pipelined_requests(pyserver, probe_capture):
+    """Five requests in one write; the server answers them one by one."""
+    paths = [f"/pipelined/{i}" for i in range(5)]
+    requests = b"".join(
+        f"GET {path} HTTP/1.1\r\nHost: {pyserver.authority}\r\n".encode()
+        + (b"Connection: close\r\n" if path == paths[-1] else b"")
+        + b"\r\n"
+        for path in paths
+    )
+    with (
+        probe_capture("-P", str(pyserver.port)) as probe,
+        socket.create_connection((pyserver.host, pyserver.port)) as sock,
+    ):
+        local_port = sock.getsockname()[1]
+        sock.sendall(requests)
+        answers = b"".join(iter(lambda: sock.recv(65536), b""))
+    bodies = [f"GET {path} 0\n".encode() for path in paths]
+    assert answers.count(b"HTTP/1.1 200 OK\r\n") == 5
+    positions = [answers.index(body) for body in bodies]
+    assert positions == sorted(positions)
+
+    server_spans = probe.select("SERVER", pyserver.pid)
+    assert [span["attributes"]["url.path"] for span in server_spans] == paths
+    ends = [span["end_time_unix_nano"] for span in server_spans]
+    assert ends == sorted(ends) and len(set(ends)) == 5
+    for span in server_spans:
+        assert span["attributes"]["client.port"] == local_port
+        assert span["attributes"]["http.response.status_code"] == 200
+    client_spans = probe.select("CLIENT", os.getpid())
+    assert [span["attributes"]["url.path"] for span in client_spans] == paths
+    assert len(probe.spans) == 10
+
+
+def test_server_closes_without_answering(pyserver, probe_capture, http_client):
+    with probe_capture("-P", str(pyserver.port)) as probe, http_client(pyserver) as client:
+        observed = client.request("GET", "/close")
+    assert observed.status is None and observed.error is not None
+    server_span = probe.one("SERVER", "/close", pyserver.pid)
+    client_span = probe.one("CLIENT", "/close", observed.pid)
+    observed.check_server_span(server_span, pyserver)
+    observed.check_client_span(client_span, pyserver)
+    assert client_span["status_code"] == server_span["status_code"] == "ERROR"
+    assert "http.response.status_code" not in client_span["attributes"]
+    assert len(probe.spans) == 2
+
+
+def test_connection_opened_before_the_probe(pyserver, probe_capture, http_client):
+    """Requests after ``ready`` on an older connection: spans, with addresses."""
+    with http_client(pyserver) as client:
+        assert client.request("GET", "/before-probe").status == 200
+        with probe_capture("-P", str(pyserver.port)) as probe:
+            seen = [client.request("GET", f"/pre-existing/{i}") for i in range(3)]
+    client_spans = probe.select("CLIENT", os.getpid())
+    assert [span["attributes"]["url.path"] for span in client_spans] == [o.path for o in seen]
+    for observed, span in zip(seen, client_spans, strict=True):
+        observed.check_client_span(span, pyserver)
+    # The server's thread was already blocked in read() when the probe attached,
+    # so that one read's data may never reach the probe: the first request's
+    # server span may be missing, every later one must be there.
+    server_spans = probe.select("SERVER", pyserver.pid)
+    paths = [span["attributes"]["url.path"] for span in server_spans]
+    assert paths in ([o.path for o in seen], [o.path for o in seen[1:]])
+    for span in server_spans:
+        observed = next(o for o in seen if o.path == span["attributes"]["url.path"])
+        observed.check_server_span(span, pyserver)
+    assert not probe.select(path="/before-probe")
+
+
+def test_ipv6_loopback(pyserver6, probe_capture, http_client):
+    with probe_capture("-P", str(pyserver6.port)) as probe, http_client(pyserver6) as client:
+        observed = client.request("GET", "/over-ipv6?x=1")
+    assert observed.status == 200
+    server_span = probe.one("SERVER", "/over-ipv6", pyserver6.pid)
+    client_span = probe.one("CLIENT", "/over-ipv6", observed.pid)
+    observed.check_server_span(server_span, pyserver6)
+    observed.check_client_span(client_span, pyserver6)
+    assert server_span["attributes"]["client.address"] == "::1"
+    assert client_span["attributes"]["network.peer.address"] == "::1"
+    expected_url = f"http://[::1]:{pyserver6.port}/over-ipv6?x=REDACTED"
+    assert client_span["attributes"]["url.full"] == expected_url
+    assert len(probe.spans) == 2
+
+
+def test_concurrent_clients(pyserver, probe_capture, http_client):
+    """50 clients at once, each on a connection and a path of its own."""
+    count = 50
+    seen = {}
+    start = threading.Barrier(count)
+
+    def one_client(index: int) -> None:
+        with http_client(pyserver) as client:
+            client.connect()
+            start.wait()
+            seen[index] = client.request("GET", f"/concurrent/{index}")
+
+    with probe_capture("-P", str(pyserver.port)) as probe:
+        threads = [threading.Thread(target=one_client, args=(i,)) for i in range(count)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert sorted(seen) == list(range(count))
+    assert len({observed.local_port for observed in seen.values()}) == count
+    for observed in seen.values():
+        assert observed.status == 200
+        observed.check_server_span(probe.one("SERVER", observed.path, pyserver.pid), pyserver)
+        observed.check_client_span(probe.one("CLIENT", observed.path, observed.pid), pyserver)
+    assert len(probe.select("SERVER")) == count
+    assert len(probe.spans) == 2 * count
+
+
+def test_slow_response_duration(pyserver, probe_capture, http_client):
+    """The server span covers the server's own delay between request and answer."""
+    delay_ms = 300
+    with probe_capture("-P", str(pyserver.port)) as probe, http_client(pyserver) as client:
+        observed = client.request("GET", f"/slow?ms={delay_ms}")
+    server_span = probe.one("SERVER", "/slow", pyserver.pid)
+    observed.check_server_span(server_span, pyserver)
+    observed.check_client_span(probe.one("CLIENT", "/slow", observed.pid), pyserver)
+    duration = server_span["end_time_unix_nano"] - server_span["start_time_unix_nano"]
+    assert duration >= delay_ms * 1_000_000
+
+
+def test_pid_filter(pyserver, probe_capture, http_client):
+    """``-p`` keeps the server's spans and drops the client's, in this process."""
+    with probe_capture("-p", str(pyserver.pid)) as probe, http_client(pyserver) as client:
+        observed = client.request("GET", "/only-the-server")
+    observed.check_server_span(probe.one("SERVER", "/only-the-server", pyserver.pid), pyserver)
+    assert probe.select("CLIENT") == []
+    assert {span["resource"]["process.pid"] for span in probe.spans} == {pyserver.pid}
