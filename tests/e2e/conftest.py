@@ -34,8 +34,6 @@ HERE = Path(__file__).parent
 PROGRAMS = HERE / "programs"
 READY_TIMEOUT_S = 60  # each start compiles the BPF programs
 EXIT_TIMEOUT_S = 60
-SETTLE_QUIET_S = 0.3  # no new span for this long: the probe has caught up
-SETTLE_MAX_S = 20
 SERVER_START_TIMEOUT_S = 20
 USER_AGENT = "probe-e2e/1"
 KNOWN_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
@@ -162,7 +160,6 @@ class ProbeCapture:
 
     def stop(self) -> list[Span]:
         assert self._process is not None and self._reader is not None
-        self._settle()
         self._process.send_signal(signal.SIGINT)
         try:
             self._process.wait(EXIT_TIMEOUT_S)
@@ -175,22 +172,6 @@ class ProbeCapture:
         text = self.output.read_text() if self.output.exists() else ""
         self.spans = [parse_span(line) for line in text.splitlines() if line.strip()]
         return self.spans
-
-    def _settle(self) -> None:
-        """Wait until the probe stops writing spans (it flushes each one).
-
-        The test's last response reaches the client before the server's write
-        returns, so the kernel may report it after the client is done; a Ctrl-C
-        at that instant tests a race, not the spans.
-        """
-        deadline = time.monotonic() + SETTLE_MAX_S
-        size = -1
-        while time.monotonic() < deadline:
-            current = self.output.stat().st_size if self.output.exists() else 0
-            if current == size:
-                return
-            size = current
-            time.sleep(SETTLE_QUIET_S)
 
     def kill(self) -> None:
         if self._process is not None and self._process.poll() is None:
