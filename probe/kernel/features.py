@@ -61,7 +61,8 @@ class Finding:
 
 
 def kernel_headers_dir() -> Path:
-    return Path("/lib/modules") / platform.release()
+    """Where bcc looks for kernel headers: $BCC_KERNEL_SOURCE, else /lib/modules."""
+    return Path(os.environ.get("BCC_KERNEL_SOURCE") or Path("/lib/modules") / platform.release())
 
 
 def effective_capabilities() -> int:
@@ -106,6 +107,8 @@ def _bcc_version() -> str | None:
 
 def _headers_present() -> bool:
     base = kernel_headers_dir()
+    if "BCC_KERNEL_SOURCE" in os.environ:  # one tree, as bcc then takes it
+        return (base / "include" / "linux" / "kconfig.h").exists()
     return (base / "build" / "Makefile").exists() and (
         base / "source" / "include" / "linux" / "kconfig.h"
     ).exists()
@@ -128,7 +131,7 @@ def prepare() -> list[str]:
         )
     if not _headers_present():
         raise ProbeError(
-            f"No kernel headers at {kernel_headers_dir()}/build and /source: bcc compiles "
+            f"No kernel headers at {kernel_headers_dir()}: bcc compiles "
             "the BPF programs against them at run time. Run `make setup`, which installs "
             "linux-headers for this kernel (or the nearest packaged version) and links them."
         )
@@ -148,7 +151,9 @@ def findings() -> list[Finding]:
         )
     )
     events = TRACEFS / "events"
-    if _mounted(TRACEFS):
+    if _mounted(TRACEFS) and not os.access(events, os.X_OK):
+        results.append(Finding("tracepoints", False, f"{events} is not readable (needs root)"))
+    elif _mounted(TRACEFS):
         missing = [tp for tp in REQUIRED_TRACEPOINTS if not (events / tp).is_dir()]
         detail = "all present" if not missing else "missing: " + ", ".join(missing)
         results.append(
@@ -160,9 +165,7 @@ def findings() -> list[Finding]:
         results.append(Finding("kprobes", kprobes, "not used: probe needs tracepoints only", False))
     major, minor = (int(part) for part in platform.release().split(".")[:2])
     results.append(Finding("ringbuf", (major, minor) >= (5, 8), "BPF ring buffer needs Linux 5.8+"))
-    results.append(
-        Finding("headers", _headers_present(), f"{kernel_headers_dir()}/build and /source")
-    )
+    results.append(Finding("headers", _headers_present(), str(kernel_headers_dir())))
     bcc = _bcc_version()
     results.append(Finding("bcc", bcc is not None, bcc or "not importable (run make setup)"))
     caps = effective_capabilities()
