@@ -165,4 +165,37 @@ static __always_inline void emit_conn_event(struct probe_conn_event *event)
 	emit(event, sizeof(*event));
 }
 
+/* TLS libraries (bpf/tls.bpf.c for OpenSSL, bpf/go.bpf.c for Go).
+ *
+ * A thread inside SSL_read/SSL_write (or the _ex variants), from the uprobe
+ * to the uretprobe. A socket syscall the thread makes meanwhile names the
+ * SSL's socket: socket_data.bpf.c writes its fd here. */
+struct tls_call {
+	u64 ssl;       /* the SSL* */
+	u64 buf;       /* plaintext buffer */
+	u64 count_ptr; /* _ex: where the library stores the byte count; 0 otherwise */
+	u64 enter_ns;
+	s32 fd;        /* socket read or written during the call; -1 until seen */
+	s32 guess_fd;  /* the TLS socket this thread read just before the call */
+	u8 syscall;    /* PROBE_SYS_SSL_READ or PROBE_SYS_SSL_WRITE */
+	u8 _pad[7];
+};
+BPF_TABLE("lru_hash", u32, struct tls_call, tls_calls, PROBE_MAX_INFLIGHT);
+
+/* Thread -> the TLS socket it last read outside a TLS library call. Libraries
+ * that leave socket I/O to the program and decrypt from memory (Node.js)
+ * are handed the ciphertext right after that read: its fd is the best guess
+ * for an SSL* whose socket was never seen inside one of its calls. */
+BPF_TABLE("lru_hash", u32, s32, tls_last_read, PROBE_MAX_INFLIGHT);
+
+/* A TLS library was seen using this socket: from now on its bytes are
+ * ciphertext, not sent (the library's uprobes send the plaintext). */
+static __always_inline void mark_tls_connection(u32 pid, s32 fd)
+{
+	struct probe_conn_key key = {.pid = pid, .fd = fd};
+	struct probe_conn_state *state = conns.lookup(&key);
+	if (state)
+		state->tls = PROBE_TLS_CIPHER;
+}
+
 #endif /* PROBE_COMMON_H */

@@ -132,14 +132,26 @@ struct probe_conn_state {
 	__u64 generation;
 	__u8 role;    /* enum probe_role */
 	__u8 ignored; /* 1: a socket or file the probe decided not to trace */
-	__u8 _pad[6];
+	__u8 tls;     /* enum probe_tls */
+	__u8 _pad[5];
+};
+
+/* probe_conn_state.tls. A TLS connection's bytes on the socket are
+ * ciphertext: they are never sent; its plaintext comes from the uprobes on
+ * the TLS library (bpf/tls.bpf.c, bpf/go.bpf.c) instead. */
+enum probe_tls {
+	PROBE_TLS_UNSEEN = 0, /* no bytes moved yet */
+	PROBE_TLS_PLAIN = 1,  /* its first bytes were not a TLS record */
+	PROBE_TLS_CIPHER = 2, /* first bytes a TLS record, or a TLS library used the socket */
 };
 
 /* Indexes of the per-CPU `counters` array that user space reports. */
 enum probe_counter {
 	PROBE_COUNTER_LOST = 0,       /* ring buffer full: a record was not delivered */
 	PROBE_COUNTER_TRUNCATED = 1,  /* an iovec walk stopped at PROBE_MAX_IOVECS */
-	PROBE_COUNTER_MAX = 2,
+	PROBE_COUNTER_TLS_CIPHERTEXT = 2, /* socket I/O of a TLS connection, not sent */
+	PROBE_COUNTER_TLS_NO_SOCKET = 3,  /* TLS plaintext dropped: its socket was not known */
+	PROBE_COUNTER_MAX = 4,
 };
 
 #endif /* PROBE_H */

@@ -161,6 +161,108 @@ static __always_inline u32 copy_iovecs(char *payload, const struct iovec *iov, u
 	return copied;
 }
 
+/* What a connection's first bytes say: PROBE_TLS_CIPHER for a TLS record's
+ * header (content type 20..23: change_cipher_spec, alert, handshake,
+ * application_data; then version 3.x, SSL 3 to TLS 1.3), PROBE_TLS_PLAIN
+ * for anything else, PROBE_TLS_UNSEEN when too few bytes to tell (nginx
+ * peeks at one byte of a new connection first). */
+static __always_inline u8 tls_verdict(const struct syscall_args *call, long ret)
+{
+	u8 head[3] = {};
+	const void *start = first_byte(call);
+	if (bpf_probe_read_user(head, 1, start) != 0 || head[0] < 20 || head[0] > 23)
+		return PROBE_TLS_PLAIN;
+	if (ret < (long)sizeof(head))
+		return PROBE_TLS_UNSEEN;
+	bpf_probe_read_user(head, sizeof(head), start);
+	return head[1] == 3 && head[2] <= 4 ? PROBE_TLS_CIPHER : PROBE_TLS_PLAIN;
+}
+
+/* Is the fd of a syscall made inside SSL_read/SSL_write the SSL's socket?
+ * Libraries also read files there (Node.js does): a traced connection is
+ * taken, or one open before the probe whose bytes are a TLS record. */
+static __always_inline bool is_tls_socket(u32 pid, const struct syscall_args *call, long ret)
+{
+	struct probe_conn_key key = {.pid = pid, .fd = call->fd};
+	struct probe_conn_state *state = conns.lookup(&key);
+	if (state)
+		return !state->ignored;
+	return call->syscall != PROBE_SYS_SENDFILE && tls_verdict(call, ret) == PROBE_TLS_CIPHER;
+}
+
+/* Is this syscall's data the ciphertext of a TLS connection, not to be sent?
+ * Decided by the connection's first bytes, or by a TLS library having used
+ * the socket (mark_tls_connection). Plaintext events from the libraries'
+ * uprobes are never ciphertext. */
+static __always_inline bool is_ciphertext(struct probe_conn_state *state, u32 tid,
+					  const struct syscall_args *call, long ret, u8 direction)
+{
+	if (call->syscall >= PROBE_SYS_SSL_READ)
+		return false;
+	if (state->tls == PROBE_TLS_UNSEEN)
+		state->tls = tls_verdict(call, ret);
+	if (state->tls == PROBE_TLS_PLAIN)
+		return false;
+	if (direction == PROBE_INGRESS && !tls_calls.lookup(&tid)) {
+		s32 fd = call->fd;
+		tls_last_read.update(&tid, &fd);
+	}
+	count(PROBE_COUNTER_TLS_CIPHERTEXT);
+	return true;
+}
+
+/* Defined in go.bpf.c: the goroutine that the read or write ending now on
+ * this thread works for, if the thread is a Go program's; 0 otherwise. */
+static __always_inline u64 go_socket_goroutine(u32 pid, u32 tid, s32 fd);
+
+/* The data event of a call that moved ret > 0 bytes on a traced connection,
+ * built in this CPU's scratch slot with no goroutine and no flags; 0 when
+ * the fd is not traced. Also used for plaintext at TLS libraries, where
+ * `call` describes the library call. Send it with emit_data(). */
+static __always_inline struct probe_data_event *data_event(u32 pid, u32 tid,
+							   const struct syscall_args *call,
+							   long ret, u8 direction)
+{
+	struct probe_conn_key key = {.pid = pid, .fd = call->fd};
+	struct probe_conn_state *state = conns.lookup(&key);
+	if (!state && call->syscall != PROBE_SYS_SENDFILE)
+		state = sniff_connection(&key, tid, call, ret);
+	if (!state || state->ignored || is_ciphertext(state, tid, call, ret, direction))
+		return 0;
+
+	u32 cpu = bpf_get_smp_processor_id();
+	struct data_scratch *scratch = data_scratch.lookup(&cpu);
+	if (!scratch)
+		return 0;
+	struct probe_data_event *event = &scratch->event;
+	struct probe_conn_id conn = {.pid = pid, .fd = call->fd, .generation = state->generation};
+	fill_header(&event->header, PROBE_EVENT_DATA, tid, &conn, call->enter_ns);
+	event->exit_ns = bpf_ktime_get_ns();
+	event->bytes = ret;
+	event->direction = direction;
+	event->role = state->role;
+	event->syscall = call->syscall;
+	event->flags = 0;
+	event->goroutine = 0;
+	if (call->syscall == PROBE_SYS_SENDFILE)
+		event->captured = 0;
+	else if (is_vectored(call->syscall))
+		event->captured = copy_iovecs(event->payload, (const struct iovec *)call->buf,
+					      call->len, ret);
+	else
+		event->captured = copy_buffer(event->payload, (const void *)call->buf, ret);
+	return event;
+}
+
+static __always_inline void emit_data(struct probe_data_event *event)
+{
+	u64 captured = event->captured;
+	OPAQUE(captured);
+	if (captured > PROBE_MAX_CAPTURE)
+		captured = PROBE_MAX_CAPTURE;
+	emit(event, offsetof(struct probe_data_event, payload) + captured);
+}
+
 static __always_inline int data_returned(long ret, u8 direction)
 {
 	u64 id = bpf_get_current_pid_tgid();
@@ -174,40 +276,16 @@ static __always_inline int data_returned(long ret, u8 direction)
 		return 0;
 
 	resolve_msghdr(&call);
-	struct probe_conn_key key = {.pid = pid, .fd = call.fd};
-	struct probe_conn_state *state = conns.lookup(&key);
-	if (!state && call.syscall != PROBE_SYS_SENDFILE)
-		state = sniff_connection(&key, tid, &call, ret);
-	if (!state || state->ignored)
+	struct tls_call *tls = tls_calls.lookup(&tid);
+	if (tls && is_tls_socket(pid, &call, ret)) { /* inside SSL_read/SSL_write */
+		tls->fd = call.fd;
+		mark_tls_connection(pid, call.fd);
+	}
+	struct probe_data_event *event = data_event(pid, tid, &call, ret, direction);
+	if (!event)
 		return 0;
-
-	u32 cpu = bpf_get_smp_processor_id();
-	struct data_scratch *scratch = data_scratch.lookup(&cpu);
-	if (!scratch)
-		return 0;
-	struct probe_data_event *event = &scratch->event;
-	struct probe_conn_id conn = {.pid = pid, .fd = call.fd, .generation = state->generation};
-	fill_header(&event->header, PROBE_EVENT_DATA, tid, &conn, call.enter_ns);
-	event->exit_ns = bpf_ktime_get_ns();
-	event->bytes = ret;
-	event->direction = direction;
-	event->role = state->role;
-	event->syscall = call.syscall;
-	event->flags = 0;
-	event->goroutine = 0;
-	if (call.syscall == PROBE_SYS_SENDFILE)
-		event->captured = 0;
-	else if (is_vectored(call.syscall))
-		event->captured = copy_iovecs(event->payload, (const struct iovec *)call.buf,
-					      call.len, ret);
-	else
-		event->captured = copy_buffer(event->payload, (const void *)call.buf, ret);
-
-	u64 captured = event->captured;
-	OPAQUE(captured);
-	if (captured > PROBE_MAX_CAPTURE)
-		captured = PROBE_MAX_CAPTURE;
-	emit(event, offsetof(struct probe_data_event, payload) + captured);
+	event->goroutine = go_socket_goroutine(pid, tid, call.fd);
+	emit_data(event);
 	return 0;
 }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from probe.kernel import features
+from probe.kernel import features, tls
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -21,6 +21,12 @@ def run(_args: argparse.Namespace) -> int:
     for finding in results:
         mark = "ok" if finding.ok else ("MISSING" if finding.required else "no")
         print(f"{finding.name:<13} {mark:<8} {finding.detail}")
+    # HTTPS is traced where OpenSSL is found: say where that would be.
+    files = tls.openssl_files()
+    first = files[0] if files else "no libssl, and no running program with OpenSSL linked in"
+    print(f"{'openssl':<13} {'ok' if files else 'no':<8} {first}")
+    for path in files[1:]:
+        print(f"{'':<22} {path}")
     blocking = [f.name for f in results if f.required and not f.ok]
     if blocking:
         print(

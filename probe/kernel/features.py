@@ -161,7 +161,7 @@ def findings() -> list[Finding]:
         )
         uprobes = (TRACEFS / "uprobe_events").exists()
         kprobes = (TRACEFS / "kprobe_events").exists()
-        results.append(Finding("uprobes", uprobes, "for TLS and Go (later)", False))
+        results.append(Finding("uprobes", uprobes, "for TLS libraries and Go", False))
         results.append(Finding("kprobes", kprobes, "not used: probe needs tracepoints only", False))
     major, minor = (int(part) for part in platform.release().split(".")[:2])
     results.append(Finding("ringbuf", (major, minor) >= (5, 8), "BPF ring buffer needs Linux 5.8+"))

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from probe.kernel import features, sockets
+from probe.kernel import features, golang, sockets, tls
 from probe.kernel.contract import BPF_DIR, MAX_CAPTURE, lib
 from probe.kernel.decode import AddressUpdate, decode
+from probe.kernel.discovery import BinaryDiscovery
 from probe.kernel.events import (
     ConnClose,
     ConnKey,
@@ -34,9 +36,11 @@ from probe.stats import Stats
 # tracepoint argument structs only in the main source text, not in included
 # files; so the programs and the map-using helpers are joined into one text.
 # probe.h, which has no maps, stays an ordinary include.
-SOURCES = ("common.h", "socket_conn.bpf.c", "socket_data.bpf.c")
+SOURCES = ("common.h", "socket_conn.bpf.c", "socket_data.bpf.c", "go.bpf.c", "tls.bpf.c")
 
 _IGNORED_MEMORY = 4096  # recently ignored connections whose events are still in flight
+# ld.so maps a new image's libraries just after exec: look again a moment later.
+_RESCAN_AFTER_EXEC_S = 0.1
 
 
 @dataclass(slots=True)
@@ -99,6 +103,9 @@ class EventSource:
         self._open_by_pid: dict[int, set[ConnKey]] = {}
         self._ignored: OrderedDict[ConnKey, None] = OrderedDict()
         self._callback = None
+        # Finds the TLS libraries and Go programs to probe; exists once started.
+        self.discovery: BinaryDiscovery | None = None
+        self._connected_pids: set[int] = set()  # pids whose first connection was seen
 
     # -- life cycle -------------------------------------------------------
 
@@ -129,11 +136,18 @@ class EventSource:
                 table[ctypes.c_uint16(port)] = ctypes.c_uint8(1)
         self._callback = self._on_record  # keep a reference for ctypes
         self._bpf[b"events"].open_ring_buffer(self._callback)
+        self.discovery = BinaryDiscovery(self._bpf, self.stats, logging.getLogger(__name__))
+        self.discovery.add_handler(tls.OpenSslHandler(self._bpf))
+        self.discovery.add_handler(golang.GoHandler(self._bpf))
+        tls.attach_thread_exit(self._bpf)
+        self.discovery.scan_files(tls.system_libraries())
+        self.discovery.scan_all()
 
     def close(self) -> None:
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None
+            self.discovery = None
 
     def __enter__(self) -> EventSource:
         self.start()
@@ -148,6 +162,11 @@ class EventSource:
         """Wait up to ``timeout_ms`` for records; return one batch of events."""
         assert self._bpf is not None, "start() first"
         self._bpf.ring_buffer_poll(timeout_ms)
+        self.discovery.tick()
+        self.stats["tls_ciphertext_dropped"] = self.kernel_counter(lib.PROBE_COUNTER_TLS_CIPHERTEXT)
+        self.stats["tls_plaintext_without_socket"] = self.kernel_counter(
+            lib.PROBE_COUNTER_TLS_NO_SOCKET
+        )
         batch, self._batch = self._batch, []
         return batch
 
@@ -178,6 +197,9 @@ class EventSource:
             self._batch.append(event)
             return
         if isinstance(event, ProcessExec):
+            self._connected_pids.discard(event.pid)
+            self.discovery.scan_process(event.pid)
+            self.discovery.schedule(event.pid, _RESCAN_AFTER_EXEC_S)
             self._batch.append(event)
             return
         key = event.key
@@ -190,6 +212,9 @@ class EventSource:
                 self._open(pending)
             return
         if isinstance(event, ConnOpen):
+            if key.pid not in self._connected_pids:  # it may have loaded a TLS library
+                self._connected_pids.add(key.pid)
+                self.discovery.scan_process(key.pid)
             if event.role == Role.CLIENT and event.local is None:
                 self._awaiting_address[key] = event
             else:
@@ -256,6 +281,9 @@ class EventSource:
             conns[conn_key] = state
 
     def _process_exited(self, event: ProcessExit) -> None:
+        self._connected_pids.discard(event.pid)
+        if self.discovery is not None:
+            self.discovery.forget(event.pid)
         keys = self._open_by_pid.pop(event.pid, set())
         for key in [k for k in self._awaiting_address if k.pid == event.pid]:
             del self._awaiting_address[key]

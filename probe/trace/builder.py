@@ -26,6 +26,7 @@ OTHER = "_OTHER"  # the conventions' value for anything outside a known set
 INFORMATIONAL_EVENT = "http.informational_response"
 
 _KINDS = {Role.SERVER: SpanKind.SERVER, Role.CLIENT: SpanKind.CLIENT}
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 # error.type must stay low-cardinality: a short token is kept, free text is not.
 _ERROR_TOKEN = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
@@ -95,7 +96,8 @@ class SpanBuilder:
             attrs["url.path"] = path
         if query:
             attrs["url.query"] = query
-        attrs["url.scheme"] = "http"
+        scheme = "https" if conn.tls else "http"  # plaintext read at a TLS library
+        attrs["url.scheme"] = scheme
 
         # The server is named as the client asked for it (Host, or the
         # proxy-style absolute target); the socket's own end fills the gaps.
@@ -105,7 +107,7 @@ class SpanBuilder:
             if not host and conn.peer is not None:
                 host, port = conn.peer.address, conn.peer.port
             if host and path is not None:
-                attrs["url.full"] = f"http://{_origin(host, port)}{path}" + (
+                attrs["url.full"] = f"{scheme}://{_origin(scheme, host, port)}{path}" + (
                     f"?{query}" if query else ""
                 )
         elif kind is SpanKind.SERVER:
@@ -190,11 +192,11 @@ def _redact(query: str) -> str:
     )
 
 
-def _origin(host: str, port: int | None) -> str:
-    """``host[:port]`` as a URL writes it: IPv6 in brackets, port 80 implied."""
+def _origin(scheme: str, host: str, port: int | None) -> str:
+    """``host[:port]`` as a URL writes it: IPv6 in brackets, the default port implied."""
     if ":" in host:
         host = f"[{host}]"
-    return host if port in (None, 80) else f"{host}:{port}"
+    return host if port in (None, _DEFAULT_PORTS[scheme]) else f"{host}:{port}"
 
 
 def _set_address(

@@ -63,6 +63,9 @@ def test_struct_sizes(struct: str, size: int) -> None:
         ("struct probe_conn_event", "comm", 88),
         ("struct probe_endpoint", "port", 16),
         ("struct probe_endpoint", "family", 18),
+        ("struct probe_conn_state", "role", 8),
+        ("struct probe_conn_state", "ignored", 9),
+        ("struct probe_conn_state", "tls", 10),
     ],
 )
 def test_field_offsets(struct: str, field: str, offset: int) -> None:

@@ -1,0 +1,116 @@
+"""Go programs under the whole probe: crypto/tls plaintext as https spans,
+and a stripped Go binary declined with one log line.
+
+The programs are programs/go_relay, built here with the system's Go: an
+HTTPS server, and a client that makes its requests on one keep-alive
+connection. HTTP/2 is off on both sides.
+"""
+
+from __future__ import annotations
+
+import runpy
+import shutil
+import subprocess
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+PROGRAMS = Path(__file__).parent / "programs"
+build = runpy.run_path(str(PROGRAMS / "go_build.py"))["build"]
+PATHS = ("/a", "/status/404", "/c")
+STATUSES = (200, 404, 200)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("go") is None:
+        pytest.skip("no Go toolchain (run make setup)")
+    return tmp_path_factory.mktemp("go")
+
+
+@pytest.fixture(scope="module")
+def relay(workdir: Path) -> Path:
+    return build(PROGRAMS / "go_relay", workdir / "relay")
+
+
+@pytest.fixture(scope="module")
+def stripped(workdir: Path) -> Path:
+    return build(PROGRAMS / "go_relay", workdir / "relay-stripped", "-s", "-w")
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., tuple[int, int]]]:
+    """``serve(binary, *args)`` starts a go_relay server: (pid, port)."""
+    processes: list[subprocess.Popen[str]] = []
+
+    def start(binary: Path, *args: str) -> tuple[int, int]:
+        process = subprocess.Popen(
+            [str(binary), *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True
+        )
+        processes.append(process)
+        assert process.stdout is not None
+        return process.pid, int(process.stdout.readline())
+
+    yield start
+    for process in processes:
+        process.kill()
+        process.wait()
+
+
+def test_go_tls_server_and_client_give_https_spans(
+    probe_capture: Callable[..., Any], serve: Callable[..., tuple[int, int]], relay: Path
+) -> None:
+    server_pid, port = serve(relay, "-tls")  # running when the probe starts: found by it
+    urls = [f"https://127.0.0.1:{port}{path}" for path in PATHS]
+    with probe_capture("-P", str(port)) as probe:
+        # The client is the same file as the server: probed already.
+        client = subprocess.Popen([str(relay), "-get", *urls], stdout=subprocess.PIPE, text=True)
+        output, _ = client.communicate(timeout=30)
+    assert output == "".join(
+        f"{status} {path}\n" for status, path in zip(STATUSES, PATHS, strict=True)
+    )
+
+    servers = probe.select("SERVER", pid=server_pid)
+    clients = probe.select("CLIENT", pid=client.pid)
+    assert len(probe.spans) == len(servers) + len(clients), probe.describe()
+    assert [s["attributes"]["url.path"] for s in servers] == list(PATHS), probe.describe()
+    assert [s["attributes"]["url.path"] for s in clients] == list(PATHS), probe.describe()
+    client_ports = set()
+    for server, client_span, status, url in zip(servers, clients, STATUSES, urls, strict=True):
+        for span in (server, client_span):
+            attributes = span["attributes"]
+            assert attributes["http.request.method"] == "GET"
+            assert attributes["url.scheme"] == "https"
+            assert attributes["http.response.status_code"] == status
+            assert attributes["server.port"] == port
+            assert attributes["network.protocol.version"] == "1.1"
+            assert attributes["user_agent.original"] == "Go-http-client/1.1"
+        assert server["status_code"] == "UNSET"
+        assert client_span["status_code"] == ("ERROR" if status >= 400 else "UNSET")
+        assert client_span["attributes"]["network.peer.port"] == port
+        assert client_span["attributes"]["url.full"] == url
+        client_ports.add(server["attributes"]["client.port"])
+    assert len(client_ports) == 1 and port not in client_ports  # one keep-alive connection
+    assert probe.summary().get("parse_errors") == 0
+
+
+def test_stripped_go_binary_is_skipped_with_one_log_line(
+    probe_capture: Callable[..., Any], serve: Callable[..., tuple[int, int]], stripped: Path
+) -> None:
+    server_pid, port = serve(stripped)
+    url = f"http://127.0.0.1:{port}/hello"
+    with (
+        probe_capture("-P", str(port)) as probe,
+        urllib.request.urlopen(url, timeout=10) as response,
+    ):
+        assert response.read() == b"/hello\n"
+    lines = [line for line in probe.stderr.splitlines() if f"not probing {stripped}" in line]
+    assert len(lines) == 1, probe.stderr
+    assert lines[0].endswith(f"{stripped}: no symbol table (stripped with -ldflags=-s?)")
+    # Its plain HTTP is still traced at the socket.
+    span = probe.one("SERVER", "/hello", pid=server_pid)
+    assert span["attributes"]["url.scheme"] == "http"
+    assert span["attributes"]["http.response.status_code"] == 200

@@ -1,0 +1,138 @@
+"""OpenSSL uprobes in the real kernel: a program started after the probe is
+found on exec and traced; a process that dies inside SSL_read leaves nothing
+behind. Needs root and bcc; skipped with the reason printed otherwise."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from probe.kernel.events import DataEvent, Direction, KernelEvent, ProcessExit
+from probe.kernel.loader import EventSource, ProbeOptions
+from probe.stats import Stats
+
+PROGRAMS = Path(__file__).parents[1] / "e2e" / "programs"
+pytestmark = pytest.mark.usefixtures("tracing_ready")
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    workdir = tmp_path_factory.mktemp("tls")
+    cert, key = workdir / "cert.pem", workdir / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return str(cert), str(key)
+
+
+def poll_until(
+    source: EventSource, done: Callable[[list[KernelEvent]], bool], timeout: float = 20.0
+) -> list[KernelEvent]:
+    events: list[KernelEvent] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        events += source.poll(50)
+        if done(events):
+            return events
+    pytest.fail(f"gave up after {timeout} s; {len(events)} events")
+
+
+def start(command: list[str]) -> tuple[subprocess.Popen[str], int]:
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    return process, int(process.stdout.readline())
+
+
+def test_node_started_after_the_probe_is_found_on_exec_and_traced(certificate) -> None:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    stats = Stats()
+    with EventSource(ProbeOptions(), stats) as source:
+        server, port = start(["node", str(PROGRAMS / "tls_node.js"), "server", *certificate])
+        try:
+            # The exec event leads discovery to node's static OpenSSL.
+            poll_until(source, lambda _: node in source.discovery.found().get("openssl", []))
+            subprocess.run(
+                ["curl", "-sSk", "--http1.1", "-o", "/dev/null", f"https://127.0.0.1:{port}/late"],
+                check=True,
+                timeout=30,
+            )
+            events = poll_until(
+                source,
+                lambda evs: any(
+                    isinstance(e, DataEvent)
+                    and e.key.pid == server.pid
+                    and e.direction == Direction.EGRESS
+                    for e in evs
+                ),
+            )
+        finally:
+            server.terminate()
+            server.wait()
+    served = [e for e in events if isinstance(e, DataEvent) and e.key.pid == server.pid]
+    # Plaintext only, one record per SSL call, on the accepted connection.
+    assert [(e.direction, e.tls) for e in served] == [
+        (Direction.INGRESS, True),
+        (Direction.EGRESS, True),
+    ]
+    assert served[0].payload.startswith(b"GET /late HTTP/1.1\r\n")
+    assert served[1].payload.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert served[0].key == served[1].key
+    assert stats["uprobe_attach_errors"] == 0
+    assert stats["tls_ciphertext_dropped"] > 0
+
+
+def _threads(pid: int) -> set[int]:
+    return {int(tid.name) for tid in Path(f"/proc/{pid}/task").iterdir()}
+
+
+def test_a_process_killed_inside_ssl_read_leaves_nothing_behind(certificate) -> None:
+    stats = Stats()
+    server, port = start([sys.executable, str(PROGRAMS / "tls_pyserver.py"), *certificate])
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with EventSource(ProbeOptions(), stats) as source:
+            tls_calls = source.discovery.bpf[b"tls_calls"]
+            # The handshake done, the server's thread waits in SSL_read_ex
+            # for a request that never comes.
+            with context.wrap_socket(socket.create_connection(("127.0.0.1", port))) as client:
+                client.do_handshake()
+                deadline = time.monotonic() + 20
+                while not {key.value for key in tls_calls} & _threads(server.pid):
+                    assert time.monotonic() < deadline, "the server never entered SSL_read"
+                    source.poll(50)
+                threads = _threads(server.pid)
+                server.send_signal(signal.SIGKILL)
+                server.wait()
+                poll_until(
+                    source,
+                    lambda evs: any(
+                        isinstance(e, ProcessExit) and e.pid == server.pid for e in evs
+                    ),
+                )
+            remaining = {key.value for key in tls_calls} & threads
+            last_reads = {key.value for key in source.discovery.bpf[b"tls_last_read"]}
+            conns = [key.pid for key in source.discovery.bpf[b"conns"]]
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert remaining == set()
+    assert last_reads & threads == set()
+    assert server.pid not in conns
+    assert stats["uprobe_attach_errors"] == 0
