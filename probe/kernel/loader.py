@@ -257,7 +257,10 @@ class EventSource:
 
     def _port_wanted(self, event: ConnOpen) -> bool:
         ports = {ep.port for ep in (event.local, event.peer) if ep is not None}
-        return bool(ports & set(self.options.ports))
+        # No address at all: accept() without one, and the connection gone from
+        # /proc before it was read (a short-lived client). Keep it rather than
+        # lose a span; its HTTP is still parsed, only its addresses are missing.
+        return not ports or bool(ports & set(self.options.ports))
 
     def is_ignored(self, key: ConnKey) -> bool:
         return key in self._ignored
