@@ -1,9 +1,10 @@
 """The data's whole journey, wired once for every command.
 
 kernel events (`EventSource`) -> HTTP exchanges (`ConnectionTracker`) ->
-spans (`SpanBuilder`) -> span processors (console, JSON lines, OTLP). All
-stages run on the one thread that polls the ring buffer; only OTLP export
-has a thread of its own, behind its processor's queue.
+spans (`SpanBuilder`) -> traces (`SpanLinker`, told of each request as it
+starts) -> span processors (console, JSON lines, trees, OTLP). All stages run
+on the one thread that polls the ring buffer; only OTLP export has a thread
+of its own, behind its processor's queue.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 from probe.export.processor import SpanProcessor
 from probe.kernel import sockets
+from probe.kernel.elf import is_go_binary
 from probe.kernel.events import ConnOpen, Endpoint, KernelEvent, ProcessExit
 from probe.kernel.loader import EventSource
 from probe.protocol.model import HttpExchange
@@ -21,8 +23,9 @@ from probe.protocol.tracker import ConnectionTracker
 from probe.stats import Stats
 from probe.trace.builder import SpanBuilder
 from probe.trace.clock import MonotonicClock
+from probe.trace.linker import DEFAULT_WAIT_NS, SpanLinker
 from probe.trace.resource import ResourceDetector
-from probe.trace.span import Resource
+from probe.trace.span import Resource, Span
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +73,13 @@ class Pipeline:
         capture_credentials: bool = False,
         redact_query: bool = True,
         capture_headers: Sequence[str] = (),
+        link_wait_ns: int = DEFAULT_WAIT_NS,
+        on_tick: Sequence[Callable[[], None]] = (),
     ) -> None:
+        """``on_tick`` callbacks run after every poll, e.g. to print traces whose wait is over."""
         self.source = source
         self.processors = list(processors)
+        self.on_tick = list(on_tick)
         self.stats = stats
         self.resources = resources or ResourceDetector()
         self.process_filter = process_filter or ProcessFilter()
@@ -83,7 +90,10 @@ class Pipeline:
             redact_query=redact_query,
             capture_headers=capture_headers,
         )
-        self.tracker = ConnectionTracker(self._on_exchange, stats, resolve=_addresses)
+        self.linker = SpanLinker(self._export, stats, wait_ns=link_wait_ns, is_go=_is_go)
+        self.tracker = ConnectionTracker(
+            self._on_exchange, stats, resolve=_addresses, on_request=self.linker.request_started
+        )
         source.on_open = self._on_open
 
     def _on_open(self, event: ConnOpen) -> bool:
@@ -94,6 +104,9 @@ class Pipeline:
     def _on_exchange(self, exchange: HttpExchange) -> None:
         span = self.builder.build(exchange)
         self.stats["spans_produced"] += 1
+        self.linker.span_ended(exchange, span)
+
+    def _export(self, span: Span) -> None:
         for processor in self.processors:
             processor.on_end(span)
 
@@ -101,12 +114,20 @@ class Pipeline:
         self.tracker.handle(event)
         if isinstance(event, ProcessExit):
             self.resources.forget(event.pid)
+            self.linker.process_exited(event.pid)
+
+    def tick(self) -> None:
+        """Time passed: spans and traces whose wait is over go out."""
+        self.linker.expire()
+        for callback in self.on_tick:
+            callback()
 
     def run(self, should_stop: Callable[[], bool], poll_ms: int = 100) -> None:
         """Poll, decode and process until ``should_stop()`` says so."""
         while not should_stop():
             for event in self.source.poll(poll_ms):
                 self.handle(event)
+            self.tick()
             self.stats["connections_tracked"] = len(self.tracker)
             self.stats["events_lost"] = self.source.lost_events()
 
@@ -121,6 +142,12 @@ class Pipeline:
         """Read what is left, complete what is pending, flush every processor."""
         self.drain()
         self.tracker.flush()
+        self.linker.flush()
         for processor in self.processors:
             processor.shutdown(timeout_millis)
         self.stats["events_lost"] = self.source.lost_events()
+
+
+def _is_go(pid: int) -> bool:
+    """Go's threads say nothing of which request they serve: the linker must know."""
+    return is_go_binary(f"/proc/{pid}/exe")

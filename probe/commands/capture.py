@@ -15,16 +15,19 @@ from probe.export.console import ConsoleSpanExporter
 from probe.export.jsonl import JsonLinesSpanExporter
 from probe.export.otlp import create_processor
 from probe.export.processor import SimpleSpanProcessor, SpanProcessor
+from probe.export.tree import TraceGroupingProcessor, TreeExporter
 from probe.kernel.features import ProbeError
 from probe.kernel.loader import EventSource, ProbeOptions
 from probe.pipeline import Pipeline
 from probe.stats import Stats
+from probe.trace.linker import DEFAULT_WAIT_NS
 from probe.trace.span import Span
 
 EXAMPLES = """examples:
   probe capture                      # everything on this host, until Ctrl-C
   probe capture -d 10 -P 8080        # connections on port 8080, for 10 seconds
   probe capture -p 1234 -o jsonl     # process 1234, one JSON span per line
+  probe capture -o tree -P 8080      # whole traces as waterfalls, slowest hop marked
   probe capture --comm nginx -c 100  # nginx processes, stop after 100 spans
 """
 
@@ -60,6 +63,17 @@ def add_filter_arguments(parser: argparse.ArgumentParser) -> None:
                              "(redacted by default)")  # fmt: skip
 
 
+def add_link_wait_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--link-wait-ms",
+        type=int,
+        default=DEFAULT_WAIT_NS // 1_000_000,
+        metavar="MS",
+        help="how long a span may wait for its parent to be seen before it is exported "
+        f"as a root (default {DEFAULT_WAIT_NS // 1_000_000})",
+    )
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "capture",
@@ -77,10 +91,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "-o",
         "--format",
-        choices=("table", "jsonl"),
+        choices=("table", "jsonl", "tree"),
         default="table",
-        help="output format (default: table)",
+        help="output format (default: table; tree: one waterfall per trace)",
     )
+    add_link_wait_argument(parser)
     parser.add_argument("--output", metavar="FILE", help="write spans here, not to stdout")
     parser.add_argument("--otlp-endpoint", metavar="URL",
                         help="also export spans over OTLP (protocol and the rest from OTEL_* "
@@ -121,6 +136,12 @@ def print_summary(stats: Stats, stream: TextIO = sys.stderr) -> None:
         f"parse errors: {stats['parse_errors']}, spans: {stats['spans_produced']}",
         file=stream,
     )
+    counts = [
+        f"{rule.replace('_', ' ')} {stats[f'links_{rule}']}"
+        for rule in ("thread", "goroutine", "traceparent", "same_host", "inferred", "none")
+    ]
+    counts[2] += f" ({stats['traceparent_malformed']} malformed)"
+    print(f"links: {', '.join(counts)}", file=stream)
 
 
 def open_output(path: str | None, stack: contextlib.ExitStack) -> TextIO:
@@ -160,8 +181,18 @@ def run(args: argparse.Namespace) -> int:
     stop = StopFlag(args.duration)
     with contextlib.ExitStack() as stack:
         output = open_output(args.output, stack)
-        exporter_class = JsonLinesSpanExporter if args.format == "jsonl" else ConsoleSpanExporter
-        processors: list[SpanProcessor] = [SimpleSpanProcessor(exporter_class(output))]
+        link_wait_ns = args.link_wait_ms * 1_000_000
+        on_tick = []
+        processors: list[SpanProcessor] = []
+        if args.format == "tree":
+            trees = TraceGroupingProcessor(TreeExporter(output), wait_ns=link_wait_ns)
+            processors.append(trees)
+            on_tick.append(trees.tick)
+        else:
+            exporter_class = (
+                JsonLinesSpanExporter if args.format == "jsonl" else ConsoleSpanExporter
+            )
+            processors.append(SimpleSpanProcessor(exporter_class(output)))
         if args.otlp_endpoint:
             try:
                 config = load({"otlp_endpoint": args.otlp_endpoint}, os.environ)
@@ -187,6 +218,8 @@ def run(args: argparse.Namespace) -> int:
             stats,
             capture_credentials=args.capture_credentials,
             redact_query=not args.capture_credentials,
+            link_wait_ns=link_wait_ns,
+            on_tick=on_tick,
         )
         pipeline.run(lambda: stop() or budget.spent)
         pipeline.finish()

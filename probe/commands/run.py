@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-from probe.commands.capture import StopFlag
+from probe.commands.capture import StopFlag, add_link_wait_argument
 from probe.config import ConfigError, ProbeConfig, load
 from probe.export.otlp import create_processor
 from probe.kernel.features import ProbeError
@@ -86,6 +86,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--log-format", dest="log_format", choices=("text", "json"))
     parser.add_argument("--capture-bytes", dest="capture_size", type=int, metavar="N")
+    add_link_wait_argument(parser)
     parser.set_defaults(command=run)  # fmt: skip
 
 
@@ -160,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
             capture_credentials=config.capture_credentials,
             redact_query=config.redact_query,
             capture_headers=config.header_allowlist,
+            link_wait_ns=args.link_wait_ms * 1_000_000,
         )
         pipeline.run(stop)
         log.info("stopping: flushing %d queued spans", processor.queue_depth())

@@ -49,6 +49,10 @@ def _is_informational(response: HttpResponse) -> bool:
     return response.status_code < 200 and response.status_code != 101
 
 
+RequestStarted = Callable[[ConnectionInfo, HttpRequest], None]
+"""Told of each request whose head is parsed, before its exchange can end."""
+
+
 class HttpConnection:
     """Pairs the requests and responses of one connection."""
 
@@ -58,9 +62,11 @@ class HttpConnection:
         emit: Callable[[HttpExchange], None],
         stats: Stats,
         max_pending: int = MAX_PENDING,
+        on_request: RequestStarted | None = None,
     ) -> None:
         self.info = info
         self._emit = emit
+        self._on_request = on_request
         self._stats = stats
         self._max_pending = max_pending
         self._pending: deque[_Pending] = deque()
@@ -115,6 +121,8 @@ class HttpConnection:
                 return
             self._reading = _Pending(message)
             self._pending.append(self._reading)
+            if self._on_request is not None:
+                self._on_request(self.info, message)
         elif not _is_informational(message):
             if self._pending:
                 self._answering = self._pending.popleft()

@@ -2,8 +2,10 @@
 
 `ConnectionTracker` takes the kernel stage's events one by one, keeps an
 `HttpConnection` per live connection (bounded, least recently used evicted
-first) and hands each completed `HttpExchange` to a callback. It runs for
-every syscall event, so the per-event path is a dict lookup and a feed.
+first) and hands each completed `HttpExchange` to a callback (and each request
+whose head is parsed to another, so spans can be linked as requests start).
+It runs for every syscall event, so the per-event path is a dict lookup and a
+feed.
 
 Counters it maintains in `Stats`: ``connections_opened`` (connections it
 started to follow, from ConnOpen or from the first data of one it had not
@@ -25,7 +27,7 @@ from probe.kernel.events import (
     KernelEvent,
     ProcessExit,
 )
-from probe.protocol.connection import HttpConnection
+from probe.protocol.connection import HttpConnection, RequestStarted
 from probe.protocol.model import ConnectionInfo, HttpExchange
 from probe.stats import Stats
 
@@ -47,8 +49,10 @@ class ConnectionTracker:
         stats: Stats,
         resolve: Resolver | None = None,
         max_connections: int = 65536,
+        on_request: RequestStarted | None = None,
     ) -> None:
         self._on_exchange = on_exchange
+        self._on_request = on_request
         self._stats = stats
         self._resolve = resolve
         self._max_connections = max_connections
@@ -98,7 +102,7 @@ class ConnectionTracker:
             self._forget(key)
             self._stats["connections_evicted"] += 1
             evicted.close(EVICTED)
-        connection = HttpConnection(info, self._emit, self._stats)
+        connection = HttpConnection(info, self._emit, self._stats, on_request=self._on_request)
         self._connections[info.key] = connection
         self._by_pid.setdefault(info.key.pid, set()).add(info.key)
         self._stats["connections_opened"] += 1
