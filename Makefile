@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PROBE := $(VENV)/bin/probe
 SETUP_STAMP := $(VENV)/.installed
 
-.PHONY: setup run check test test-unit lint bench clean
+.PHONY: setup run check test test-unit lint bench clean demo
 
 $(SETUP_STAMP): pyproject.toml scripts/setup.sh
 	VENV=$(VENV) scripts/setup.sh
@@ -20,6 +20,11 @@ run: $(SETUP_STAMP)
 check: $(SETUP_STAMP)
 	$(PROBE) check
 
+# A chain of four services (Python, Go, Node.js, a slow database) on loopback,
+# the probe watching with -o tree: one waterfall per request.
+demo: $(SETUP_STAMP)
+	$(PY) demo/demo.py
+
 # Unit tests need nothing but Python; kernel and end-to-end tests need root.
 test: setup
 	$(PY) -m ruff check probe tests
@@ -27,6 +32,12 @@ test: setup
 
 test-unit: $(SETUP_STAMP)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+# What the probe costs, side by side with no probe and with empty BPF programs
+# (root; about 6 minutes, BENCH_QUICK=1 for about 1.5). See bench/README.md.
+bench: setup
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m bench
 
 lint: $(SETUP_STAMP)
 	$(PY) -m ruff check probe tests

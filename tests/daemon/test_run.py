@@ -19,17 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import free_port
 from tests.otlp_receiver import GrpcReceiver, HttpReceiver, decode_attributes, span_ids
 
 pytestmark = pytest.mark.usefixtures("tracing_ready")
 PROBE = [sys.executable, "-m", "probe"]
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Daemon:
@@ -163,6 +158,7 @@ def test_every_attribute_and_the_resource_arrive(receiver_class) -> None:
         "network.local.address": "127.0.0.1",
         "network.local.port": port,
         "user_agent.original": "probe-test/1",
+        "probe.link.rule": "same_host",  # curl's client span is its parent
     }
     assert span.name == "GET"
     assert len(span.trace_id) == 16 and len(span.span_id) == 8

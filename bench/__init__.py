@@ -1,0 +1,1 @@
+"""The probe's benchmark: what tracing costs, measured side by side (`make bench`)."""

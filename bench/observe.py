@@ -1,0 +1,84 @@
+"""What the benchmark reads about a running process: CPU time and memory
+from /proc, the run-time statistics of its BPF programs, and the probe's
+own Prometheus metrics.
+
+BPF run-time statistics cost a little on every program run, so the kernel
+keeps them only while ``kernel.bpf_stats_enabled`` is 1: `bpf_stats` turns
+it on for one measurement and restores the previous value, whatever happens.
+Programs are found through the process's own file descriptors
+(``/proc/PID/fd`` links to ``anon_inode:bpf-prog``; their fdinfo holds
+``run_time_ns`` and ``run_cnt``), so only that process's programs count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import parse
+
+BPF_STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of every thread of ``pid`` so far."""
+    return parse.cpu_ticks(Path(f"/proc/{pid}/stat").read_text()) / _CLOCK_TICKS
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    rss_kib: int  # resident now
+    peak_kib: int  # the high-water mark since the process started
+
+
+def memory(pid: int) -> Memory:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return Memory(parse.status_kib(status, "VmRSS"), parse.status_kib(status, "VmHWM"))
+
+
+@dataclass(frozen=True, slots=True)
+class BpfRunTime:
+    run_time_ns: int
+    run_count: int
+
+    def __sub__(self, earlier: BpfRunTime) -> BpfRunTime:
+        return BpfRunTime(
+            self.run_time_ns - earlier.run_time_ns, self.run_count - earlier.run_count
+        )
+
+
+def bpf_run_time(pid: int) -> BpfRunTime:
+    """Totals over the BPF programs ``pid`` holds open (each program once)."""
+    programs: dict[str, tuple[int, int]] = {}
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for fd in os.listdir(fd_dir):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            if os.readlink(fd_dir / fd) != "anon_inode:bpf-prog":
+                continue
+            info = parse.parse_fdinfo(Path(f"/proc/{pid}/fdinfo/{fd}").read_text())
+            programs[info["prog_id"]] = (int(info["run_time_ns"]), int(info["run_cnt"]))
+    return BpfRunTime(
+        sum(ns for ns, _ in programs.values()), sum(count for _, count in programs.values())
+    )
+
+
+@contextlib.contextmanager
+def bpf_stats() -> Iterator[None]:
+    """Have the kernel time BPF programs inside the block only."""
+    before = BPF_STATS_SYSCTL.read_text().strip()
+    BPF_STATS_SYSCTL.write_text("1")
+    try:
+        yield
+    finally:
+        BPF_STATS_SYSCTL.write_text(before)
+
+
+def probe_metrics(base_url: str, timeout: float = 5.0) -> dict[str, float]:
+    """The probe's /metrics, as ``{sample name: value}``."""
+    with urllib.request.urlopen(f"{base_url}/metrics", timeout=timeout) as response:
+        return parse.parse_prometheus(response.read().decode())
