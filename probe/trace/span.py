@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import secrets
+import os
+import random
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -47,12 +48,18 @@ class SpanLink:
     attributes: Attributes = field(default_factory=dict)
 
 
+# Ids must be unique, not secret: a PRNG seeded once from the OS costs a
+# fraction of os.urandom, which is a syscall per id (and every syscall of
+# the probe passes through the tracepoints it attaches).
+_ids = random.Random(os.urandom(32))
+
+
 def new_trace_id() -> bytes:
-    return secrets.token_bytes(16)
+    return (_ids.getrandbits(128) or 1).to_bytes(16, "big")  # all-zero is invalid
 
 
 def new_span_id() -> bytes:
-    return secrets.token_bytes(8)
+    return (_ids.getrandbits(64) or 1).to_bytes(8, "big")
 
 
 @dataclass(slots=True)
