@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PROBE := $(VENV)/bin/probe
 SETUP_STAMP := $(VENV)/.installed
 
-.PHONY: setup run check test test-unit lint bench clean demo
+.PHONY: setup run check test test-unit lint bench clean demo install uninstall
 
 $(SETUP_STAMP): pyproject.toml scripts/setup.sh
 	VENV=$(VENV) scripts/setup.sh
@@ -42,6 +42,14 @@ bench: setup
 lint: $(SETUP_STAMP)
 	$(PY) -m ruff check probe tests
 	$(PY) -m ruff format --check probe tests
+
+# The host daemon as a systemd service (deploy/systemd/probe.service): the
+# code in /opt/probe, the settings in /etc/probe. See deploy/README.md.
+install:
+	scripts/install.sh
+
+uninstall:
+	scripts/install.sh --uninstall
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

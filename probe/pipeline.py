@@ -10,6 +10,7 @@ of its own, behind its processor's queue.
 from __future__ import annotations
 
 import fnmatch
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +27,8 @@ from probe.trace.clock import MonotonicClock
 from probe.trace.linker import DEFAULT_WAIT_NS, SpanLinker
 from probe.trace.resource import ResourceDetector
 from probe.trace.span import Resource, Span
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +132,18 @@ class Pipeline:
                 self.handle(event)
             self.tick()
             self.stats["connections_tracked"] = len(self.tracker)
-            self.stats["events_lost"] = self.source.lost_events()
+            self._count_lost()
+
+    def _count_lost(self) -> None:
+        lost = self.source.lost_events()
+        if lost > self.stats["events_lost"]:
+            log.warning(
+                "the kernel dropped %d events: the ring buffer was full (%d in all); "
+                "spans of those requests are missing or incomplete",
+                lost - self.stats["events_lost"],
+                lost,
+            )
+        self.stats["events_lost"] = lost
 
     def drain(self) -> None:
         """Process what the kernel has already written: a stop right after
@@ -145,7 +159,7 @@ class Pipeline:
         self.linker.flush()
         for processor in self.processors:
             processor.shutdown(timeout_millis)
-        self.stats["events_lost"] = self.source.lost_events()
+        self._count_lost()
 
 
 def _is_go(pid: int) -> bool:
