@@ -11,16 +11,35 @@
  */
 #include "common.h"
 
-/* Where a data event is built, one slot per CPU, because it is too large
- * for the BPF stack (and, at 32 KiB, for a per-CPU array's value). Syscall
- * tracepoints do not nest on a CPU, so a slot is never shared. `spill` lets
- * the verifier see that a copy at any bounded offset of `payload` stays
- * inside the map value. */
+/* Where a data event is built: too large for the BPF stack (and, at 32 KiB,
+ * for a per-CPU array's value), so a few slots per CPU in a plain array. A
+ * program holds its slot from data_event() to emit_data(); it can be
+ * preempted meanwhile (uprobes, and syscall tracepoints that may fault), and
+ * the program that then runs on this CPU must not write into the same slot,
+ * so each slot is taken with a compare-and-swap. `spill` lets the verifier
+ * see that a copy at any bounded offset of `payload` stays inside the map
+ * value. */
+#define SCRATCH_SLOTS 4
 struct data_scratch {
+	u64 busy; /* 64-bit: BPF's compare-and-swap */
 	struct probe_data_event event;
 	char spill[PROBE_MAX_CAPTURE];
 };
-BPF_ARRAY(data_scratch, struct data_scratch, PROBE_NR_CPUS);
+BPF_ARRAY(data_scratch, struct data_scratch, PROBE_NR_CPUS * SCRATCH_SLOTS);
+
+static __always_inline struct data_scratch *take_scratch(void)
+{
+	u32 base = bpf_get_smp_processor_id() * SCRATCH_SLOTS;
+#pragma unroll
+	for (int i = 0; i < SCRATCH_SLOTS; i++) {
+		u32 index = base + i;
+		struct data_scratch *slot = data_scratch.lookup(&index);
+		if (slot && __sync_val_compare_and_swap(&slot->busy, 0, 1) == 0)
+			return slot;
+	}
+	count(PROBE_COUNTER_LOST); /* every slot of this CPU held: very deep preemption */
+	return 0;
+}
 
 static __always_inline int save_data_args(s32 fd, const void *buf, u64 len, u8 syscall)
 {
@@ -216,9 +235,10 @@ static __always_inline bool is_ciphertext(struct probe_conn_state *state, u32 ti
 static __always_inline u64 go_socket_goroutine(u32 pid, u32 tid, s32 fd);
 
 /* The data event of a call that moved ret > 0 bytes on a traced connection,
- * built in this CPU's scratch slot with no goroutine and no flags; 0 when
- * the fd is not traced. Also used for plaintext at TLS libraries, where
- * `call` describes the library call. Send it with emit_data(). */
+ * built in a scratch slot with no goroutine and no flags; 0 when the fd is
+ * not traced. Also used for plaintext at TLS libraries, where `call`
+ * describes the library call. Always send it with emit_data(), which gives
+ * the slot back. */
 static __always_inline struct probe_data_event *data_event(u32 pid, u32 tid,
 							   const struct syscall_args *call,
 							   long ret, u8 direction)
@@ -230,8 +250,7 @@ static __always_inline struct probe_data_event *data_event(u32 pid, u32 tid,
 	if (!state || state->ignored || is_ciphertext(state, tid, call, ret, direction))
 		return 0;
 
-	u32 cpu = bpf_get_smp_processor_id();
-	struct data_scratch *scratch = data_scratch.lookup(&cpu);
+	struct data_scratch *scratch = take_scratch();
 	if (!scratch)
 		return 0;
 	struct probe_data_event *event = &scratch->event;
@@ -261,6 +280,9 @@ static __always_inline void emit_data(struct probe_data_event *event)
 	if (captured > PROBE_MAX_CAPTURE)
 		captured = PROBE_MAX_CAPTURE;
 	emit(event, offsetof(struct probe_data_event, payload) + captured);
+	struct data_scratch *scratch =
+		(void *)event - offsetof(struct data_scratch, event);
+	*(volatile u64 *)&scratch->busy = 0;
 }
 
 static __always_inline int data_returned(long ret, u8 direction)
