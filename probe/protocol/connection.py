@@ -32,6 +32,7 @@ from probe.protocol.model import (
 from probe.stats import Stats
 
 MAX_PENDING = 64  # requests awaiting a response, per connection
+MAX_EARLY = 8  # responses reported before their requests, per connection
 
 
 class _Pending:
@@ -76,6 +77,12 @@ class HttpConnection:
         self._responses = ResponseStream(self, stats)
         self._request_direction: Direction | None = None
         self._requests_seen = 0  # numbers requests in order, for same-host matching
+        # Responses reported before their request: a program whose requests are
+        # written by one thread and responses read by another (Go's writeLoop
+        # and readLoop) can have the response's read return before the
+        # request's write does, and events are reported in return order.
+        self._early_head: HttpResponse | None = None
+        self._early: deque[HttpResponse] = deque()
         if info.role != Role.UNKNOWN:
             self._set_role(info.role)
 
@@ -98,6 +105,9 @@ class HttpConnection:
         """
         self._requests.close()
         self._responses.close()
+        if self._early:
+            self._stats["parse_errors"] += len(self._early)  # responses to no request we saw
+            self._early.clear()
         while self._pending:
             pending = self._pending.popleft()
             self._emit(
@@ -123,11 +133,19 @@ class HttpConnection:
             self._pending.append(self._reading)
             if self._on_request is not None:
                 self._on_request(self.info, message)
+            # A response read before this request was written answers an
+            # older request we never saw (a connection picked up mid-stream).
+            while self._early and self._early[0].start_ns < message.start_ns:
+                self._early.popleft()
+                self._stats["parse_errors"] += 1  # a response to no request we saw
+            if self._early:  # its response was reported first
+                self._stats["responses_before_requests"] += 1
+                self._complete(self._pending.popleft(), self._early.popleft())
         elif not _is_informational(message):
             if self._pending:
                 self._answering = self._pending.popleft()
             else:
-                self._stats["parse_errors"] += 1  # a response to no request we saw
+                self._early_head = message  # its request may still be reported
 
     def message_ended(self, message: HttpMessage) -> None:
         if isinstance(message, HttpRequest):
@@ -142,10 +160,23 @@ class HttpConnection:
             pending, self._answering = self._answering, None
             if pending is not None:
                 self._complete(pending, message)
+            elif message is self._early_head:
+                self._early_head = None
+                if message.status_code == 101:  # HTTP ends here: no request can follow
+                    self._stats["parse_errors"] += 1  # a response to no request we saw
+                else:
+                    self._keep_early(message)
             tunnel = pending is not None and pending.request.method == "CONNECT"
             if message.status_code == 101 or (tunnel and message.status_code < 300):
                 self._requests.stop()  # what follows is another protocol
                 self._responses.stop()
+
+    def _keep_early(self, response: HttpResponse) -> None:
+        """Hold a response until its request is reported, boundedly."""
+        if len(self._early) >= MAX_EARLY:
+            self._early.popleft()
+            self._stats["parse_errors"] += 1  # a response to no request we saw
+        self._early.append(response)
 
     def answered_method(self) -> str | None:
         return self._pending[0].request.method if self._pending else None

@@ -84,6 +84,29 @@ def test_client_role_writes_requests_and_reads_responses(make_wire, recorder) ->
     assert exchange.connection.role is Role.CLIENT
 
 
+def test_response_reported_before_its_request_still_pairs(make_wire, recorder) -> None:
+    # Go's client writes requests on one goroutine and reads responses on
+    # another: the read can return (and be reported) before the write does.
+    wire = make_wire(role=Role.CLIENT)
+    request_write = wire.write(get("/a"))  # enters first...
+    recorder.feed(wire.open(), wire.read(ok(b"a")), request_write)  # ...reported last
+    recorder.feed(wire.write(get("/b")), wire.read(ok(b"bb")))
+    assert [(e.request.target, e.response.body_size) for e in recorder.exchanges] == [
+        ("/a", 1),
+        ("/b", 2),
+    ]
+    assert recorder.exchanges[0].request.start_ns < recorder.exchanges[0].response.end_ns
+    assert recorder.stats["responses_before_requests"] == 1
+    assert recorder.stats["parse_errors"] == 0
+
+
+def test_a_response_no_request_claims_is_a_parse_error_at_close(make_wire, recorder) -> None:
+    wire = make_wire(role=Role.CLIENT)
+    recorder.feed(wire.open(), wire.read(ok(b"stray")), wire.close())
+    assert recorder.exchanges == []
+    assert recorder.stats["parse_errors"] == 1
+
+
 def test_keep_alive_200_requests_in_order(wire, recorder) -> None:
     recorder.feed(wire.open())
     for i in range(200):
