@@ -236,11 +236,15 @@ class EventSource:
     def _open(self, event: ConnOpen) -> None:
         if event.local is None or event.peer is None:
             found = sockets.lookup(event.key.pid, event.key.fd)
-            # Bytes that looked like HTTP on a file, pipe or unix socket are
-            # not followed. One already closed is kept, without addresses.
-            if not found.gone and (
-                not found.is_socket or (event.role == Role.UNKNOWN and not found.is_tcp)
-            ):
+            # A connection the kernel saw open (connect/accept) and that is
+            # already closed is kept, without addresses. One picked up from
+            # bytes that merely looked like HTTP must prove it is a TCP socket:
+            # not a file, pipe, unix socket or UDP socket.
+            if event.role == Role.UNKNOWN:
+                unwanted = not found.is_tcp
+            else:
+                unwanted = not found.gone and not found.is_socket
+            if unwanted:
                 self.ignore(event.key)
                 return
             event.local = event.local or found.local

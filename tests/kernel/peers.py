@@ -3,9 +3,11 @@
 python peers.py server PORT FILE   accept one connection: recvmsg into two
                                    buffers, answer with sendmsg of three
                                    iovecs, then sendfile FILE, close
-python peers.py client PORT SIZE   connect, send a request with writev-like
+python peers.py client PORT SIZE [linger]
+                                   connect, send a request with writev-like
                                    sendmsg, then SIZE bytes with one write,
-                                   read until close
+                                   read until the server is done; with
+                                   linger, close only when stdin closes
 python peers.py udp PORT           connect a UDP socket and send a datagram
 """
 
@@ -31,12 +33,14 @@ def server(port: int, path: str) -> None:
                 pass
 
 
-def client(port: int, size: int) -> None:
+def client(port: int, size: int, linger: bool = False) -> None:
     with socket.create_connection(("127.0.0.1", port)) as conn:
         conn.sendmsg([b"POST /upload ", b"HTTP/1.1\r\n", b"Content-Length: %d\r\n\r\n" % size])
         os.write(conn.fileno(), b"x" * size)
         while conn.recv(65536):
             pass
+        if linger:
+            sys.stdin.read()
 
 
 def udp(port: int) -> None:
@@ -50,6 +54,6 @@ if __name__ == "__main__":
     if mode == "server":
         server(port, sys.argv[3])
     elif mode == "client":
-        client(port, int(sys.argv[3]))
+        client(port, int(sys.argv[3]), linger=sys.argv[4:] == ["linger"])
     else:
         udp(port)

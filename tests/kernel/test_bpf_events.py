@@ -5,7 +5,6 @@ Needs root and bcc; skipped with the reason printed otherwise.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -24,15 +23,10 @@ from probe.kernel.events import (
 )
 from probe.kernel.loader import EventSource, ProbeOptions
 from probe.stats import Stats
+from tests.helpers import free_port
 
 PEERS = Path(__file__).with_name("peers.py")
 pytestmark = pytest.mark.usefixtures("tracing_ready")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def collect(source: EventSource, until, timeout: float = 10.0) -> list:
@@ -112,10 +106,18 @@ def test_pid_filter_and_capture_size(body_file: Path) -> None:
     )
     assert server.stdout.readline().strip() == "listening"
     with EventSource(ProbeOptions(pids=(server.pid,), capture_bytes=64), Stats()) as source:
-        client = subprocess.Popen([sys.executable, str(PEERS), "client", str(port), "1000"])
+        # The server was blocked in accept() before the probe started: its
+        # connection is picked up from its bytes and resolved in /proc, so
+        # the client holds it open until the probe has read the exchange.
+        client = subprocess.Popen(
+            [sys.executable, str(PEERS), "client", str(port), "1000", "linger"],
+            stdin=subprocess.PIPE,
+        )
+        events = collect(source, lambda evs: sum(isinstance(e, DataEvent) for e in evs) >= 4)
+        client.stdin.close()
         assert client.wait(10) == 0
+        events += collect(source, lambda evs: any(isinstance(e, ConnClose) for e in evs))
         assert server.wait(10) == 0
-        events = collect(source, lambda evs: any(isinstance(e, ConnClose) for e in evs))
     keyed = [e for e in events if not isinstance(e, (ProcessExit, ProcessExec))]
     assert {e.key.pid for e in keyed} == {server.pid}
     assert all(len(e.payload) <= 64 for e in keyed if isinstance(e, DataEvent))
