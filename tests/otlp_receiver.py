@@ -13,7 +13,6 @@ import contextlib
 import gzip
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from collections import deque
@@ -21,6 +20,7 @@ from collections.abc import Iterable
 from concurrent import futures
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -33,6 +33,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 from probe.export.otlp import STATUS_DETAILS_KEY
+from tests.helpers import self_signed_certificate
 
 
 @dataclass(frozen=True)
@@ -90,23 +91,16 @@ class _Receiver:
 
 @dataclass(frozen=True)
 class Tls:
-    """A server key and certificate (PEM files); the certificate is its own CA."""
+    """A server certificate and its key (PEM files); the certificate is its own CA."""
 
-    key_file: str
     cert_file: str
+    key_file: str
 
-
-def self_signed(directory: str) -> Tls:
-    """A certificate for 127.0.0.1 and localhost, made with the openssl command."""
-    key_file, cert_file = f"{directory}/key.pem", f"{directory}/cert.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
-        + ["-nodes", "-keyout", key_file, "-out", cert_file, "-days", "1", "-subj", "/CN=probe"]
-        + ["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True,
-        capture_output=True,
-    )
-    return Tls(key_file, cert_file)
+    @classmethod
+    def self_signed(cls, directory: Path) -> Tls:
+        """A new certificate for 127.0.0.1 and localhost, in ``directory``."""
+        cert, key = self_signed_certificate(directory)
+        return cls(str(cert), str(key))
 
 
 class GrpcReceiver(_Receiver, trace_service_pb2_grpc.TraceServiceServicer):

@@ -3,7 +3,8 @@
 Owns the decision to skip this suite (only when not root or when bcc cannot be
 imported), ``probe capture`` runs whose spans a test reads back after stopping
 them, the servers under test (Python, nginx, Go, a raw TCP echo server), each a
-process of its own on loopback with an ephemeral port, and the clients, which
+process of its own on loopback with an ephemeral port, started with the helpers of
+tests/helpers.py, and the clients, which
 record what they themselves saw and when, so a test can hold every span to it.
 
 Tests never import this module: everything reaches them through fixtures.
@@ -17,7 +18,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,11 +30,12 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import Server, go_build, run_client, serving, spawn, start_nginx
+
 HERE = Path(__file__).parent
 PROGRAMS = HERE / "programs"
 READY_TIMEOUT_S = 60  # each start compiles the BPF programs
 EXIT_TIMEOUT_S = 60
-SERVER_START_TIMEOUT_S = 20
 USER_AGENT = "probe-e2e/1"
 KNOWN_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 
@@ -260,53 +261,6 @@ def probe_capture(
 # --- servers ----------------------------------------------------------------
 
 
-@dataclass
-class Server:
-    """A server process on loopback; ``pid`` is the process that serves."""
-
-    process: subprocess.Popen[str]
-    host: str
-    port: int
-    pid: int
-
-    @property
-    def authority(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-    def url(self, target: str) -> str:
-        return f"http://{self.authority}{target}"
-
-    def stop(self) -> None:
-        with self.process:  # closes its pipes and waits
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-
-
-def spawn(command: Sequence[str], host: str = "127.0.0.1") -> Server:
-    """Start a program that prints its listening port as its first line."""
-    process = subprocess.Popen(
-        command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    assert process.stdout is not None and process.stderr is not None
-    line = process.stdout.readline()
-    if not line.strip().isdigit():
-        process.kill()
-        pytest.fail(f"{command} did not print its port: {line!r} {process.stderr.read()}")
-    return Server(process, host, int(line), process.pid)
-
-
-@contextmanager
-def serving(server: Server) -> Iterator[Server]:
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture(scope="module")
 def pyserver() -> Iterator[Server]:
     """programs/pyserver.py on 127.0.0.1."""
@@ -331,27 +285,8 @@ def echoserver() -> Iterator[Server]:
 
 @pytest.fixture(scope="session")
 def goserver_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """programs/goserver/main.go built with the system's Go, stdlib only, offline."""
-    workdir = tmp_path_factory.mktemp("go")
-    binary = workdir / "goserver"
-    env = {
-        **os.environ,
-        "GO111MODULE": "off",
-        "GOCACHE": str(workdir / "cache"),  # HOME may be unset under CI
-        "GOPATH": str(workdir / "gopath"),
-        "GOFLAGS": "",
-    }
-    result = subprocess.run(
-        ["go", "build", "-o", str(binary), "main.go"],
-        cwd=PROGRAMS / "goserver",
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.fail(f"go build failed:\n{result.stdout}{result.stderr}")
-    return binary
+    """programs/goserver built with the system's Go."""
+    return go_build(PROGRAMS / "goserver", tmp_path_factory.mktemp("go") / "goserver")
 
 
 @pytest.fixture(scope="module")
@@ -361,82 +296,13 @@ def goserver(goserver_binary: Path) -> Iterator[Server]:
         yield server
 
 
-NGINX_CONF = """\
-daemon off;
-master_process on;
-user root;  # pytest's temporary directories are private to root
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/client_body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    default_type text/plain;
-    server {{
-        listen 127.0.0.1:{port};
-        root {root};
-        location = /hello {{ return 200 "hello from nginx\\n"; }}
-    }}
-}}
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_listening(server: Server, log: Path) -> None:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline and server.process.poll() is None:
-        try:
-            socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    server.stop()
-    pytest.fail(f"server on port {server.port} did not start: {log.read_text()}")
-
-
-def child_pid(pid: int) -> int:
-    """The one child of ``pid`` (nginx's worker), once it exists."""
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        found = children.read_text().split()
-        if found:
-            return int(found[0])
-        time.sleep(0.05)
-    pytest.fail(f"process {pid} started no child")
-
-
 @pytest.fixture(scope="module")
 def nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A private nginx, a master and one worker; ``pid`` is the worker's.
 
     It serves ``/hello`` from its config and ``/static/`` from programs/nginx.
     """
-    workdir = tmp_path_factory.mktemp("nginx")
-    port = free_port()
-    conf = workdir / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=workdir, port=port, root=PROGRAMS / "nginx"))
-    process = subprocess.Popen(
-        ["/usr/sbin/nginx", "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "error.log")],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    server = Server(process, "127.0.0.1", port, process.pid)
-    wait_listening(server, workdir / "error.log")
-    server.pid = child_pid(process.pid)
-    with serving(server):
+    with serving(start_nginx(tmp_path_factory.mktemp("nginx"))) as server:
         yield server
 
 
@@ -628,21 +494,14 @@ def run_curl(server: Server, method: str, target: str, data: bytes | None = None
     if data is not None:
         command += ["--data-binary", "@-"]
     before_ns = time.time_ns()
-    process = subprocess.Popen(
-        [*command, server.url(target)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    stdout, stderr = process.communicate(data, timeout=60)
+    pid, stdout = run_client([*command, server.url(target)], input=data)
     after_ns = time.time_ns()
-    assert process.returncode == 0, f"curl failed: {stderr.decode()}"
-    status, local_port, size = stdout.decode().split()
+    status, local_port, size = stdout.split()
     return Observed(
         method,
         target,
-        pid=process.pid,
-        thread_id=process.pid,
+        pid=pid,
+        thread_id=pid,
         local_port=int(local_port),
         before_ns=before_ns,
         after_ns=after_ns,

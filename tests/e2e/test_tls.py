@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import http.client
 import os
-import socket
 import ssl
 import subprocess
 import sys
@@ -24,49 +23,10 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import Server, run_client, serving, spawn, start_nginx
+
 PROGRAMS = Path(__file__).parent / "programs"
 USER_AGENT = "probe-e2e/1"
-START_TIMEOUT_S = 20
-
-NGINX_TLS_CONF = """\
-daemon off;
-master_process on;
-user root;  # pytest's temporary directories are private to root
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/client_body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    default_type text/plain;
-    server {{
-        listen 127.0.0.1:{port} ssl;
-        ssl_certificate {cert};
-        ssl_certificate_key {key};
-        location = /hello {{ return 200 "hello over tls\\n"; }}
-    }}
-}}
-"""
-
-
-@dataclass
-class TlsServer:
-    process: subprocess.Popen[str]
-    port: int
-    pid: int  # the process that serves (nginx: the worker)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 @dataclass
@@ -85,118 +45,51 @@ class Seen:
 # --- servers ----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and its key."""
-    workdir = tmp_path_factory.mktemp("tls")
-    cert, key = workdir / "cert.pem", workdir / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-        + ["-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
-
-
-def spawn(command: list[str]) -> TlsServer:
-    """Start a program that prints its listening port as its first line."""
-    process = subprocess.Popen(
-        command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    assert process.stdout is not None and process.stderr is not None
-    line = process.stdout.readline()
-    if not line.strip().isdigit():
-        process.kill()
-        pytest.fail(f"{command} did not print its port: {line!r} {process.stderr.read()}")
-    return TlsServer(process, int(line), process.pid)
-
-
-def python_server(certificate: tuple[Path, Path]) -> TlsServer:
+def python_server(certificate: tuple[Path, Path]) -> Server:
     cert, key = certificate
     return spawn([sys.executable, str(PROGRAMS / "tls_pyserver.py"), str(cert), str(key)])
 
 
 @pytest.fixture(scope="module")
-def pyserver_tls(certificate: tuple[Path, Path]) -> Iterator[TlsServer]:
-    server = python_server(certificate)
-    yield server
-    server.stop()
+def pyserver_tls(certificate: tuple[Path, Path]) -> Iterator[Server]:
+    with serving(python_server(certificate)) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
-def node_server(certificate: tuple[Path, Path]) -> Iterator[TlsServer]:
+def node_server(certificate: tuple[Path, Path]) -> Iterator[Server]:
     cert, key = certificate
-    server = spawn(["node", str(PROGRAMS / "tls_node.js"), "server", str(cert), str(key)])
-    yield server
-    server.stop()
-
-
-def _worker_of(pid: int) -> int:
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if found := children.read_text().split():
-            return int(found[0])
-        time.sleep(0.05)
-    pytest.fail(f"nginx {pid} started no worker")
+    command = ["node", str(PROGRAMS / "tls_node.js"), "server", str(cert), str(key)]
+    with serving(spawn(command)) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def nginx_tls(
     tmp_path_factory: pytest.TempPathFactory, certificate: tuple[Path, Path]
-) -> Iterator[TlsServer]:
+) -> Iterator[Server]:
     """A private nginx serving HTTPS; ``pid`` is its one worker's."""
-    workdir = tmp_path_factory.mktemp("nginx_tls")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cert, key = certificate
-    conf = workdir / "nginx.conf"
-    conf.write_text(NGINX_TLS_CONF.format(dir=workdir, port=port, cert=cert, key=key))
-    process = subprocess.Popen(
-        ["/usr/sbin/nginx", "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "error.log")],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    server = TlsServer(process, port, _worker_of(process.pid))
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield server
-    server.stop()
+    with serving(start_nginx(tmp_path_factory.mktemp("nginx_tls"), certificate)) as server:
+        yield server
 
 
 # --- clients ----------------------------------------------------------------
 
 
-def curl(server: TlsServer, method: str, path: str) -> Seen:
+def curl(server: Server, method: str, path: str) -> Seen:
     command = ["curl", "-sSk", "--http1.1", "--max-time", "30", "-o", "/dev/null", "-X", method]
     command += ["-A", USER_AGENT, "-w", "%{http_code} %{local_port}"]
     before_ns = time.time_ns()
-    process = subprocess.Popen(
-        [*command, f"https://127.0.0.1:{server.port}{path}"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    stdout, stderr = process.communicate(timeout=60)
+    pid, stdout = run_client([*command, f"https://127.0.0.1:{server.port}{path}"])
     after_ns = time.time_ns()
-    assert process.returncode == 0, f"curl failed: {stderr}"
     status, local_port = stdout.split()
-    return Seen(method, path, process.pid, int(local_port), int(status), before_ns, after_ns)
+    return Seen(method, path, pid, int(local_port), int(status), before_ns, after_ns)
 
 
 class PythonClient:
     """One keep-alive ``http.client`` HTTPS connection, in the test's own process."""
 
-    def __init__(self, server: TlsServer) -> None:
+    def __init__(self, server: Server) -> None:
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -228,7 +121,7 @@ class NodeClient:
     the connection must still be open by then.
     """
 
-    def __init__(self, server: TlsServer) -> None:
+    def __init__(self, server: Server) -> None:
         self.server = server
         self.process: subprocess.Popen[str] | None = None
 
@@ -258,7 +151,7 @@ class NodeClient:
 # --- checks -----------------------------------------------------------------
 
 
-def check_span(span: dict[str, Any], kind: str, seen: Seen, server: TlsServer) -> None:
+def check_span(span: dict[str, Any], kind: str, seen: Seen, server: Server) -> None:
     """Everything a span of this HTTPS exchange must say, seen from ``kind``'s end."""
     attributes = span["attributes"]
     assert span["kind"] == kind
@@ -285,7 +178,7 @@ def check_span(span: dict[str, Any], kind: str, seen: Seen, server: TlsServer) -
     assert span["end_time_unix_nano"] <= seen.after_ns
 
 
-def check_exchanges(probe: Any, server: TlsServer, seen: list[Seen], kinds: tuple[str, ...]):
+def check_exchanges(probe: Any, server: Server, seen: list[Seen], kinds: tuple[str, ...]):
     """Exactly one span of each kind per request, and nothing else: no span
     and no parse error from the ciphertext."""
     for request in seen:

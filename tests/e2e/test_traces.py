@@ -29,6 +29,7 @@ import pytest
 from probe.export.tree import MARK, render_trace
 from probe.trace.span import Resource, Span, SpanKind
 from probe.trace.traceparent import parse_traceparent
+from tests.helpers import go_build, run_client
 
 PROGRAMS = Path(__file__).parent / "programs"
 PORT = 18080  # every service listens on it, in its own namespace; the probe filters on it
@@ -141,35 +142,15 @@ def curl(namespace: str, path: str, *headers: str) -> int:
     command += ["-o", "/dev/null", "-w", "%{http_code}"]
     for header in headers:
         command += ["-H", header]
-    process = subprocess.Popen(
-        [*command, f"http://{address_of(1)}:{PORT}{path}"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    stdout, stderr = process.communicate(timeout=90)
-    assert (process.returncode, stdout) == (0, "200"), stderr
-    return process.pid
+    pid, stdout = run_client([*command, f"http://{address_of(1)}:{PORT}{path}"], timeout=90)
+    assert stdout == "200"
+    return pid
 
 
 @pytest.fixture(scope="module")
 def go_binary(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """programs/chain_go built with the system's Go, stdlib only, offline."""
-    workdir = tmp_path_factory.mktemp("chain_go")
-    binary = workdir / "chain_go"
-    env = {**os.environ, "GO111MODULE": "off", "GOFLAGS": ""}
-    env |= {"GOCACHE": str(workdir / "cache"), "GOPATH": str(workdir / "gopath")}
-    result = subprocess.run(
-        ["go", "build", "-o", str(binary), "main.go"],
-        cwd=PROGRAMS / "chain_go",
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.fail(f"go build failed:\n{result.stdout}{result.stderr}")
-    return str(binary)
+    """programs/chain_go built with the system's Go."""
+    return str(go_build(PROGRAMS / "chain_go", tmp_path_factory.mktemp("chain_go") / "chain_go"))
 
 
 # --- reading the spans back --------------------------------------------------

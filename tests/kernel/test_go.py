@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import http.server
 import re
-import runpy
-import shutil
 import subprocess
 import threading
 import time
@@ -26,19 +24,11 @@ import pytest
 from probe.kernel.events import ConnOpen, DataEvent, Direction, Role
 from probe.kernel.loader import EventSource, ProbeOptions
 from probe.stats import Stats
+from tests.helpers import serving, spawn
 
-PROGRAMS = Path(__file__).parents[1] / "e2e" / "programs"
-build = runpy.run_path(str(PROGRAMS / "go_build.py"))["build"]
 pytestmark = pytest.mark.usefixtures("tracing_ready")
 
 CONCURRENT = 20
-
-
-@pytest.fixture(scope="module")
-def relay_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("go") is None:
-        pytest.skip("no Go toolchain (run make setup)")
-    return build(PROGRAMS / "go_relay", tmp_path_factory.mktemp("go") / "relay")
 
 
 class Upstream(http.server.ThreadingHTTPServer):
@@ -78,43 +68,31 @@ def upstream() -> Iterator[Upstream]:
     server.server_close()
 
 
-def start(binary: Path, *args: str) -> tuple[subprocess.Popen[str], int]:
-    """A go_relay server and the port it listens on."""
-    process = subprocess.Popen(
-        [str(binary), *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True
-    )
-    assert process.stdout is not None
-    return process, int(process.stdout.readline())
-
-
 @pytest.fixture(scope="module")
-def relay(relay_binary: Path, upstream: Upstream) -> Iterator[tuple[int, int]]:
+def relay(go_relay: Path, upstream: Upstream) -> Iterator[tuple[int, int]]:
     """(pid, port) of a relay to ``upstream``."""
-    process, port = start(relay_binary, "-upstream", f"http://127.0.0.1:{upstream.server_port}")
-    yield process.pid, port
-    process.kill()
-    process.wait()
+    command = [str(go_relay), "-upstream", f"http://127.0.0.1:{upstream.server_port}"]
+    with serving(spawn(command)) as server:
+        yield server.pid, server.port
 
 
 @pytest.fixture(scope="module")
-def tls_server(relay_binary: Path) -> Iterator[tuple[int, int]]:
+def tls_server(go_relay: Path) -> Iterator[tuple[int, int]]:
     """(pid, port) of a relay serving HTTPS."""
-    process, port = start(relay_binary, "-tls")
-    yield process.pid, port
-    process.kill()
-    process.wait()
+    with serving(spawn([str(go_relay), "-tls"])) as server:
+        yield server.pid, server.port
 
 
 @pytest.fixture(scope="module")
 def source(
-    relay: tuple[int, int], tls_server: tuple[int, int], upstream: Upstream, relay_binary: Path
+    relay: tuple[int, int], tls_server: tuple[int, int], upstream: Upstream, go_relay: Path
 ) -> Iterator[EventSource]:
     """One probe for the module (its uprobes take seconds to remove), started
     after the servers: it finds their binary running and probes it."""
     ports = (relay[1], tls_server[1], upstream.server_port)
     with EventSource(ProbeOptions(ports=ports), Stats()) as source:
         assert source.discovery is not None
-        assert str(relay_binary) in source.discovery.found()["go"]
+        assert str(go_relay) in source.discovery.found()["go"]
         yield source
 
 
@@ -189,13 +167,13 @@ def relay_round(source: EventSource, relay: tuple[int, int], upstream: Upstream,
 
 
 def test_tls_plaintext_on_the_connection_and_no_ciphertext(
-    source: EventSource, tls_server: tuple[int, int], relay_binary: Path
+    source: EventSource, tls_server: tuple[int, int], go_relay: Path
 ) -> None:
     server_pid, port = tls_server
     paths = ["/a", "/status/404", "/c"]
     # The client is the same file as the server: its uprobes are in place.
     client = subprocess.Popen(
-        [str(relay_binary), "-get", *(f"https://127.0.0.1:{port}{p}" for p in paths)],
+        [str(go_relay), "-get", *(f"https://127.0.0.1:{port}{p}" for p in paths)],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -19,22 +19,9 @@ import pytest
 from probe.kernel.events import DataEvent, Direction, KernelEvent, ProcessExit
 from probe.kernel.loader import EventSource, ProbeOptions
 from probe.stats import Stats
+from tests.helpers import PROGRAMS, serving, spawn
 
-PROGRAMS = Path(__file__).parents[1] / "e2e" / "programs"
 pytestmark = pytest.mark.usefixtures("tracing_ready")
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    workdir = tmp_path_factory.mktemp("tls")
-    cert, key = workdir / "cert.pem", workdir / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-        + ["-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-    )
-    return str(cert), str(key)
 
 
 def poll_until(
@@ -49,24 +36,25 @@ def poll_until(
     pytest.fail(f"gave up after {timeout} s; {len(events)} events")
 
 
-def start(command: list[str]) -> tuple[subprocess.Popen[str], int]:
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    assert process.stdout is not None
-    return process, int(process.stdout.readline())
-
-
 def test_node_started_after_the_probe_is_found_on_exec_and_traced(certificate) -> None:
     node = shutil.which("node")
     if node is None:
         pytest.skip("node is not installed")
     stats = Stats()
     with EventSource(ProbeOptions(), stats) as source:
-        server, port = start(["node", str(PROGRAMS / "tls_node.js"), "server", *certificate])
-        try:
+        server = spawn(["node", str(PROGRAMS / "tls_node.js"), "server", *map(str, certificate)])
+        with serving(server):
             # The exec event leads discovery to node's static OpenSSL.
             poll_until(source, lambda _: node in source.discovery.found().get("openssl", []))
             subprocess.run(
-                ["curl", "-sSk", "--http1.1", "-o", "/dev/null", f"https://127.0.0.1:{port}/late"],
+                [
+                    "curl",
+                    "-sSk",
+                    "--http1.1",
+                    "-o",
+                    "/dev/null",
+                    f"https://127.0.0.1:{server.port}/late",
+                ],
                 check=True,
                 timeout=30,
             )
@@ -79,9 +67,6 @@ def test_node_started_after_the_probe_is_found_on_exec_and_traced(certificate) -
                     for e in evs
                 ),
             )
-        finally:
-            server.terminate()
-            server.wait()
     served = [e for e in events if isinstance(e, DataEvent) and e.key.pid == server.pid]
     # Plaintext only, one record per SSL call, on the accepted connection.
     assert [(e.direction, e.tls) for e in served] == [
@@ -101,37 +86,30 @@ def _threads(pid: int) -> set[int]:
 
 def test_a_process_killed_inside_ssl_read_leaves_nothing_behind(certificate) -> None:
     stats = Stats()
-    server, port = start([sys.executable, str(PROGRAMS / "tls_pyserver.py"), *certificate])
+    server = spawn([sys.executable, str(PROGRAMS / "tls_pyserver.py"), *map(str, certificate)])
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    try:
-        with EventSource(ProbeOptions(), stats) as source:
-            tls_calls = source.discovery.bpf[b"tls_calls"]
-            # The handshake done, the server's thread waits in SSL_read_ex
-            # for a request that never comes.
-            with context.wrap_socket(socket.create_connection(("127.0.0.1", port))) as client:
-                client.do_handshake()
-                deadline = time.monotonic() + 20
-                while not {key.value for key in tls_calls} & _threads(server.pid):
-                    assert time.monotonic() < deadline, "the server never entered SSL_read"
-                    source.poll(50)
-                threads = _threads(server.pid)
-                server.send_signal(signal.SIGKILL)
-                server.wait()
-                poll_until(
-                    source,
-                    lambda evs: any(
-                        isinstance(e, ProcessExit) and e.pid == server.pid for e in evs
-                    ),
-                )
-            remaining = {key.value for key in tls_calls} & threads
-            last_reads = {key.value for key in source.discovery.bpf[b"tls_last_read"]}
-            conns = [key.pid for key in source.discovery.bpf[b"conns"]]
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+    with serving(server), EventSource(ProbeOptions(), stats) as source:
+        tls_calls = source.discovery.bpf[b"tls_calls"]
+        # The handshake done, the server's thread waits in SSL_read_ex
+        # for a request that never comes.
+        with context.wrap_socket(socket.create_connection(("127.0.0.1", server.port))) as client:
+            client.do_handshake()
+            deadline = time.monotonic() + 20
+            while not {key.value for key in tls_calls} & _threads(server.pid):
+                assert time.monotonic() < deadline, "the server never entered SSL_read"
+                source.poll(50)
+            threads = _threads(server.pid)
+            server.process.send_signal(signal.SIGKILL)
+            server.process.wait()
+            poll_until(
+                source,
+                lambda evs: any(isinstance(e, ProcessExit) and e.pid == server.pid for e in evs),
+            )
+        remaining = {key.value for key in tls_calls} & threads
+        last_reads = {key.value for key in source.discovery.bpf[b"tls_last_read"]}
+        conns = [key.pid for key in source.discovery.bpf[b"conns"]]
     assert remaining == set()
     assert last_reads & threads == set()
     assert server.pid not in conns

@@ -25,7 +25,7 @@ from probe.export.otlp import (
 )
 from probe.stats import Stats
 from probe.trace.span import Resource, Span, SpanEvent, SpanKind, SpanLink, StatusCode
-from tests.otlp_receiver import GrpcReceiver, HttpReceiver, Reply, decode_attributes, self_signed
+from tests.otlp_receiver import GrpcReceiver, HttpReceiver, Reply, Tls, decode_attributes
 
 RESOURCE_A = Resource({"service.name": "nginx", "process.pid": 42, "host.arch": "amd64"})
 RESOURCE_B = Resource({"service.name": "curl", "process.pid": 7})
@@ -382,7 +382,7 @@ def test_processor_from_configuration(protocol, grpc_receiver, http_receiver):
 
 @pytest.mark.parametrize("name", ["grpc", "http"])
 def test_tls_with_a_trusted_certificate(name, tmp_path):
-    tls = self_signed(str(tmp_path))
+    tls = Tls.self_signed(tmp_path)
     receiver = (GrpcReceiver if name == "grpc" else HttpReceiver)(tls=tls)
     make = OtlpGrpcSpanExporter if name == "grpc" else OtlpHttpSpanExporter
     try:
