@@ -20,6 +20,10 @@ if [[ $EUID -ne 0 ]]; then
     exit 1
 fi
 
+# Node.js (a service in the trace tests and the demo) usually comes with the
+# machine; Debian's package stands in where it does not.
+command -v node >/dev/null || DEBIAN_PACKAGES+=(nodejs)
+
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
