@@ -159,9 +159,14 @@ class EventSource:
     # -- reading ----------------------------------------------------------
 
     def poll(self, timeout_ms: int = 100) -> list[KernelEvent]:
-        """Wait up to ``timeout_ms`` for records; return one batch of events."""
+        """Wait up to ``timeout_ms`` for records; return one batch of events.
+
+        The kernel wakes the reader only every few records (bpf/common.h,
+        emit()), so a timeout also reads what is waiting: at low rates a
+        record waits at most ``timeout_ms``."""
         assert self._bpf is not None, "start() first"
         self._bpf.ring_buffer_poll(timeout_ms)
+        self._bpf.ring_buffer_consume()
         self.discovery.tick()
         self.stats["tls_ciphertext_dropped"] = self.kernel_counter(lib.PROBE_COUNTER_TLS_CIPHERTEXT)
         self.stats["tls_plaintext_without_socket"] = self.kernel_counter(
