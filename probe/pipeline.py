@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -29,6 +30,8 @@ from probe.trace.resource import ResourceDetector
 from probe.trace.span import Resource, Span
 
 log = logging.getLogger(__name__)
+
+KERNEL_COUNTERS_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,15 +130,22 @@ class Pipeline:
 
     def run(self, should_stop: Callable[[], bool], poll_ms: int = 100) -> None:
         """Poll, decode and process until ``should_stop()`` says so."""
+        counters_due = 0.0
         while not should_stop():
             for event in self.source.poll(poll_ms):
                 self.handle(event)
             self.tick()
             self.stats["connections_tracked"] = len(self.tracker)
-            self._count_lost()
+            # Under load a poll returns every few records; the kernel's
+            # counters are a map read per CPU each, so they are read once a second.
+            now = time.monotonic()
+            if now >= counters_due:
+                self._read_kernel_counters()
+                counters_due = now + KERNEL_COUNTERS_INTERVAL_S
 
-    def _count_lost(self) -> None:
-        lost = self.source.lost_events()
+    def _read_kernel_counters(self) -> None:
+        counters = self.source.kernel_counters()
+        lost = counters["events_lost"]
         if lost > self.stats["events_lost"]:
             log.warning(
                 "the kernel dropped %d events: the ring buffer was full (%d in all); "
@@ -143,7 +153,8 @@ class Pipeline:
                 lost - self.stats["events_lost"],
                 lost,
             )
-        self.stats["events_lost"] = lost
+        for name, value in counters.items():  # totals: set, not added (Stats is a Counter)
+            self.stats[name] = value
 
     def drain(self) -> None:
         """Process what the kernel has already written: a stop right after
@@ -159,7 +170,7 @@ class Pipeline:
         self.linker.flush()
         for processor in self.processors:
             processor.shutdown(timeout_millis)
-        self._count_lost()
+        self._read_kernel_counters()
 
 
 def _is_go(pid: int) -> bool:

@@ -33,7 +33,7 @@ EXAMPLES = """examples:
 
 
 def add_filter_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by `capture` and `run`: what to trace and how much."""
+    """What to trace and how much (`run` takes these from its configuration)."""
     parser.add_argument(
         "-p",
         "--pid",

@@ -38,6 +38,14 @@ from probe.stats import Stats
 # probe.h, which has no maps, stays an ordinary include.
 SOURCES = ("common.h", "socket_conn.bpf.c", "socket_data.bpf.c", "go.bpf.c", "tls.bpf.c")
 
+# enum probe_counter slots -> the Stats names they are reported under.
+KERNEL_COUNTERS = {
+    lib.PROBE_COUNTER_LOST: "events_lost",
+    lib.PROBE_COUNTER_TRUNCATED: "iovec_walks_truncated",
+    lib.PROBE_COUNTER_TLS_CIPHERTEXT: "tls_ciphertext_dropped",
+    lib.PROBE_COUNTER_TLS_NO_SOCKET: "tls_plaintext_without_socket",
+}
+
 _IGNORED_MEMORY = 4096  # recently ignored connections whose events are still in flight
 # ld.so maps a new image's libraries just after exec: look again a moment later.
 _RESCAN_AFTER_EXEC_S = 0.1
@@ -168,10 +176,6 @@ class EventSource:
         self._bpf.ring_buffer_poll(timeout_ms)
         self._bpf.ring_buffer_consume()
         self.discovery.tick()
-        self.stats["tls_ciphertext_dropped"] = self.kernel_counter(lib.PROBE_COUNTER_TLS_CIPHERTEXT)
-        self.stats["tls_plaintext_without_socket"] = self.kernel_counter(
-            lib.PROBE_COUNTER_TLS_NO_SOCKET
-        )
         batch, self._batch = self._batch, []
         return batch
 
@@ -184,6 +188,11 @@ class EventSource:
 
     def lost_events(self) -> int:
         return self.kernel_counter(lib.PROBE_COUNTER_LOST)
+
+    def kernel_counters(self) -> dict[str, int]:
+        """Every `enum probe_counter`, by the name it is reported under. Each
+        is a map read per CPU: read them now and then, not per poll."""
+        return {name: self.kernel_counter(slot) for slot, name in KERNEL_COUNTERS.items()}
 
     def _on_record(self, _ctx: object, data: int, size: int) -> int:
         self.stats["events"] += 1
@@ -269,7 +278,7 @@ class EventSource:
         # No address at all: accept() without one, and the connection gone from
         # /proc before it was read (a short-lived client). Keep it rather than
         # lose a span; its HTTP is still parsed, only its addresses are missing.
-        return not ports or bool(ports & set(self.options.ports))
+        return not ports or not ports.isdisjoint(self.options.ports)
 
     def is_ignored(self, key: ConnKey) -> bool:
         return key in self._ignored
