@@ -280,9 +280,6 @@ class EventSource:
         # lose a span; its HTTP is still parsed, only its addresses are missing.
         return not ports or not ports.isdisjoint(self.options.ports)
 
-    def is_ignored(self, key: ConnKey) -> bool:
-        return key in self._ignored
-
     def ignore(self, key: ConnKey) -> None:
         """Stop tracing a connection, in the kernel too."""
         self.stats["connections_ignored"] += 1
