@@ -407,13 +407,13 @@ class MessageStream:
         self._sink.message_ended(message)
 
     def _lose_framing(self, count_body: bool) -> None:
+        self._buf.clear()  # a cut chunk-size line or trailers must not prefix the next head
         self._message.body_framing_lost = True
         self._state, self._until_close, self._count_body = _State.OPEN, False, count_body
 
     def _malformed(self) -> None:
         """A body's framing is broken: keep the message, count the error."""
         self._stats["parse_errors"] += 1
-        self._buf.clear()
         self._lose_framing(count_body=True)
 
     def _fail(self) -> None:

@@ -359,3 +359,20 @@ def test_stop_ignores_everything_after() -> None:
     f.feed(b"HTTP/1.1 200 OK\r\n\r\n")
     f.feed(b"\x81\x05hello")
     assert (f.ended, f.stats["parse_errors"]) == ([], 0)
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1",  # in a chunk-size line
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-Trailer: 1",  # in trailers
+    ],
+)
+def test_bytes_before_a_gap_do_not_prefix_the_next_head(cut: bytes) -> None:
+    f = responses()
+    f.feed(cut)
+    f.feed(b"", size=100)  # the rest of the line is lost: so is the framing
+    f.stream.end_open_message()
+    f.feed(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert [(m.status_code, m.body_framing_lost) for m in f.ended] == [(200, True), (204, False)]
+    assert f.stats["parse_errors"] == 0
