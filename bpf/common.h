@@ -66,7 +66,33 @@ struct syscall_args {
 };
 #define SYSCALL_CONNECT 100
 #define SYSCALL_ACCEPT 101
+#define SYSCALL_NONE 0 /* the thread's entry is free: its last syscall was taken */
 BPF_TABLE("lru_hash", u32, struct syscall_args, inflight, PROBE_MAX_INFLIGHT);
+
+/* A thread's entry stays in `inflight` from one syscall to the next and is
+ * rewritten in place: an update or delete allocates, frees and relinks an
+ * LRU element, which measured as most of a syscall entry program's run time.
+ * Only the thread itself touches its entry, so no lock is needed; the entry
+ * goes when the thread exits (sched_process_exit), or by LRU eviction. */
+static __always_inline void save_syscall(u32 tid, const struct syscall_args *args)
+{
+	struct syscall_args *slot = inflight.lookup(&tid);
+	if (slot)
+		*slot = *args;
+	else
+		inflight.update(&tid, args);
+}
+
+/* The thread's saved syscall, if it is one of `first`..`last`; marks it taken. */
+static __always_inline bool take_syscall(u32 tid, u8 first, u8 last, struct syscall_args *call)
+{
+	struct syscall_args *slot = inflight.lookup(&tid);
+	if (!slot || slot->syscall < first || slot->syscall > last)
+		return false;
+	*call = *slot;
+	slot->syscall = SYSCALL_NONE;
+	return true;
+}
 
 #ifdef PROBE_FILTER_PIDS
 /* pid -> 1: the only processes traced (probe capture -p). */

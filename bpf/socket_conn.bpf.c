@@ -50,7 +50,7 @@ static __always_inline void save_conn_args(s32 fd, const void *addr, const void 
 	args.buf = (u64)addr;
 	args.addrlen = (u64)addrlen;
 	args.syscall = syscall;
-	inflight.update(&tid, &args);
+	save_syscall(tid, &args);
 }
 
 static __always_inline void open_connection(u32 pid, u32 tid, s32 fd, u8 role,
@@ -81,11 +81,9 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	u32 pid = id >> 32, tid = (u32)id;
-	struct syscall_args *saved = inflight.lookup(&tid);
-	if (!saved || saved->syscall != SYSCALL_CONNECT)
+	struct syscall_args call;
+	if (!take_syscall(tid, SYSCALL_CONNECT, SYSCALL_CONNECT, &call))
 		return 0;
-	struct syscall_args call = *saved;
-	inflight.delete(&tid);
 
 	u64 *sock = connecting_sock.lookup(&tid);
 	if (!sock)
@@ -122,11 +120,9 @@ static __always_inline void accept_returned(long ret)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	u32 pid = id >> 32, tid = (u32)id;
-	struct syscall_args *saved = inflight.lookup(&tid);
-	if (!saved || saved->syscall != SYSCALL_ACCEPT)
+	struct syscall_args call;
+	if (!take_syscall(tid, SYSCALL_ACCEPT, SYSCALL_ACCEPT, &call))
 		return;
-	struct syscall_args call = *saved;
-	inflight.delete(&tid);
 	if (ret < 0)
 		return;
 

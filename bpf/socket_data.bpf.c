@@ -53,7 +53,7 @@ static __always_inline int save_data_args(s32 fd, const void *buf, u64 len, u8 s
 	args.buf = (u64)buf;
 	args.len = len;
 	args.syscall = syscall;
-	inflight.update(&tid, &args);
+	save_syscall(tid, &args);
 	return 0;
 }
 
@@ -289,12 +289,8 @@ static __always_inline int data_returned(long ret, u8 direction)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	u32 pid = id >> 32, tid = (u32)id;
-	struct syscall_args *saved = inflight.lookup(&tid);
-	if (!saved)
-		return 0;
-	struct syscall_args call = *saved;
-	inflight.delete(&tid);
-	if (ret <= 0 || call.syscall >= SYSCALL_CONNECT)
+	struct syscall_args call;
+	if (!take_syscall(tid, PROBE_SYS_READ, PROBE_SYS_SENDFILE, &call) || ret <= 0)
 		return 0;
 
 	resolve_msghdr(&call);
