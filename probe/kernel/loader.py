@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from probe.kernel import features, golang, sockets, tls
+from probe.kernel import features, golang, memory, sockets, tls
 from probe.kernel.contract import BPF_DIR, MAX_CAPTURE, lib
 from probe.kernel.decode import AddressUpdate, decode
 from probe.kernel.discovery import BinaryDiscovery
@@ -31,6 +31,8 @@ from probe.kernel.events import (
     Role,
 )
 from probe.stats import Stats
+
+log = logging.getLogger(__name__)
 
 # bcc rewrites map calls (`events.ringbuf_output(...)`) and generates
 # tracepoint argument structs only in the main source text, not in included
@@ -144,12 +146,13 @@ class EventSource:
                 table[ctypes.c_uint16(port)] = ctypes.c_uint8(1)
         self._callback = self._on_record  # keep a reference for ctypes
         self._bpf[b"events"].open_ring_buffer(self._callback)
-        self.discovery = BinaryDiscovery(self._bpf, self.stats, logging.getLogger(__name__))
+        self.discovery = BinaryDiscovery(self._bpf, self.stats, log)
         self.discovery.add_handler(tls.OpenSslHandler(self._bpf))
         self.discovery.add_handler(golang.GoHandler(self._bpf))
         tls.attach_thread_exit(self._bpf)
         self.discovery.scan_files(tls.system_libraries())
         self.discovery.scan_all()
+        log.debug("released %d mappings of the compiler", memory.release_compiler_memory())
 
     def close(self) -> None:
         if self._bpf is not None:
