@@ -1,15 +1,18 @@
 """Ring-buffer records -> the dataclasses of `probe.kernel.events`.
 
-Layouts come from `probe.kernel.contract` (cffi reading bpf/probe.h). An
-ADDR record (a client's local address, learnt after connect() returned) is
-decoded into a `ConnOpen` carrying both addresses; `EventSource` merges it.
+Layouts come from `probe.kernel.contract` (cffi reading bpf/probe.h), turned
+into one `struct.Struct` per record type: a data record, the bulk of them,
+is unpacked in one call and its fields picked by name. An ADDR record (a
+client's local address, learnt after connect() returned) is decoded into a
+`ConnOpen` carrying both addresses; `EventSource` merges it.
 """
 
 from __future__ import annotations
 
 import socket
+from operator import itemgetter
 
-from probe.kernel.contract import DATA_HEADER_SIZE, ffi, lib
+from probe.kernel.contract import DATA_HEADER_SIZE, flat_struct, lib
 from probe.kernel.events import (
     ConnClose,
     ConnKey,
@@ -31,65 +34,102 @@ class AddressUpdate(ConnOpen):
     __slots__ = ()
 
 
-def _endpoint(raw) -> Endpoint | None:
-    if raw.family == lib.PROBE_AF_INET:
-        address = socket.inet_ntop(socket.AF_INET, bytes(raw.addr)[:4])
-    elif raw.family == lib.PROBE_AF_INET6:
-        address = unmap_ipv4(socket.inet_ntop(socket.AF_INET6, bytes(raw.addr)))
+def _picker(layout: tuple[str, ...], *names: str) -> itemgetter:
+    """Picks ``names``, in that order, out of a tuple unpacked by ``layout``."""
+    return itemgetter(*(layout.index(name) for name in names))
+
+
+_HEADER, _HEADER_NAMES = flat_struct("struct probe_event_header")
+_DATA, _DATA_NAMES = flat_struct("struct probe_data_event", DATA_HEADER_SIZE)
+_CONN, _CONN_NAMES = flat_struct("struct probe_conn_event")
+_HEADER_FIELDS = _picker(
+    _HEADER_NAMES, "type", "tid", "conn.pid", "conn.fd", "conn.generation", "timestamp_ns"
+)
+_DATA_FIELDS = _picker(
+    _DATA_NAMES,
+    "exit_ns",
+    "direction",
+    "bytes",
+    "captured",
+    "role",
+    "goroutine",
+    "flags",
+)
+_CONN_FIELDS = _picker(
+    _CONN_NAMES,
+    "role",
+    "local.family",
+    "local.addr",
+    "local.port",
+    "peer.family",
+    "peer.addr",
+    "peer.port",
+    "comm",
+)
+# Enum members by value, without the enum call on the hot path.
+_DIRECTIONS = {member.value: member for member in Direction}
+_ROLES = {member.value: member for member in Role}
+
+
+def _endpoint(family: int, addr: bytes, port: int) -> Endpoint | None:
+    if family == lib.PROBE_AF_INET:
+        address = socket.inet_ntop(socket.AF_INET, addr[:4])
+    elif family == lib.PROBE_AF_INET6:
+        address = unmap_ipv4(socket.inet_ntop(socket.AF_INET6, addr))
     else:
         return None
-    return Endpoint(address, raw.port)
+    return Endpoint(address, port)
 
 
-def _key(header) -> ConnKey:
-    return ConnKey(header.conn.pid, header.conn.fd, header.conn.generation)
+def _comm(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
-def decode(address: int, size: int) -> KernelEvent | None:
-    """Decode the record at ``address`` (``size`` bytes); None if malformed."""
-    if size < ffi.sizeof("struct probe_event_header"):
+def decode(raw: bytes) -> KernelEvent | None:
+    """Decode one record; None if it is malformed."""
+    if len(raw) < _HEADER.size:
         return None
-    header = ffi.cast("struct probe_event_header *", address)
-    kind = header.type
+    kind, tid, pid, fd, generation, timestamp_ns = _HEADER_FIELDS(_HEADER.unpack_from(raw))
     if kind == lib.PROBE_EVENT_DATA:
-        if size < DATA_HEADER_SIZE:
+        if len(raw) < DATA_HEADER_SIZE:
             return None
-        data = ffi.cast("struct probe_data_event *", address)
-        captured = min(data.captured, size - DATA_HEADER_SIZE)
-        return DataEvent(
-            key=_key(header),
-            tid=header.tid,
-            enter_ns=header.timestamp_ns,
-            exit_ns=data.exit_ns,
-            direction=Direction(data.direction),
-            size=data.bytes,
-            payload=ffi.buffer(data.payload, captured)[:],
-            role=Role(data.role),
-            goroutine=data.goroutine,
-            tls=bool(data.flags & lib.PROBE_DATA_TLS),
+        exit_ns, direction, size, captured, role, goroutine, flags = _DATA_FIELDS(
+            _DATA.unpack_from(raw)
         )
-    if size < ffi.sizeof("struct probe_conn_event"):
+        if direction not in _DIRECTIONS:
+            return None
+        return DataEvent(
+            key=ConnKey(pid, fd, generation),
+            tid=tid,
+            enter_ns=timestamp_ns,
+            exit_ns=exit_ns,
+            direction=_DIRECTIONS[direction],
+            size=size,
+            payload=raw[DATA_HEADER_SIZE : DATA_HEADER_SIZE + captured],
+            role=_ROLES.get(role, Role.UNKNOWN),
+            goroutine=goroutine,
+            tls=bool(flags & lib.PROBE_DATA_TLS),
+        )
+    if len(raw) < _CONN.size:
         return None
-    conn = ffi.cast("struct probe_conn_event *", address)
+    role, local_family, local_addr, local_port, peer_family, peer_addr, peer_port, comm = (
+        _CONN_FIELDS(_CONN.unpack_from(raw))
+    )
     if kind == lib.PROBE_EVENT_OPEN or kind == lib.PROBE_EVENT_ADDR:
         cls = ConnOpen if kind == lib.PROBE_EVENT_OPEN else AddressUpdate
         return cls(
-            key=_key(header),
-            tid=header.tid,
-            timestamp_ns=header.timestamp_ns,
-            role=Role(conn.role),
-            local=_endpoint(conn.local),
-            peer=_endpoint(conn.peer),
-            comm=ffi.string(conn.comm).decode("utf-8", "replace"),
+            key=ConnKey(pid, fd, generation),
+            tid=tid,
+            timestamp_ns=timestamp_ns,
+            role=_ROLES.get(role, Role.UNKNOWN),
+            local=_endpoint(local_family, local_addr, local_port),
+            peer=_endpoint(peer_family, peer_addr, peer_port),
+            comm=_comm(comm),
         )
     if kind == lib.PROBE_EVENT_CLOSE:
-        return ConnClose(key=_key(header), tid=header.tid, timestamp_ns=header.timestamp_ns)
+        return ConnClose(key=ConnKey(pid, fd, generation), tid=tid, timestamp_ns=timestamp_ns)
     if kind == lib.PROBE_EVENT_EXIT:
-        return ProcessExit(pid=header.conn.pid, timestamp_ns=header.timestamp_ns)
+        return ProcessExit(pid=pid, timestamp_ns=timestamp_ns)
     if kind == lib.PROBE_EVENT_EXEC:
-        return ProcessExec(
-            pid=header.conn.pid,
-            timestamp_ns=header.timestamp_ns,
-            comm=ffi.string(conn.comm).decode("utf-8", "replace"),
-        )
+        return ProcessExec(pid=pid, timestamp_ns=timestamp_ns, comm=_comm(comm))
     return None

@@ -199,7 +199,7 @@ class EventSource:
 
     def _on_record(self, _ctx: object, data: int, size: int) -> int:
         self.stats["events"] += 1
-        event = decode(data, size)
+        event = decode(ctypes.string_at(data, size))
         if event is None:
             self.stats["events_malformed"] += 1
             return 0

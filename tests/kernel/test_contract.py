@@ -10,7 +10,7 @@ import socket
 
 import pytest
 
-from probe.kernel.contract import DATA_HEADER_SIZE, MAX_CAPTURE, ffi, lib
+from probe.kernel.contract import DATA_HEADER_SIZE, MAX_CAPTURE, ffi, flat_struct, lib
 from probe.kernel.decode import AddressUpdate, decode
 from probe.kernel.events import (
     ConnClose,
@@ -84,6 +84,29 @@ def test_constants() -> None:
     assert (lib.PROBE_AF_INET, lib.PROBE_AF_INET6) == (socket.AF_INET, socket.AF_INET6)
 
 
+def test_flat_struct_unpacks_what_cffi_wrote() -> None:
+    record = ffi.new("struct probe_conn_event *")
+    record.header.conn.fd = -2
+    record.header.conn.generation = 2**63 + 5
+    record.peer.port = 443
+    record.peer.addr = bytes(range(16))
+    record.role = lib.PROBE_ROLE_SERVER
+    record.comm = b"nginx"
+    layout, names = flat_struct("struct probe_conn_event")
+    values = dict(zip(names, layout.unpack(bytes(ffi.buffer(record))), strict=True))
+    assert layout.size == ffi.sizeof("struct probe_conn_event")
+    assert values["header.conn.fd"] == -2
+    assert values["header.conn.generation"] == 2**63 + 5
+    assert values["peer.port"] == 443
+    assert values["peer.addr"] == bytes(range(16))
+    assert values["role"] == lib.PROBE_ROLE_SERVER
+    assert values["comm"] == b"nginx" + bytes(11)
+    # a prefix: the data record's fixed part, without its payload
+    layout, names = flat_struct("struct probe_data_event", DATA_HEADER_SIZE)
+    assert layout.size == DATA_HEADER_SIZE
+    assert names[-1] == "flags"
+
+
 def _header(record, kind: int, pid: int = 7, fd: int = 3, generation: int = 99) -> None:
     record.header.type = kind
     record.header.tid = 8
@@ -95,7 +118,7 @@ def _header(record, kind: int, pid: int = 7, fd: int = 3, generation: int = 99) 
 
 def _decode(record, size: int | None = None):
     size = ffi.sizeof(record[0]) if size is None else size
-    return decode(int(ffi.cast("uintptr_t", record)), size)
+    return decode(bytes(ffi.buffer(record, size)))
 
 
 def test_decode_data_event_takes_only_captured_bytes() -> None:
@@ -133,6 +156,13 @@ def test_decode_never_reads_past_the_record() -> None:
     record.captured = 100  # claims more than the record holds
     event = _decode(record, DATA_HEADER_SIZE + 4)
     assert len(event.payload) == 4
+
+
+def test_decode_refuses_an_unknown_direction() -> None:
+    record = ffi.new("struct probe_data_event *")
+    _header(record, lib.PROBE_EVENT_DATA)
+    record.direction = 7
+    assert _decode(record, DATA_HEADER_SIZE) is None
 
 
 def _endpoint(raw, family: int, address: str, port: int) -> None:
