@@ -19,7 +19,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from probe.kernel.discovery import BinaryDiscovery
-from probe.kernel.elf import find_symbols
+from probe.kernel.elf import find_symbols, section_contains, sections
 from probe.stats import Stats
 
 # function -> (BPF program at its entry, BPF program at its return)
@@ -41,6 +41,12 @@ def ssl_functions(path: str | Path) -> set[str]:
     that export the functions (Node.js's 100 MB binary in milliseconds); a
     full symbol table is searched only when its strings name SSL_write.
     """
+    if not any(
+        section_contains(path, section, b"\0SSL_write\0")
+        for name, section in sections(path).items()
+        if name in (".dynstr", ".strtab")
+    ):
+        return set()  # most files: no need to read their symbols at all
     try:
         with open(path, "rb") as stream:
             elf = ELFFile(stream)

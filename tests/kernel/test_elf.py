@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import glob
+from pathlib import Path
 
 import pytest
 
-from probe.kernel.elf import find_symbols, is_go_binary, return_offsets
+from probe.kernel.elf import (
+    find_symbols,
+    is_go_binary,
+    return_offsets,
+    section_contains,
+    sections,
+)
 
 
 def _libssl() -> str:
@@ -42,3 +49,26 @@ def test_not_elf_and_not_go(tmp_path) -> None:
     assert find_symbols(text, ["main"]) == {}
     assert not is_go_binary(text)
     assert not is_go_binary(_libssl())
+
+
+def test_section_table_matches_pyelftools() -> None:
+    from elftools.elf.elffile import ELFFile  # noqa: PLC0415 - the reference, here only
+
+    for path in (_libssl(), "/bin/sh"):
+        with open(path, "rb") as stream:
+            expected = {
+                section.name: (section["sh_offset"], section["sh_size"])
+                for section in ELFFile(stream).iter_sections()
+                if section.name
+            }
+        found = {name: (s.offset, s.size) for name, s in sections(path).items()}
+        assert found == expected
+    assert section_contains(_libssl(), sections(_libssl())[".dynstr"], b"\0SSL_write\0")
+    assert not section_contains(_libssl(), sections(_libssl())[".dynstr"], b"\0no_such\0")
+
+
+def test_section_table_of_a_cut_file(tmp_path) -> None:
+    cut = tmp_path / "cut.so"
+    cut.write_bytes(Path(_libssl()).read_bytes()[:4096])  # header, no section table
+    assert sections(cut) == {}
+    assert sections(tmp_path / "missing") == {}
