@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 
 class Direction(IntEnum):
@@ -26,12 +27,13 @@ class Role(IntEnum):
     SERVER = 2  # the process called accept()
 
 
-@dataclass(frozen=True, slots=True)
-class ConnKey:
+class ConnKey(NamedTuple):
     """Identifies one connection for its whole life.
 
     ``generation`` is the kernel's monotonic time when the probe first saw
     the connection, so a reused pid or fd never joins two connections.
+    A named tuple, not a frozen dataclass: it keys every per-connection
+    table on every event, and a tuple is built and hashed in C.
     """
 
     pid: int
@@ -39,8 +41,7 @@ class ConnKey:
     generation: int
 
 
-@dataclass(frozen=True, slots=True)
-class Endpoint:
+class Endpoint(NamedTuple):
     address: str  # textual IPv4 or IPv6 address, without brackets
     port: int
 

@@ -48,6 +48,11 @@ KERNEL_COUNTERS = {
     lib.PROBE_COUNTER_TLS_NO_SOCKET: "tls_plaintext_without_socket",
 }
 
+# libbcc's ring-buffer callback: (context, record address, record size) -> 0.
+# Called through libbcc directly rather than bcc's Python wrapper, which adds a
+# frame and an exception guard to every record.
+_RECORD_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
+
 _IGNORED_MEMORY = 4096  # recently ignored connections whose events are still in flight
 # ld.so maps a new image's libraries just after exec: look again a moment later.
 _RESCAN_AFTER_EXEC_S = 0.1
@@ -112,7 +117,9 @@ class EventSource:
         self._awaiting_address: dict[ConnKey, ConnOpen] = {}
         self._open_by_pid: dict[int, set[ConnKey]] = {}
         self._ignored: OrderedDict[ConnKey, None] = OrderedDict()
-        self._callback = None
+        self._callback = None  # kept referenced while libbcc may call it
+        self._ring = None  # libbcc's ring-buffer reader
+        self._libbcc = None  # bcc's ctypes view of libbcc, once bcc is imported
         # Finds the TLS libraries and Go programs to probe; exists once started.
         self.discovery: BinaryDiscovery | None = None
         self._connected_pids: set[int] = set()  # pids whose first connection was seen
@@ -125,6 +132,7 @@ class EventSource:
         cflags = self.options.cflags()
         try:
             from bcc import BPF  # noqa: PLC0415 - checked by features.prepare()
+            from bcc.libbcc import lib as libbcc  # noqa: PLC0415
         except ImportError as error:  # pragma: no cover - prepare() checked it
             raise features.ProbeError(str(error)) from error
         try:
@@ -144,8 +152,11 @@ class EventSource:
             table = self._bpf[b"traced_ports"]
             for port in self.options.ports:
                 table[ctypes.c_uint16(port)] = ctypes.c_uint8(1)
-        self._callback = self._on_record  # keep a reference for ctypes
-        self._bpf[b"events"].open_ring_buffer(self._callback)
+        self._callback = _RECORD_CALLBACK(self._on_record)
+        self._libbcc = libbcc
+        self._ring = libbcc.bpf_new_ringbuf(self._bpf[b"events"].map_fd, self._callback, None)
+        if not self._ring:
+            raise features.ProbeError("Could not read the kernel's ring buffer (bpf_new_ringbuf).")
         self.discovery = BinaryDiscovery(self._bpf, self.stats, log)
         self.discovery.add_handler(tls.OpenSslHandler(self._bpf))
         self.discovery.add_handler(golang.GoHandler(self._bpf))
@@ -155,6 +166,9 @@ class EventSource:
         log.debug("released %d mappings of the compiler", memory.release_compiler_memory())
 
     def close(self) -> None:
+        if self._ring is not None:
+            self._libbcc.bpf_free_ringbuf(self._ring)
+            self._ring = None
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None
@@ -176,8 +190,8 @@ class EventSource:
         emit()), so a timeout also reads what is waiting: at low rates a
         record waits at most ``timeout_ms``."""
         assert self._bpf is not None, "start() first"
-        self._bpf.ring_buffer_poll(timeout_ms)
-        self._bpf.ring_buffer_consume()
+        self._libbcc.bpf_poll_ringbuf(self._ring, timeout_ms)
+        self._libbcc.bpf_consume_ringbuf(self._ring)
         self.discovery.tick()
         batch, self._batch = self._batch, []
         return batch
