@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import httptools
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from probe.protocol.http1 import (
     MAX_HEAD_SIZE,
@@ -376,3 +381,79 @@ def test_bytes_before_a_gap_do_not_prefix_the_next_head(cut: bytes) -> None:
     f.feed(b"HTTP/1.1 204 No Content\r\n\r\n")
     assert [(m.status_code, m.body_framing_lost) for m in f.ended] == [(200, True), (204, False)]
     assert f.stats["parse_errors"] == 0
+
+
+# Messages as they follow one another on a keep-alive connection.
+MESSAGES: dict[type[MessageStream], list[bytes]] = {
+    RequestStream: [
+        CURL_GET,
+        b"POST /form HTTP/1.1\r\nContent-Length: 11\r\n\r\nhello world",
+        b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"\r\nFOO /f HTTP/1.1\r\n\r\n",
+        b"GET /odd HTTP/1.0\r\nX-Odd:  \xa0v \xe9\t\r\nX-Empty:\r\n\r\n",
+    ],
+    ResponseStream: [
+        b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 25\r\n\r\n" + b"x" * 25,
+        CHUNKED_RESPONSE,
+        b"HTTP/1.1 100 Continue\r\n\r\n",
+        b"HTTP/1.1 204 No Content\r\nDate: today\r\n\r\n",
+        b"HTTP/1.1 404  Not  Found \r\nContent-Length: 0\r\n\r\n",
+    ],
+}
+
+
+def outcome(f: Fixture) -> tuple:
+    """What a stream made of its bytes, but for the times, which depend on the syscalls."""
+    untimed = [
+        {k: v for k, v in dataclasses.asdict(m).items() if k not in ("start_ns", "end_ns")}
+        for m in f.ended
+    ]
+    return untimed, f.sink.started, f.stats
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_messages_whole_in_a_syscall_or_split_anywhere_agree(data: st.DataObject) -> None:
+    """Heads whole in a payload take a shortcut; bytes cut anywhere must read the same."""
+    stream_class = data.draw(st.sampled_from(list(MESSAGES)))
+    stream = b"".join(data.draw(st.lists(st.sampled_from(MESSAGES[stream_class]), min_size=1)))
+    points = sorted(set(data.draw(st.lists(st.integers(1, len(stream) - 1), max_size=20))))
+    whole, split = Fixture(stream_class), Fixture(stream_class)
+    whole.feed(stream)
+    for start, end in zip([0, *points], [*points, len(stream)], strict=True):
+        split.feed(stream[start:end])
+    assert outcome(split) == outcome(whole)
+    assert whole.stats["parse_errors"] == 0
+
+
+class _Fields:
+    """httptools callbacks: the header fields as llhttp itself splits them."""
+
+    def __init__(self) -> None:
+        self.fields: list[tuple[str, str]] = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.fields.append((name.decode("latin-1").lower(), value.decode("latin-1").strip()))
+
+
+_TOKEN = st.text("abcxyzABCXYZ019!#$%&'*+-.^_`|~", min_size=1, max_size=8)
+# what llhttp takes in a value: HTAB, SP, visible ASCII, obs-text
+_VALUE = st.binary(max_size=12).map(
+    lambda raw: bytes(b for b in raw if b == 9 or 0x20 <= b <= 0x7E or b >= 0x80)
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_TOKEN, _VALUE), max_size=6))
+def test_header_fields_are_what_llhttp_reads(fields: list[tuple[str, bytes]]) -> None:
+    head = b"GET / HTTP/1.1\r\n"
+    head += b"".join(name.encode() + b":" + value + b"\r\n" for name, value in fields) + b"\r\n"
+    expected = _Fields()
+    try:
+        httptools.HttpRequestParser(expected).feed_data(head)
+    except httptools.HttpParserError:
+        return  # e.g. a Content-Length that is not a number
+    f = requests()
+    f.feed(head)
+    [request] = f.sink.parsed
+    assert request.headers == expected.fields
