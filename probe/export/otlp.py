@@ -1,8 +1,8 @@
 """OTLP trace export over gRPC and over HTTP (http/protobuf).
 
-Owns the mapping from `probe.trace.span` to the official OTLP messages
-(`spans_to_request`), and the two transports. Each transport's `send` sends
-one request once and classifies the answer as the OTLP specification says
+The two transports send the request bytes that `probe.export.otlp_wire`
+encodes (no protobuf message objects on the way out). Each transport's `send`
+sends one request once and classifies the answer as the OTLP specification says
 (success, partial success, retryable with the server's delay, permanent);
 retrying is the `BatchSpanProcessor`'s job. `export` is the plain
 `SpanExporter` face: one attempt, partial success counted as success.
@@ -23,34 +23,17 @@ from urllib.parse import urlsplit
 import grpc
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import TraceServiceStub
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue
-from opentelemetry.proto.trace.v1 import trace_pb2
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 import probe
 from probe.config import ProbeConfig
 from probe.export.base import ExportResult
 from probe.export.batch import SUCCESS, BatchSpanProcessor, Outcome, SendOutcome
+from probe.export.otlp_wire import TraceRequestEncoder
 from probe.stats import Stats
-from probe.trace.span import Attributes, AttributeValue, Span, SpanKind, StatusCode
+from probe.trace.span import Span
 
-SCOPE_NAME = "probe"
 USER_AGENT = f"probe/{probe.__version__}"
-
-_KIND = {
-    SpanKind.INTERNAL: trace_pb2.Span.SPAN_KIND_INTERNAL,
-    SpanKind.SERVER: trace_pb2.Span.SPAN_KIND_SERVER,
-    SpanKind.CLIENT: trace_pb2.Span.SPAN_KIND_CLIENT,
-}
-_STATUS = {
-    StatusCode.UNSET: trace_pb2.Status.STATUS_CODE_UNSET,
-    StatusCode.OK: trace_pb2.Status.STATUS_CODE_OK,
-    StatusCode.ERROR: trace_pb2.Status.STATUS_CODE_ERROR,
-}
 
 # -- from the configuration ----
 
@@ -81,76 +64,7 @@ def create_processor(config: ProbeConfig, stats: Stats) -> BatchSpanProcessor:
     )
 
 
-# -- spans to protobuf ----
-
-
-def spans_to_request(spans: Sequence[Span]) -> ExportTraceServiceRequest:
-    """One ResourceSpans per distinct resource, each with a single `probe` scope."""
-    request = ExportTraceServiceRequest()
-    by_resource: dict[tuple, Any] = {}  # Resource.key() -> its ScopeSpans.spans
-    for span in spans:
-        key = span.resource.key()
-        out = by_resource.get(key)
-        if out is None:
-            resource_spans = request.resource_spans.add()
-            _set_attributes(resource_spans.resource.attributes, span.resource.attributes)
-            scope_spans = resource_spans.scope_spans.add()
-            scope_spans.scope.name = SCOPE_NAME
-            scope_spans.scope.version = probe.__version__
-            out = by_resource[key] = scope_spans.spans
-        _fill_span(out.add(), span)
-    return request
-
-
-def _fill_span(out: trace_pb2.Span, span: Span) -> None:
-    out.trace_id = span.trace_id
-    out.span_id = span.span_id
-    if span.parent_span_id:
-        out.parent_span_id = span.parent_span_id
-    out.name = span.name
-    out.kind = _KIND[span.kind]
-    out.start_time_unix_nano = span.start_time_unix_nano
-    out.end_time_unix_nano = span.end_time_unix_nano
-    _set_attributes(out.attributes, span.attributes)
-    for event in span.events:
-        out_event = out.events.add()
-        out_event.name = event.name
-        out_event.time_unix_nano = event.time_unix_nano
-        _set_attributes(out_event.attributes, event.attributes)
-    for link in span.links:
-        out_link = out.links.add()
-        out_link.trace_id = link.trace_id
-        out_link.span_id = link.span_id
-        _set_attributes(out_link.attributes, link.attributes)
-    if span.status_code is not StatusCode.UNSET:
-        out.status.code = _STATUS[span.status_code]
-        out.status.message = span.status_message
-
-
-def _set_attributes(out: Any, attributes: Attributes) -> None:
-    """Append ``attributes`` to a repeated KeyValue field."""
-    for key, value in attributes.items():
-        pair = out.add()
-        pair.key = key
-        _set_value(pair.value, value)
-
-
-def _set_value(out: AnyValue, value: AttributeValue) -> None:
-    # bool first: it is a subclass of int
-    if isinstance(value, str):
-        out.string_value = value
-    elif isinstance(value, bool):
-        out.bool_value = value
-    elif isinstance(value, int):
-        out.int_value = value
-    elif isinstance(value, float):
-        out.double_value = value
-    elif isinstance(value, list | tuple):
-        out.array_value.SetInParent()  # an empty list is still an array
-        for item in value:
-            _set_value(out.array_value.values.add(), item)
-    else:
-        raise TypeError(f"unsupported attribute value {value!r}")
+# -- the shared exporter face ----
 
 
 def _partial(response: ExportTraceServiceResponse) -> SendOutcome:
@@ -160,20 +74,19 @@ def _partial(response: ExportTraceServiceResponse) -> SendOutcome:
     return SUCCESS
 
 
-# -- the shared exporter face ----
-
-
 class _OtlpExporter:
     """`SpanExporter` on top of a transport's `send`."""
 
     def __init__(self, timeout: float) -> None:
         self._timeout = timeout  # seconds, for a send that names none
         self._closed = False
+        self._encoder = TraceRequestEncoder()
 
-    def encode(self, spans: Sequence[Span]) -> ExportTraceServiceRequest:
-        return spans_to_request(spans)
+    def encode(self, spans: Sequence[Span]) -> bytes:
+        """An ExportTraceServiceRequest, serialized."""
+        return self._encoder.encode(spans)
 
-    def send(self, request: ExportTraceServiceRequest, timeout: float | None = None) -> SendOutcome:
+    def send(self, request: bytes, timeout: float | None = None) -> SendOutcome:
         raise NotImplementedError
 
     def export(self, spans: Sequence[Span]) -> ExportResult:
@@ -205,6 +118,7 @@ _GRPC_RETRYABLE = frozenset(
 )
 # Where gRPC carries a google.rpc.Status with details such as RetryInfo.
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
+EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 
 
 class OtlpGrpcSpanExporter(_OtlpExporter):
@@ -244,12 +158,17 @@ class OtlpGrpcSpanExporter(_OtlpExporter):
             )
         else:
             self._channel = grpc.insecure_channel(target, options, compression=channel_compression)
-        self._stub = TraceServiceStub(self._channel)
+        # The request is already serialized: no request_serializer, gRPC sends the bytes.
+        self._export = self._channel.unary_unary(
+            EXPORT_METHOD,
+            request_serializer=None,
+            response_deserializer=ExportTraceServiceResponse.FromString,
+        )
         self._metadata = tuple((k.lower(), v) for k, v in (headers or {}).items())
 
-    def send(self, request: ExportTraceServiceRequest, timeout: float | None = None) -> SendOutcome:
+    def send(self, request: bytes, timeout: float | None = None) -> SendOutcome:
         try:
-            response = self._stub.Export(
+            response = self._export(
                 request, timeout=timeout or self._timeout, metadata=self._metadata
             )
         except grpc.RpcError as error:
@@ -349,8 +268,8 @@ class OtlpHttpSpanExporter(_OtlpExporter):
             self._headers["Content-Encoding"] = "gzip"
         self._connection: http.client.HTTPConnection | None = None
 
-    def send(self, request: ExportTraceServiceRequest, timeout: float | None = None) -> SendOutcome:
-        body = request.SerializeToString()
+    def send(self, request: bytes, timeout: float | None = None) -> SendOutcome:
+        body = request
         if self._gzip:
             body = gzip.compress(body, compresslevel=6)
         try:

@@ -1,4 +1,8 @@
-"""OTLP mapping and both transports, against real receivers on 127.0.0.1."""
+"""OTLP mapping and both transports, against real receivers on 127.0.0.1.
+
+How each field is encoded is checked against the official messages in
+test_otlp_wire.py; here, what the mapping means.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import grpc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 import probe
@@ -21,11 +26,12 @@ from probe.export.otlp import (
     _grpc_target,
     _retry_after,
     create_processor,
-    spans_to_request,
 )
+from probe.export.otlp_wire import TraceRequestEncoder
 from probe.stats import Stats
 from probe.trace.span import Resource, Span, SpanEvent, SpanKind, SpanLink, StatusCode
 from tests.otlp_receiver import GrpcReceiver, HttpReceiver, Reply, Tls, decode_attributes
+from tests.otlp_reference import expected_request
 
 RESOURCE_A = Resource({"service.name": "nginx", "process.pid": 42, "host.arch": "amd64"})
 RESOURCE_B = Resource({"service.name": "curl", "process.pid": 7})
@@ -63,6 +69,15 @@ def full_span(resource: Resource = RESOURCE_A, **changes: object) -> Span:
     return span
 
 
+def encoded(spans: list[Span]) -> bytes:
+    return TraceRequestEncoder().encode(spans)
+
+
+def decoded(spans: list[Span]) -> ExportTraceServiceRequest:
+    """The request for ``spans`` as a collector reads it."""
+    return ExportTraceServiceRequest.FromString(encoded(spans))
+
+
 def only_span(request) -> trace_pb2.Span:
     (resource_spans,) = request.resource_spans
     (scope_spans,) = resource_spans.scope_spans
@@ -71,7 +86,7 @@ def only_span(request) -> trace_pb2.Span:
 
 
 def test_every_field_is_mapped():
-    request = spans_to_request([full_span()])
+    request = decoded([full_span()])
 
     (resource_spans,) = request.resource_spans
     assert decode_attributes(resource_spans.resource.attributes) == RESOURCE_A.attributes
@@ -103,7 +118,7 @@ def test_every_field_is_mapped():
 
 def test_root_client_span_without_status():
     span = only_span(
-        spans_to_request(
+        decoded(
             [full_span(kind=SpanKind.CLIENT, parent_span_id=None, status_code=StatusCode.UNSET)]
         )
     )
@@ -118,7 +133,7 @@ def test_spans_are_grouped_by_resource_in_order():
         full_span(RESOURCE_B, name="b1"),
         full_span(Resource(dict(RESOURCE_A.attributes)), name="a2"),  # equal, not identical
     ]
-    request = spans_to_request(spans)
+    request = decoded(spans)
     grouped = [
         (decode_attributes(rs.resource.attributes), [s.name for s in rs.scope_spans[0].spans])
         for rs in request.resource_spans
@@ -139,10 +154,10 @@ attribute_values = st.one_of(
 @settings(max_examples=50, deadline=None)
 @given(st.dictionaries(st.text(min_size=1, max_size=10), attribute_values, max_size=6))
 def test_attributes_round_trip(attributes):
-    request = spans_to_request([full_span(attributes=attributes)])
-    decoded = decode_attributes(only_span(request).attributes)
-    assert decoded == attributes
-    assert [type(v) for v in decoded.values()] == [type(v) for v in attributes.values()]
+    request = decoded([full_span(attributes=attributes)])
+    values = decode_attributes(only_span(request).attributes)
+    assert values == attributes
+    assert [type(v) for v in values.values()] == [type(v) for v in attributes.values()]
 
 
 # -- over the wire ----
@@ -189,7 +204,7 @@ def test_spans_arrive_intact(transport, compression):
     assert exporter.export(spans) is ExportResult.SUCCESS
 
     (received,) = receiver.wait_for(1)
-    assert received.request == spans_to_request(spans)
+    assert received.request == expected_request(spans)
     assert received.headers["api-key"] == "s3cret"
     assert received.headers["user-agent"].startswith(f"probe/{probe.__version__}")
     exporter.shutdown()
@@ -256,7 +271,7 @@ GRPC_ANSWERS += [
 def test_grpc_answers_are_classified(grpc_receiver, reply, expected):
     grpc_receiver.script(reply)
     exporter = grpc_exporter(grpc_receiver)
-    assert exporter.send(spans_to_request([full_span()])) == expected
+    assert exporter.send(encoded([full_span()])) == expected
 
 
 HTTP_ANSWERS = [
@@ -290,7 +305,7 @@ HTTP_ANSWERS = [
 def test_http_answers_are_classified(http_receiver, reply, expected):
     http_receiver.script(reply)
     exporter = http_exporter(http_receiver)
-    assert exporter.send(spans_to_request([full_span()])) == expected
+    assert exporter.send(encoded([full_span()])) == expected
 
 
 def test_export_reports_failure_and_partial_success(transport):
@@ -309,7 +324,7 @@ def test_no_collector_is_retryable(name, grpc_receiver, http_receiver):
     receiver = grpc_receiver if name == "grpc" else http_receiver
     exporter = (grpc_exporter if name == "grpc" else http_exporter)(receiver)
     receiver.stop()
-    outcome = exporter.send(spans_to_request([full_span()]))
+    outcome = exporter.send(encoded([full_span()]))
     assert outcome.outcome is Outcome.RETRYABLE
     assert outcome.retry_after is None
 
@@ -375,7 +390,7 @@ def test_processor_from_configuration(protocol, grpc_receiver, http_receiver):
     assert processor.shutdown(timeout_millis=20_000)
 
     (received,) = receiver.wait_for(1)
-    assert received.request == spans_to_request(spans)
+    assert received.request == expected_request(spans)
     assert received.headers["x-tenant"] == "t1"
     assert stats["spans_exported"] == 2
 
@@ -389,11 +404,11 @@ def test_tls_with_a_trusted_certificate(name, tmp_path):
         assert receiver.endpoint.startswith("https://")
         trusting = make(receiver.endpoint, certificate_file=tls.cert_file, timeout=10)
         assert trusting.export([full_span()]) is ExportResult.SUCCESS
-        assert receiver.wait_for(1)[0].request == spans_to_request([full_span()])
+        assert receiver.wait_for(1)[0].request == expected_request([full_span()])
 
         # without the CA the certificate is not trusted: nothing is sent in the clear
         untrusting = make(receiver.endpoint, timeout=10)
-        assert untrusting.send(spans_to_request([full_span()])).outcome is Outcome.RETRYABLE
+        assert untrusting.send(encoded([full_span()])).outcome is Outcome.RETRYABLE
         assert len(receiver.received) == 1
     finally:
         receiver.stop()

@@ -1,0 +1,303 @@
+"""Spans to an OTLP ``ExportTraceServiceRequest``, written straight in protobuf's wire format.
+
+Filling the official protobuf messages field by field was the export thread's
+largest cost (issue 6). The request is simple enough to write by hand, and most
+of it repeats from span to span: a process's resource, the scope, and most
+attribute pairs (method, server address, port, user agent...). Those are encoded
+once and their bytes reused.
+
+The mapping, field for field, is the one the official messages would get:
+proto3 scalars at their default value are left out as they would be; a oneof
+member, a submessage that was set and a repeated element are written even when
+empty. Field numbers are those of opentelemetry/proto/{collector/trace,trace,
+common,resource}/v1; tests/unit/test_otlp_wire.py parses the output with the
+official classes and compares it with the messages built the official way.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+import probe
+from probe.trace.span import (
+    Attributes,
+    AttributeValue,
+    Resource,
+    Span,
+    SpanEvent,
+    SpanKind,
+    SpanLink,
+    StatusCode,
+)
+
+SCOPE_NAME = "probe"
+
+# Strings longer than this are rarely repeated: not worth their memory in the cache.
+MAX_CACHED_STRING = 256
+
+_VARINT, _FIXED64, _LEN = 0, 1, 2
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_ONE_BYTE = [bytes((n,)) for n in range(0x80)]
+_FIXED64_LE = struct.Struct("<Q").pack
+_DOUBLE_LE = struct.Struct("<d").pack
+
+
+def _varint(value: int) -> bytes:
+    """An unsigned integer in base-128, least significant group first."""
+    if value < 0x80:
+        return _ONE_BYTE[value]
+    groups = []
+    while value >= 0x80:
+        groups.append(value & 0x7F | 0x80)
+        value >>= 7
+    groups.append(value)
+    return bytes(groups)
+
+
+def _tag(field_number: int, wire_type: int) -> bytes:
+    return _varint(field_number << 3 | wire_type)
+
+
+def _len_field(tag: bytes, payload: bytes) -> bytes:
+    """A length-delimited field: a string, bytes, or an embedded message."""
+    return tag + _varint(len(payload)) + payload
+
+
+# ExportTraceServiceRequest, ResourceSpans, Resource, ScopeSpans, InstrumentationScope
+_REQUEST_RESOURCE_SPANS = _tag(1, _LEN)
+_RESOURCE_SPANS_RESOURCE = _tag(1, _LEN)
+_RESOURCE_SPANS_SCOPE_SPANS = _tag(2, _LEN)
+_RESOURCE_ATTRIBUTES = _tag(1, _LEN)
+_SCOPE_SPANS_SCOPE = _tag(1, _LEN)
+_SCOPE_SPANS_SPANS = _tag(2, _LEN)
+_SCOPE_NAME = _tag(1, _LEN)
+_SCOPE_VERSION = _tag(2, _LEN)
+# Span
+_SPAN_TRACE_ID = _tag(1, _LEN)
+_SPAN_SPAN_ID = _tag(2, _LEN)
+_SPAN_PARENT_SPAN_ID = _tag(4, _LEN)
+_SPAN_NAME = _tag(5, _LEN)
+_SPAN_KIND = _tag(6, _VARINT)
+_SPAN_START_TIME = _tag(7, _FIXED64)
+_SPAN_END_TIME = _tag(8, _FIXED64)
+_SPAN_ATTRIBUTES = _tag(9, _LEN)
+_SPAN_EVENTS = _tag(11, _LEN)
+_SPAN_LINKS = _tag(13, _LEN)
+_SPAN_STATUS = _tag(15, _LEN)
+# Span.Event, Span.Link, Status
+_EVENT_TIME = _tag(1, _FIXED64)
+_EVENT_NAME = _tag(2, _LEN)
+_EVENT_ATTRIBUTES = _tag(3, _LEN)
+_LINK_TRACE_ID = _tag(1, _LEN)
+_LINK_SPAN_ID = _tag(2, _LEN)
+_LINK_ATTRIBUTES = _tag(4, _LEN)
+_STATUS_MESSAGE = _tag(2, _LEN)
+_STATUS_CODE = _tag(3, _VARINT)
+# KeyValue, AnyValue, ArrayValue
+_KEY_VALUE_KEY = _tag(1, _LEN)
+_KEY_VALUE_VALUE = _tag(2, _LEN)
+_ANY_STRING = _tag(1, _LEN)
+_ANY_BOOL = _tag(2, _VARINT)
+_ANY_INT = _tag(3, _VARINT)
+_ANY_DOUBLE = _tag(4, _FIXED64)
+_ANY_ARRAY = _tag(5, _LEN)
+_ARRAY_VALUES = _tag(1, _LEN)
+
+# Span.SpanKind and Status.StatusCode numbers, with their tags; UNSET status is no status.
+_KIND_FIELDS = {
+    kind: _SPAN_KIND + _varint(number)
+    for kind, number in ((SpanKind.INTERNAL, 1), (SpanKind.SERVER, 2), (SpanKind.CLIENT, 3))
+}
+_STATUS_CODE_FIELDS = {
+    StatusCode.OK: _STATUS_CODE + _varint(1),
+    StatusCode.ERROR: _STATUS_CODE + _varint(2),
+}
+
+
+def _bytes_field(tag: bytes, value: bytes) -> bytes:
+    """An implicit-presence bytes field: left out when empty."""
+    return _len_field(tag, value) if value else b""
+
+
+def _string_field(tag: bytes, text: str) -> bytes:
+    """An implicit-presence string field: left out when empty."""
+    return _len_field(tag, text.encode()) if text else b""
+
+
+def _fixed64_field(tag: bytes, value: int) -> bytes:
+    """An implicit-presence fixed64 field: left out when zero."""
+    return tag + _FIXED64_LE(value) if value else b""
+
+
+def _any_value(value: AttributeValue) -> bytes:
+    """The body of an AnyValue: exactly one member of its oneof, written even when empty."""
+    # bool first: it is a subclass of int
+    if isinstance(value, str):
+        encoded = value.encode()
+        return _ANY_STRING + _varint(len(encoded)) + encoded
+    if isinstance(value, bool):
+        return _ANY_BOOL + _ONE_BYTE[value]
+    if isinstance(value, int):
+        if not _INT64_MIN <= value <= _INT64_MAX:
+            raise ValueError(f"attribute value out of int64 range: {value}")
+        return _ANY_INT + _varint(value & 0xFFFF_FFFF_FFFF_FFFF)  # two's complement, 10 bytes
+    if isinstance(value, float):
+        return _ANY_DOUBLE + _DOUBLE_LE(value)
+    if isinstance(value, list | tuple):
+        items = b"".join(_len_field(_ARRAY_VALUES, _any_value(item)) for item in value)
+        return _len_field(_ANY_ARRAY, items)
+    raise TypeError(f"unsupported attribute value {value!r}")
+
+
+def _key_value_field(tag: bytes, key_field: bytes, value: AttributeValue) -> bytes:
+    """One attribute as a KeyValue field with the given tag; ``key_field`` is its key's."""
+    any_value = _any_value(value)
+    value_field = _KEY_VALUE_VALUE + _varint(len(any_value)) + any_value
+    return tag + _varint(len(key_field) + len(value_field)) + key_field + value_field
+
+
+def _attribute_fields(tag: bytes, attributes: Attributes) -> list[bytes]:
+    return [
+        _key_value_field(tag, _string_field(_KEY_VALUE_KEY, key), value)
+        for key, value in attributes.items()
+    ]
+
+
+# Cached pair values: hashable, and equal only when they encode alike. The type is
+# part of the cache key, since True == 1; floats are left out, since 0.0 == -0.0.
+_CACHED_TYPES = frozenset({str, int, bool})
+
+
+class _CachedAttributes:
+    """Attributes as KeyValue fields of one tag, remembering the pairs it has encoded.
+
+    Bounded: when full it starts over, which costs one encoding per pair that
+    is still in use; the ports, paths and addresses that never repeat are what
+    fills it.
+    """
+
+    def __init__(self, tag: bytes, max_entries: int) -> None:
+        self._tag = tag
+        self._max_entries = max_entries
+        self._fields: dict[tuple[str, AttributeValue, type], bytes] = {}
+        self._key_fields: dict[str, bytes] = {}  # KeyValue.key fields
+
+    def append_fields(self, out: list[bytes], attributes: Attributes) -> None:
+        cache = self._fields
+        for key, value in attributes.items():
+            value_type = type(value)
+            if value_type in _CACHED_TYPES:
+                cache_key = (key, value, value_type)
+                field = cache.get(cache_key)
+                if field is None:
+                    field = self._encode(key, value)
+                    if value_type is not str or len(value) <= MAX_CACHED_STRING:
+                        if len(cache) >= self._max_entries:
+                            cache.clear()
+                        cache[cache_key] = field
+            else:
+                field = self._encode(key, value)
+            out.append(field)
+
+    def _encode(self, key: str, value: AttributeValue) -> bytes:
+        key_field = self._key_fields.get(key)
+        if key_field is None:
+            key_field = _string_field(_KEY_VALUE_KEY, key)
+            if len(self._key_fields) >= self._max_entries:
+                self._key_fields.clear()
+            self._key_fields[key] = key_field
+        return _key_value_field(self._tag, key_field, value)
+
+
+class TraceRequestEncoder:
+    """Encodes batches of spans as ExportTraceServiceRequest bytes.
+
+    One ResourceSpans per distinct resource (by `Resource.key`), in order of
+    first appearance, each with the single `probe` scope. Safe to share between
+    threads: a cache entry, whenever it is found, is right.
+    """
+
+    def __init__(self, max_cached_attributes: int = 4096, max_cached_resources: int = 1024) -> None:
+        self._span_attributes = _CachedAttributes(_SPAN_ATTRIBUTES, max_cached_attributes)
+        self._max_cached_resources = max_cached_resources
+        # id(resource) -> (resource, its Resource field). The entry holds the resource
+        # so that its id cannot pass to another while cached; a Resource does not
+        # change once made.
+        self._resources: dict[int, tuple[Resource, bytes]] = {}
+        scope = _string_field(_SCOPE_NAME, SCOPE_NAME) + _string_field(
+            _SCOPE_VERSION, probe.__version__
+        )
+        self._scope_field = _len_field(_SCOPE_SPANS_SCOPE, scope)
+
+    def encode(self, spans: Sequence[Span]) -> bytes:
+        by_key: dict[tuple, tuple[Resource, list[bytes]]] = {}  # Resource.key() -> span fields
+        by_identity: dict[int, list[bytes]] = {}  # id(resource) -> the same lists: key() is costly
+        for span in spans:
+            span_fields = by_identity.get(id(span.resource))
+            if span_fields is None:
+                resource = span.resource
+                _, span_fields = by_key.setdefault(resource.key(), (resource, []))
+                by_identity[id(resource)] = span_fields
+            span_fields.append(self._span_field(span))
+        return b"".join(
+            self._resource_spans_field(resource, span_fields)
+            for resource, span_fields in by_key.values()
+        )
+
+    def _resource_spans_field(self, resource: Resource, span_fields: list[bytes]) -> bytes:
+        # Sizes first, then a single join: the spans' bytes are copied once.
+        resource_field = self._resource_field(resource)
+        scope_spans_size = len(self._scope_field) + sum(map(len, span_fields))
+        scope_spans_head = _RESOURCE_SPANS_SCOPE_SPANS + _varint(scope_spans_size)
+        size = len(resource_field) + len(scope_spans_head) + scope_spans_size
+        head = [_REQUEST_RESOURCE_SPANS, _varint(size), resource_field, scope_spans_head]
+        return b"".join([*head, self._scope_field, *span_fields])
+
+    def _resource_field(self, resource: Resource) -> bytes:
+        cached = self._resources.get(id(resource))
+        if cached is not None:
+            return cached[1]
+        attributes = b"".join(_attribute_fields(_RESOURCE_ATTRIBUTES, resource.attributes))
+        # Without attributes the Resource message was never set: no field at all.
+        field = _len_field(_RESOURCE_SPANS_RESOURCE, attributes) if attributes else b""
+        if len(self._resources) >= self._max_cached_resources:
+            self._resources.clear()
+        self._resources[id(resource)] = (resource, field)
+        return field
+
+    def _span_field(self, span: Span) -> bytes:
+        parts = [
+            _bytes_field(_SPAN_TRACE_ID, span.trace_id),
+            _bytes_field(_SPAN_SPAN_ID, span.span_id),
+            _bytes_field(_SPAN_PARENT_SPAN_ID, span.parent_span_id or b""),
+            _string_field(_SPAN_NAME, span.name),
+            _KIND_FIELDS[span.kind],
+            _fixed64_field(_SPAN_START_TIME, span.start_time_unix_nano),
+            _fixed64_field(_SPAN_END_TIME, span.end_time_unix_nano),
+        ]
+        self._span_attributes.append_fields(parts, span.attributes)
+        parts += map(_event_field, span.events)
+        parts += map(_link_field, span.links)
+        if span.status_code is not StatusCode.UNSET:
+            status = _string_field(_STATUS_MESSAGE, span.status_message)
+            parts.append(_len_field(_SPAN_STATUS, status + _STATUS_CODE_FIELDS[span.status_code]))
+        return _len_field(_SCOPE_SPANS_SPANS, b"".join(parts))
+
+
+def _event_field(event: SpanEvent) -> bytes:
+    parts = [
+        _fixed64_field(_EVENT_TIME, event.time_unix_nano),
+        _string_field(_EVENT_NAME, event.name),
+        *_attribute_fields(_EVENT_ATTRIBUTES, event.attributes),
+    ]
+    return _len_field(_SPAN_EVENTS, b"".join(parts))  # written even when empty, as repeated
+
+
+def _link_field(link: SpanLink) -> bytes:
+    parts = [
+        _bytes_field(_LINK_TRACE_ID, link.trace_id),
+        _bytes_field(_LINK_SPAN_ID, link.span_id),
+        *_attribute_fields(_LINK_ATTRIBUTES, link.attributes),
+    ]
+    return _len_field(_SPAN_LINKS, b"".join(parts))
