@@ -24,7 +24,10 @@ syscall's payload starts a message again.
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum, IntEnum, auto
 from typing import Protocol
 
@@ -35,6 +38,12 @@ from probe.stats import Stats
 
 MAX_HEAD_SIZE = 64 * 1024  # a longer head is not HTTP worth buffering for
 MAX_CHUNK_LINE = 1024  # chunk size plus extensions
+# Keep-alive traffic repeats its heads byte for byte (a client its request, a
+# server its response within the second of its Date): a head is parsed once,
+# then remembered, if it is at most HEAD_CACHE_MAX bytes long, among the
+# HEAD_CACHE_SIZE most recent of requests and as many of responses.
+HEAD_CACHE_SIZE = 256
+HEAD_CACHE_MAX = 2048
 
 _REQUEST_START = re.compile(rb"[A-Z][A-Z0-9_-]{0,31} ")
 _REQUEST_PREFIX = re.compile(rb"[A-Z][A-Z0-9_-]{0,31}\Z")
@@ -101,14 +110,13 @@ class _Body(Enum):
 class _Head:
     """httptools callbacks: collects the parts of one head that llhttp splits out."""
 
-    __slots__ = ("url", "reason", "complete", "version", "headers")
+    __slots__ = ("url", "reason", "complete", "version")
 
     def __init__(self) -> None:
         self.url = b""
         self.reason = b""
         self.complete = False
-        self.version = ""
-        self.headers: list[tuple[str, str]] = []
+        self.version = ""  # set by _parse, once llhttp has read the start line
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -135,11 +143,10 @@ def _parse(parser_class: type[_Parser], head: bytes) -> tuple[_Head, _Parser]:
     parts.version = parser.get_http_version()
     if parts.version not in _VERSIONS:
         raise ValueError(f"not HTTP/1.x: {parts.version}")
-    parts.headers = _fields(head)
     return parts, parser
 
 
-def _fields(head: bytes) -> list[tuple[str, str]]:
+def _fields(head: bytes) -> tuple[tuple[str, str], ...]:
     """The header fields of a head llhttp accepted, as (lower-case name, value).
 
     Splitting the lines here costs a fraction of a callback per field, and
@@ -149,10 +156,70 @@ def _fields(head: bytes) -> list[tuple[str, str]]:
     """
     # latin-1 maps every byte, so odd header bytes never fail decoding
     lines = head.decode("latin-1").split("\r\n")
-    return [
+    return tuple(
         (name.lower(), value.strip())
         for name, _, value in (line.partition(":") for line in lines[1:-2])
-    ]
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _ParsedHead:
+    """What a head says; it depends on the head's bytes alone."""
+
+    version: str
+    headers: tuple[tuple[str, str], ...]
+    # the first values of the fields that frame the body
+    transfer_encoding: str | None
+    content_length: str | None
+    method: str = ""  # requests
+    target: str = ""
+    status_code: int = 0  # responses
+    reason: str = ""
+
+    @classmethod
+    def of(cls, head: bytes, version: str, **start_line: str | int) -> _ParsedHead:
+        headers = _fields(head)
+        return cls(
+            version,
+            headers,
+            _first_value(headers, "transfer-encoding"),
+            _first_value(headers, "content-length"),
+            **start_line,
+        )
+
+
+def _first_value(headers: tuple[tuple[str, str], ...], name: str) -> str | None:
+    return next((value for key, value in headers if key == name), None)
+
+
+def _remembered(parse: Callable[[bytes], _ParsedHead]) -> Callable[[bytes], _ParsedHead]:
+    """``parse``, remembering what it made of each head short enough to keep."""
+    cached = functools.lru_cache(maxsize=HEAD_CACHE_SIZE)(parse)
+
+    def parse_head(head: bytes) -> _ParsedHead:
+        return cached(head) if len(head) <= HEAD_CACHE_MAX else parse(head)
+
+    return parse_head
+
+
+@_remembered
+def _parse_request(head: bytes) -> _ParsedHead:
+    method = head[: head.index(b" ")]
+    try:
+        parts, _ = _parse(httptools.HttpRequestParser, head)
+    except httptools.HttpParserInvalidMethodError:
+        # llhttp knows a fixed list of methods; any token is a valid one (RFC 9110 9.1)
+        parts, _ = _parse(httptools.HttpRequestParser, b"GET" + head[len(method) :])
+    target = parts.url.decode("latin-1")
+    return _ParsedHead.of(head, parts.version, method=method.decode("ascii"), target=target)
+
+
+@_remembered
+def _parse_response(head: bytes) -> _ParsedHead:
+    parts, parser = _parse(httptools.HttpResponseParser, head)
+    reason = parts.reason.decode("latin-1")
+    status_code = parser.get_status_code()
+    return _ParsedHead.of(head, parts.version, status_code=status_code, reason=reason)
 
 
 def _is_chunked(transfer_encoding: str) -> bool:
@@ -231,11 +298,13 @@ class MessageStream:
     def _looks_like_start(self, data: bytes | bytearray) -> bool | None:
         raise NotImplementedError
 
-    def _parse_head(self, head: bytes, start_ns: int, end_ns: int, tid: int) -> HttpMessage:
+    def _parse_head(
+        self, head: bytes, start_ns: int, end_ns: int, tid: int
+    ) -> tuple[HttpMessage, _ParsedHead]:
         """Parses a head; raises httptools.HttpParserError or ValueError."""
         raise NotImplementedError
 
-    def _body(self, message: HttpMessage) -> tuple[_Body, int]:
+    def _body(self, message: HttpMessage, parsed: _ParsedHead) -> tuple[_Body, int]:
         """How the body of ``message`` is framed, and its length if fixed."""
         raise NotImplementedError
 
@@ -407,8 +476,8 @@ class MessageStream:
 
     def _start_message(self, head: bytes, truncated: bool) -> None:
         try:
-            message = self._parse_head(head, self._start_ns, self._last_ns, self._tid)
-            body, length = self._body(message)
+            message, parsed = self._parse_head(head, self._start_ns, self._last_ns, self._tid)
+            body, length = self._body(message, parsed)
         except (httptools.HttpParserError, ValueError):
             self._fail()
             return
@@ -457,30 +526,27 @@ class RequestStream(MessageStream):
     def _looks_like_start(self, data: bytes | bytearray) -> bool | None:
         return looks_like_request(data)
 
-    def _parse_head(self, head: bytes, start_ns: int, end_ns: int, tid: int) -> HttpRequest:
-        method = head[: head.index(b" ")]
-        try:
-            parts, parser = _parse(httptools.HttpRequestParser, head)
-        except httptools.HttpParserInvalidMethodError:
-            # llhttp knows a fixed list of methods; any token is a valid one (RFC 9110 9.1)
-            parts, parser = _parse(httptools.HttpRequestParser, b"GET" + head[len(method) :])
-        return HttpRequest(
-            version=parts.version,
-            headers=parts.headers,
+    def _parse_head(
+        self, head: bytes, start_ns: int, end_ns: int, tid: int
+    ) -> tuple[HttpRequest, _ParsedHead]:
+        parsed = _parse_request(head)
+        request = HttpRequest(
+            version=parsed.version,
+            headers=list(parsed.headers),
             start_ns=start_ns,
             end_ns=end_ns,
             tid=tid,
-            method=method.decode("ascii"),
-            target=parts.url.decode("latin-1"),
+            method=parsed.method,
+            target=parsed.target,
         )
+        return request, parsed
 
-    def _body(self, message: HttpMessage) -> tuple[_Body, int]:
+    def _body(self, message: HttpMessage, parsed: _ParsedHead) -> tuple[_Body, int]:
         # llhttp already refused a request whose Transfer-Encoding is not chunked
-        if message.header("transfer-encoding") is not None:
+        if parsed.transfer_encoding is not None:
             return _Body.CHUNKED, 0
-        length = message.header("content-length")
-        if length is not None:
-            return _Body.LENGTH, int(length)
+        if parsed.content_length is not None:
+            return _Body.LENGTH, int(parsed.content_length)
         return _Body.NONE, 0
 
 
@@ -490,29 +556,31 @@ class ResponseStream(MessageStream):
     def _looks_like_start(self, data: bytes | bytearray) -> bool | None:
         return looks_like_response(data)
 
-    def _parse_head(self, head: bytes, start_ns: int, end_ns: int, tid: int) -> HttpResponse:
-        parts, parser = _parse(httptools.HttpResponseParser, head)
-        return HttpResponse(
-            version=parts.version,
-            headers=parts.headers,
+    def _parse_head(
+        self, head: bytes, start_ns: int, end_ns: int, tid: int
+    ) -> tuple[HttpResponse, _ParsedHead]:
+        parsed = _parse_response(head)
+        response = HttpResponse(
+            version=parsed.version,
+            headers=list(parsed.headers),
             start_ns=start_ns,
             end_ns=end_ns,
             tid=tid,
-            status_code=parser.get_status_code(),
-            reason=parts.reason.decode("latin-1"),
+            status_code=parsed.status_code,
+            reason=parsed.reason,
         )
+        return response, parsed
 
-    def _body(self, message: HttpMessage) -> tuple[_Body, int]:
+    def _body(self, message: HttpMessage, parsed: _ParsedHead) -> tuple[_Body, int]:
         method = self._sink.answered_method()
         status = message.status_code
         if method == "HEAD" or status < 200 or status in (204, 304):
             return _Body.NONE, 0
         if method == "CONNECT" and status < 300:
             return _Body.NONE, 0  # a tunnel follows, not a body
-        transfer_encoding = message.header("transfer-encoding")
-        if transfer_encoding is not None:
-            return (_Body.CHUNKED if _is_chunked(transfer_encoding) else _Body.UNTIL_CLOSE), 0
-        length = message.header("content-length")
-        if length is not None:
-            return _Body.LENGTH, int(length)
+        if parsed.transfer_encoding is not None:
+            chunked = _is_chunked(parsed.transfer_encoding)
+            return (_Body.CHUNKED if chunked else _Body.UNTIL_CLOSE), 0
+        if parsed.content_length is not None:
+            return _Body.LENGTH, int(parsed.content_length)
         return _Body.UNTIL_CLOSE, 0

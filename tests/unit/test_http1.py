@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from probe.protocol.http1 import (
+    HEAD_CACHE_MAX,
     MAX_HEAD_SIZE,
     MessageStream,
     RequestStream,
@@ -457,3 +458,22 @@ def test_header_fields_are_what_llhttp_reads(fields: list[tuple[str, bytes]]) ->
     f.feed(head)
     [request] = f.sink.parsed
     assert request.headers == expected.fields
+
+
+def test_a_repeated_head_reads_the_same_into_a_message_of_its_own() -> None:
+    f = requests()
+    f.feed(CURL_GET, tid=1)
+    f.feed(CURL_GET, tid=2)
+    first, second = f.ended
+    assert (first.tid, second.tid, first.start_ns < second.start_ns) == (1, 2, True)
+    assert first.headers == second.headers
+    first.headers.append(("x-mine", "1"))  # one message's fields are not another's
+    assert ("x-mine", "1") not in second.headers
+
+
+def test_a_head_too_long_to_remember_is_read_every_time() -> None:
+    padding = b"X-Pad: " + b"p" * HEAD_CACHE_MAX + b"\r\n"
+    f = responses()
+    for _ in range(2):
+        f.feed(b"HTTP/1.1 200 OK\r\n" + padding + b"Content-Length: 3\r\n\r\nabc")
+    assert [(m.status_code, m.body_size, len(m.headers)) for m in f.ended] == [(200, 3, 2)] * 2
