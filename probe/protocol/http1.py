@@ -27,9 +27,8 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from enum import Enum, IntEnum, auto
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import httptools
 
@@ -162,8 +161,7 @@ def _fields(head: bytes) -> tuple[tuple[str, str], ...]:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class _ParsedHead:
+class _ParsedHead(NamedTuple):
     """What a head says; it depends on the head's bytes alone."""
 
     version: str
@@ -176,20 +174,12 @@ class _ParsedHead:
     status_code: int = 0  # responses
     reason: str = ""
 
-    @classmethod
-    def of(cls, head: bytes, version: str, **start_line: str | int) -> _ParsedHead:
-        headers = _fields(head)
-        return cls(
-            version,
-            headers,
-            _first_value(headers, "transfer-encoding"),
-            _first_value(headers, "content-length"),
-            **start_line,
-        )
-
 
 def _first_value(headers: tuple[tuple[str, str], ...], name: str) -> str | None:
-    return next((value for key, value in headers if key == name), None)
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
 
 
 def _remembered(parse: Callable[[bytes], _ParsedHead]) -> Callable[[bytes], _ParsedHead]:
@@ -210,16 +200,29 @@ def _parse_request(head: bytes) -> _ParsedHead:
     except httptools.HttpParserInvalidMethodError:
         # llhttp knows a fixed list of methods; any token is a valid one (RFC 9110 9.1)
         parts, _ = _parse(httptools.HttpRequestParser, b"GET" + head[len(method) :])
-    target = parts.url.decode("latin-1")
-    return _ParsedHead.of(head, parts.version, method=method.decode("ascii"), target=target)
+    headers = _fields(head)
+    return _ParsedHead(
+        parts.version,
+        headers,
+        _first_value(headers, "transfer-encoding"),
+        _first_value(headers, "content-length"),
+        method=method.decode("ascii"),
+        target=parts.url.decode("latin-1"),
+    )
 
 
 @_remembered
 def _parse_response(head: bytes) -> _ParsedHead:
     parts, parser = _parse(httptools.HttpResponseParser, head)
-    reason = parts.reason.decode("latin-1")
-    status_code = parser.get_status_code()
-    return _ParsedHead.of(head, parts.version, status_code=status_code, reason=reason)
+    headers = _fields(head)
+    return _ParsedHead(
+        parts.version,
+        headers,
+        _first_value(headers, "transfer-encoding"),
+        _first_value(headers, "content-length"),
+        status_code=parser.get_status_code(),
+        reason=parts.reason.decode("latin-1"),
+    )
 
 
 def _is_chunked(transfer_encoding: str) -> bool:
