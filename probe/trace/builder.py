@@ -7,12 +7,13 @@ captured unless allowlisted, and credential headers only with explicit consent.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Collection
 from urllib.parse import urlsplit
 
 from probe.kernel.events import Endpoint, Role
-from probe.protocol.model import HttpExchange, HttpMessage
+from probe.protocol.model import HttpExchange
 from probe.trace.clock import MonotonicClock
 from probe.trace.resource import ResourceDetector
 from probe.trace.span import Attributes, Span, SpanEvent, SpanKind, StatusCode
@@ -29,6 +30,11 @@ _KINDS = {Role.SERVER: SpanKind.SERVER, Role.CLIENT: SpanKind.CLIENT}
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # error.type must stay low-cardinality: a short token is kept, free text is not.
 _ERROR_TOKEN = re.compile(r"[a-z][a-z0-9_]{0,63}")
+# (address, port) attribute names, spelled out once rather than per span
+_SERVER = ("server.address", "server.port")
+_CLIENT = ("client.address", "client.port")
+_NETWORK_PEER = ("network.peer.address", "network.peer.port")
+_NETWORK_LOCAL = ("network.local.address", "network.local.port")
 
 
 class SpanBuilder:
@@ -46,8 +52,9 @@ class SpanBuilder:
         self._resources = resources
         self._clock = clock
         self._redact_query = redact_query
+        # (header name, its attribute name on the request, on the response)
         self._capture_headers = tuple(
-            name
+            (name, f"http.request.header.{name}", f"http.response.header.{name}")
             for name in dict.fromkeys(h.lower() for h in capture_headers)
             if capture_credentials or name not in CREDENTIAL_HEADERS
         )
@@ -59,7 +66,7 @@ class SpanBuilder:
         if response is not None:
             end_ns = response.end_ns
         else:  # the last thing seen of the exchange
-            end_ns = max([request.end_ns, *(info.end_ns for info in exchange.informational)])
+            end_ns = max([request.end_ns, *[info.end_ns for info in exchange.informational]])
 
         span = Span(
             name=method if method != OTHER else "HTTP",
@@ -75,7 +82,9 @@ class SpanBuilder:
                     {"http.response.status_code": info.status_code},
                 )
                 for info in exchange.informational
-            ],
+            ]
+            if exchange.informational
+            else [],
         )
         if (error_type := _error_type(exchange, kind)) is not None:
             span.status_code = StatusCode.ERROR
@@ -103,7 +112,7 @@ class SpanBuilder:
         # proxy-style absolute target); the socket's own end fills the gaps.
         host, port = _split_authority(authority or request.header("host"))
         if kind is SpanKind.CLIENT:
-            _set_address(attrs, "server", host, port, conn.peer)
+            _set_address(attrs, _SERVER, host, port, conn.peer)
             if not host and conn.peer is not None:
                 host, port = conn.peer.address, conn.peer.port
             if host and path is not None:
@@ -111,30 +120,32 @@ class SpanBuilder:
                     f"?{query}" if query else ""
                 )
         elif kind is SpanKind.SERVER:
-            _set_address(attrs, "server", host, port, conn.local)
-            _set_address(attrs, "client", None, None, conn.peer)
+            _set_address(attrs, _SERVER, host, port, conn.local)
+            _set_address(attrs, _CLIENT, None, None, conn.peer)
 
         if response is not None:
             attrs["http.response.status_code"] = response.status_code
         attrs["network.protocol.name"] = "http"
         attrs["network.protocol.version"] = request.version
-        _set_address(attrs, "network.peer", None, None, conn.peer)
-        _set_address(attrs, "network.local", None, None, conn.local)
+        _set_address(attrs, _NETWORK_PEER, None, None, conn.peer)
+        _set_address(attrs, _NETWORK_LOCAL, None, None, conn.local)
         if user_agent := request.header("user-agent"):
             attrs["user_agent.original"] = user_agent
 
-        messages: list[tuple[str, HttpMessage]] = [("request", request)]
+        if request.body_size:
+            attrs["http.request.body.size"] = request.body_size
+        for name, request_attribute, _ in self._capture_headers:
+            if values := [value for key, value in request.headers if key == name]:
+                attrs[request_attribute] = values
         if response is not None:
-            messages.append(("response", response))
-        for side, message in messages:
-            if message.body_size:
-                attrs[f"http.{side}.body.size"] = message.body_size
-            for name in self._capture_headers:
-                if values := [value for key, value in message.headers if key == name]:
-                    attrs[f"http.{side}.header.{name}"] = values
-        if any(message.head_truncated for _, message in messages):
+            if response.body_size:
+                attrs["http.response.body.size"] = response.body_size
+            for name, _, response_attribute in self._capture_headers:
+                if values := [value for key, value in response.headers if key == name]:
+                    attrs[response_attribute] = values
+        if request.head_truncated or (response is not None and response.head_truncated):
             attrs["probe.http.head_truncated"] = True
-        if any(message.body_framing_lost for _, message in messages):
+        if request.body_framing_lost or (response is not None and response.body_framing_lost):
             attrs["probe.http.body_framing_lost"] = True
         attrs["thread.id"] = request.tid
         return attrs
@@ -170,6 +181,7 @@ def _split_target(target: str) -> tuple[str | None, str, str | None]:
     return None, "", None
 
 
+@functools.lru_cache(maxsize=256)  # a connection names the same host in every request
 def _split_authority(authority: str | None) -> tuple[str | None, int | None]:
     """Host and explicit port of a Host header value; userinfo is dropped."""
     if not authority:
@@ -201,16 +213,16 @@ def _origin(scheme: str, host: str, port: int | None) -> str:
 
 def _set_address(
     attrs: Attributes,
-    prefix: str,
+    names: tuple[str, str],
     address: str | None,
     port: int | None,
     endpoint: Endpoint | None,
 ) -> None:
-    """Sets ``{prefix}.address`` and ``.port``, falling back to ``endpoint``'s."""
+    """Sets the ``names`` (address, port) attributes, falling back to ``endpoint``'s."""
     if endpoint is not None:
         address = address or endpoint.address
         port = port or endpoint.port
     if address:
-        attrs[f"{prefix}.address"] = address
+        attrs[names[0]] = address
     if port:
-        attrs[f"{prefix}.port"] = port
+        attrs[names[1]] = port
