@@ -45,7 +45,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from probe.kernel.events import ConnKey, Endpoint, Role
+from probe.kernel.events import Role
 from probe.protocol.model import ConnectionInfo, HttpExchange, HttpRequest
 from probe.stats import Stats
 from probe.trace.span import Span, SpanLink, new_span_id, new_trace_id
@@ -64,9 +64,14 @@ DEFAULT_WAIT_NS = 500_000_000
 MAX_CONTEXTS = 65536  # requests in progress, and ended spans awaiting their trace
 MAX_PROCESSES = 4096  # cached answers to "is this process Go?"
 
-_RequestKey = tuple[ConnKey, int]  # a connection and the request's order on it
-_Wire = tuple[Endpoint, Endpoint, int]  # (client's address, server's address, order)
+# Keys are flat tuples of str and int: hashed in C, where a ConnKey or
+# Endpoint in them would be hashed by its dataclass's Python __hash__.
+_RequestKey = tuple[int, int, int, int]  # a connection's (pid, fd, generation), request's order
+_Wire = tuple[str, int, str, int, int]  # client's address and port, server's, request's order
 _Slot = tuple[int, str, int]  # (pid, "thread" | "goroutine" | "process", id)
+_LINK_COUNTERS = {
+    rule: f"links_{rule}" for rule in (TRACEPARENT, SAME_HOST, GOROUTINE, THREAD, INFERRED, NONE)
+}
 
 
 @dataclass(eq=False, slots=True)
@@ -127,7 +132,7 @@ class SpanLinker:
         """A request head was parsed: decide its span's context now."""
         if connection.role not in (Role.CLIENT, Role.SERVER):
             return
-        key = (connection.key, request.sequence)
+        key = _request_key(connection, request)
         if key in self._started:
             return
         if len(self._started) >= self._max_contexts:
@@ -137,6 +142,7 @@ class SpanLinker:
         context = _Context(key, connection.role, request.start_ns)
         self._started[key] = context
 
+        wire = _wire(connection, request.sequence)
         header, malformed = find_traceparent(request.headers)
         if malformed:
             self._stats["traceparent_malformed"] += 1
@@ -144,11 +150,10 @@ class SpanLinker:
             context.rule, context.trace_id = TRACEPARENT, header.trace_id
             context.parent_span_id = header.parent_id
         elif connection.role == Role.SERVER:
-            self._find_client(context, connection)
+            self._find_client(context, wire)
         else:
             self._find_server(context, connection.key.pid, request)
 
-        wire = _wire(connection, request.sequence)
         if connection.role == Role.SERVER:
             self._start_server(context, connection.key.pid, request)
         elif wire is not None:
@@ -160,14 +165,15 @@ class SpanLinker:
         """The exchange's span is built: give it its context, export it when final."""
         connection = exchange.connection
         if connection.role not in (Role.CLIENT, Role.SERVER):
-            self._stats[f"links_{NONE}"] += 1
+            self._stats[_LINK_COUNTERS[NONE]] += 1
             span.attributes[RULE_ATTRIBUTE] = NONE
             self._export(span)
             return
-        key = (connection.key, exchange.request.sequence)
-        if key not in self._started:  # evicted, or never reported as started
+        key = _request_key(connection, exchange.request)
+        context = self._started.pop(key, None)
+        if context is None:  # evicted, or never reported as started
             self.request_started(connection, exchange.request)
-        context = self._started.pop(key)
+            context = self._started.pop(key)
         self._unregister(context)
         context.span = span
         if not self._try_export(context):
@@ -202,13 +208,13 @@ class SpanLinker:
 
     # -- deciding a context
 
-    def _find_client(self, context: _Context, connection: ConnectionInfo) -> None:
-        """Same host: the client end of this connection, if it was traced here."""
-        wire = _wire(connection, context.key[1])
+    def _find_client(self, context: _Context, wire: _Wire | None) -> None:
+        """Same host: the client end of this connection (``wire``), if it was traced here."""
         if wire is None:
             context.trace_id = new_trace_id()
             return
-        candidates = [c for c in self._clients.get(wire, ()) if c.start_ns <= context.start_ns]
+        clients = self._clients.get(wire)
+        candidates = [c for c in clients if c.start_ns <= context.start_ns] if clients else []
         if len(candidates) == 1:
             self._adopt(context, candidates[0], SAME_HOST)
         elif candidates:
@@ -223,12 +229,12 @@ class SpanLinker:
     def _find_server(self, context: _Context, pid: int, request: HttpRequest) -> None:
         """Inside the process: the SERVER span this CLIENT request was made for."""
         slot = self._slot(pid, request)
-        servers = self._in_progress.get(slot, []) if slot[1] != "process" else []
-        if len(servers) == 1:
+        servers = self._in_progress.get(slot) if slot[1] != "process" else None
+        if servers is not None and len(servers) == 1:
             self._adopt(context, servers[0], GOROUTINE if slot[1] == "goroutine" else THREAD)
             return
-        if not servers:  # handed to another thread, or no goroutine known
-            servers = [s for k in self._slots_by_pid.get(pid, ()) for s in self._in_progress[k]]
+        if not servers and pid in self._slots_by_pid:  # handed to another thread, or no goroutine
+            servers = [s for k in self._slots_by_pid[pid] for s in self._in_progress[k]]
         if servers:
             self._infer(context, max(servers, key=lambda s: s.start_ns))
         else:
@@ -253,7 +259,9 @@ class SpanLinker:
     def _wake_servers(self, client: _Context) -> None:
         """A CLIENT request reported after the SERVER end it caused (ring-buffer order)."""
         assert client.wire is not None
-        waiting = self._waiting.get(client.wire, [])
+        waiting = self._waiting.get(client.wire)
+        if waiting is None:
+            return
         matches = [s for s in waiting if s.start_ns >= client.start_ns]
         if len(matches) != 1:
             return  # none, or ambiguous: they settle as roots when their wait ends
@@ -338,7 +346,7 @@ class SpanLinker:
                 span.links.append(SpanLink(linked, context.inferred.span_id, attributes))
             context.inferred = None
         span.attributes[RULE_ATTRIBUTE] = context.rule
-        self._stats[f"links_{context.rule}"] += 1
+        self._stats[_LINK_COUNTERS[context.rule]] += 1
         self._export(span)
         return True
 
@@ -360,10 +368,16 @@ class SpanLinker:
             self._try_export(context)
 
 
+def _request_key(connection: ConnectionInfo, request: HttpRequest) -> _RequestKey:
+    key = connection.key
+    return (key.pid, key.fd, key.generation, request.sequence)
+
+
 def _wire(connection: ConnectionInfo, sequence: int) -> _Wire | None:
     """(client address, server address, order): the same for both ends of a connection."""
-    if connection.local is None or connection.peer is None:
+    local, peer = connection.local, connection.peer
+    if local is None or peer is None:
         return None
     if connection.role == Role.CLIENT:
-        return (connection.local, connection.peer, sequence)
-    return (connection.peer, connection.local, sequence)
+        return (local.address, local.port, peer.address, peer.port, sequence)
+    return (peer.address, peer.port, local.address, local.port, sequence)
