@@ -36,6 +36,7 @@ The YAML file (every key optional; the variables are in brackets)::
       health_threshold_s: 60           # /healthz fails after export fails this long
                                        # [PROBE_HEALTH_THRESHOLD]
     log_format: text                   # text | json [PROBE_LOG_FORMAT]
+    nice: 10                           # 0-19: CPU priority below the traced programs' [PROBE_NICE]
     capture:
       size: 4096                       # payload bytes copied per syscall [PROBE_CAPTURE_SIZE]
       credentials: false               # keep Authorization, Cookie... [PROBE_CAPTURE_CREDENTIALS]
@@ -91,6 +92,11 @@ class ProbeConfig:
     metrics_address: tuple[str, int] = ("127.0.0.1", 9464)
     health_threshold_s: float = 60.0
     log_format: str = "text"  # or "json"
+    # The daemon's CPU priority (nice value). When the CPU is short, the
+    # programs it watches come first: the probe then falls behind, and the
+    # kernel counts the events it had to drop, instead of the probe taking
+    # CPU time from the workload. 0 competes as an equal.
+    nice: int = 10
     capture_size: int = 4096
     capture_credentials: bool = False
     redact_query: bool = True
@@ -267,6 +273,7 @@ _SETTINGS = (
         "health_threshold_s", "metrics.health_threshold_s", _seconds, ("PROBE_HEALTH_THRESHOLD",)
     ),
     _Setting("log_format", "log_format", _choice("text", "json"), ("PROBE_LOG_FORMAT",)),
+    _Setting("nice", "nice", _int(0, 19), ("PROBE_NICE",)),
     _Setting("capture_size", "capture.size", _int(1), ("PROBE_CAPTURE_SIZE",)),
     _Setting("capture_credentials", "capture.credentials", _bool, ("PROBE_CAPTURE_CREDENTIALS",)),
     _Setting("redact_query", "capture.redact_query", _bool, ("PROBE_REDACT_QUERY",)),

@@ -108,6 +108,14 @@ def kernel_options(config: ProbeConfig) -> ProbeOptions:
     )
 
 
+def lower_priority(nice: int) -> None:
+    """Give every thread of this process ``nice``; threads started later
+    (export, metrics, gRPC's own) inherit it. Linux keeps a nice value per
+    thread, so each existing one is set."""
+    for tid in os.listdir("/proc/self/task"):
+        os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         config = load(overrides(args), os.environ, args.config)
@@ -115,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"probe: configuration: {error}", file=sys.stderr)
         return 2
     log = configure(config.log_format)
+    lower_priority(config.nice)
     stats = Stats()
     source = EventSource(kernel_options(config), stats)
     stop = StopFlag()

@@ -105,6 +105,15 @@ def curl(url: str) -> None:
     subprocess.run(["curl", "-s", "-o", "/dev/null", "-A", "probe-test/1", url], check=True)
 
 
+def thread_nice_values(pid: int) -> set[int]:
+    """The nice value of each thread of ``pid`` (field 19 of its stat)."""
+    values = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        values.add(int(fields[16]))
+    return values
+
+
 @pytest.mark.parametrize("receiver_class", [GrpcReceiver, HttpReceiver])
 def test_every_attribute_and_the_resource_arrive(receiver_class) -> None:
     receiver = receiver_class()
@@ -241,6 +250,8 @@ def test_metrics_on_localhost_only_and_counters_move() -> None:
                 after = _scrape(url)
             with urllib.request.urlopen(url + "/healthz", timeout=5) as health:
                 assert health.status == 200
+            # below the workload's CPU priority, every thread (the default nice 10)
+            assert thread_nice_values(probe.process.pid) == {10}
             assert probe.stop() == 0
     finally:
         receiver.stop()

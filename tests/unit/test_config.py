@@ -153,6 +153,7 @@ metrics:
   address: "[::1]:9999"
   health_threshold_s: 12.5
 log_format: json
+nice: 5
 capture:
   size: 1024
   credentials: true
@@ -184,6 +185,7 @@ def test_every_setting_from_the_file(config_file):
         metrics_address=("::1", 9999),
         health_threshold_s=12.5,
         log_format="json",
+        nice=5,
         capture_size=1024,
         capture_credentials=True,
         redact_query=False,
@@ -209,6 +211,7 @@ def test_flags_beat_environment_beat_file_beat_defaults(config_file):
     assert config.otlp_compression == "gzip"  # file
     assert config.capture_size == 100  # file, the flag being None
     assert config.log_format == "text"  # default
+    assert config.nice == 10  # default: below the workload's priority
 
 
 def test_generic_endpoint_variable_beats_the_file(config_file):
@@ -281,6 +284,7 @@ def test_empty_variables_are_ignored():
             "OTEL_EXPORTER_OTLP_CERTIFICATE: no such file: '/no/such.pem'",
         ),
         ({"PROBE_PORTS": "80,70000"}, "PROBE_PORTS: must be between 1 and 65535, got 70000"),
+        ({"PROBE_NICE": "-5"}, "PROBE_NICE: must be between 0 and 19, got -5"),
         (
             {"PROBE_METRICS_ADDRESS": "9464"},
             "PROBE_METRICS_ADDRESS: expected host:port, got '9464'",

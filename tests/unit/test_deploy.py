@@ -109,6 +109,7 @@ def test_example_config_sections():
         "batch",
         "metrics",
         "log_format",
+        "nice",
         "capture",
         "filters",
     }
