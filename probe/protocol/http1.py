@@ -166,9 +166,8 @@ class _ParsedHead(NamedTuple):
 
     version: str
     headers: tuple[tuple[str, str], ...]
-    # the first values of the fields that frame the body
-    transfer_encoding: str | None
-    content_length: str | None
+    body: _Body  # how the fields frame the body (a response's request may overrule them)
+    length: int  # of a LENGTH body
     method: str = ""  # requests
     target: str = ""
     status_code: int = 0  # responses
@@ -201,11 +200,18 @@ def _parse_request(head: bytes) -> _ParsedHead:
         # llhttp knows a fixed list of methods; any token is a valid one (RFC 9110 9.1)
         parts, _ = _parse(httptools.HttpRequestParser, b"GET" + head[len(method) :])
     headers = _fields(head)
+    # llhttp already refused a request whose Transfer-Encoding is not chunked
+    if _first_value(headers, "transfer-encoding") is not None:
+        body, length = _Body.CHUNKED, 0
+    elif (content_length := _first_value(headers, "content-length")) is not None:
+        body, length = _Body.LENGTH, int(content_length)
+    else:
+        body, length = _Body.NONE, 0
     return _ParsedHead(
         parts.version,
         headers,
-        _first_value(headers, "transfer-encoding"),
-        _first_value(headers, "content-length"),
+        body,
+        length,
         method=method.decode("ascii"),
         target=parts.url.decode("latin-1"),
     )
@@ -215,11 +221,18 @@ def _parse_request(head: bytes) -> _ParsedHead:
 def _parse_response(head: bytes) -> _ParsedHead:
     parts, parser = _parse(httptools.HttpResponseParser, head)
     headers = _fields(head)
+    if (transfer_encoding := _first_value(headers, "transfer-encoding")) is not None:
+        body = _Body.CHUNKED if _is_chunked(transfer_encoding) else _Body.UNTIL_CLOSE
+        length = 0
+    elif (content_length := _first_value(headers, "content-length")) is not None:
+        body, length = _Body.LENGTH, int(content_length)
+    else:
+        body, length = _Body.UNTIL_CLOSE, 0
     return _ParsedHead(
         parts.version,
         headers,
-        _first_value(headers, "transfer-encoding"),
-        _first_value(headers, "content-length"),
+        body,
+        length,
         status_code=parser.get_status_code(),
         reason=parts.reason.decode("latin-1"),
     )
@@ -301,14 +314,11 @@ class MessageStream:
     def _looks_like_start(self, data: bytes | bytearray) -> bool | None:
         raise NotImplementedError
 
-    def _parse_head(
-        self, head: bytes, start_ns: int, end_ns: int, tid: int
-    ) -> tuple[HttpMessage, _ParsedHead]:
-        """Parses a head; raises httptools.HttpParserError or ValueError."""
-        raise NotImplementedError
+    def _read_head(self, head: bytes) -> tuple[HttpMessage, _Body, int]:
+        """The message a head starts, how its body is framed, and its length if fixed.
 
-    def _body(self, message: HttpMessage, parsed: _ParsedHead) -> tuple[_Body, int]:
-        """How the body of ``message`` is framed, and its length if fixed."""
+        Raises httptools.HttpParserError or ValueError.
+        """
         raise NotImplementedError
 
     # -- the state machine: data is None for bytes moved but not captured
@@ -479,13 +489,11 @@ class MessageStream:
 
     def _start_message(self, head: bytes, truncated: bool) -> None:
         try:
-            message, parsed = self._parse_head(head, self._start_ns, self._last_ns, self._tid)
-            body, length = self._body(message, parsed)
+            message, body, length = self._read_head(head)
         except (httptools.HttpParserError, ValueError):
             self._fail()
             return
         message.head_truncated = truncated
-        message.goroutine = self._goroutine
         self._message = message
         self._sink.head_parsed(message)
         if truncated:
@@ -529,28 +537,19 @@ class RequestStream(MessageStream):
     def _looks_like_start(self, data: bytes | bytearray) -> bool | None:
         return looks_like_request(data)
 
-    def _parse_head(
-        self, head: bytes, start_ns: int, end_ns: int, tid: int
-    ) -> tuple[HttpRequest, _ParsedHead]:
+    def _read_head(self, head: bytes) -> tuple[HttpRequest, _Body, int]:
         parsed = _parse_request(head)
         request = HttpRequest(
             version=parsed.version,
             headers=list(parsed.headers),
-            start_ns=start_ns,
-            end_ns=end_ns,
-            tid=tid,
+            start_ns=self._start_ns,
+            end_ns=self._last_ns,
+            tid=self._tid,
+            goroutine=self._goroutine,
             method=parsed.method,
             target=parsed.target,
         )
-        return request, parsed
-
-    def _body(self, message: HttpMessage, parsed: _ParsedHead) -> tuple[_Body, int]:
-        # llhttp already refused a request whose Transfer-Encoding is not chunked
-        if parsed.transfer_encoding is not None:
-            return _Body.CHUNKED, 0
-        if parsed.content_length is not None:
-            return _Body.LENGTH, int(parsed.content_length)
-        return _Body.NONE, 0
+        return request, parsed.body, parsed.length
 
 
 class ResponseStream(MessageStream):
@@ -559,31 +558,22 @@ class ResponseStream(MessageStream):
     def _looks_like_start(self, data: bytes | bytearray) -> bool | None:
         return looks_like_response(data)
 
-    def _parse_head(
-        self, head: bytes, start_ns: int, end_ns: int, tid: int
-    ) -> tuple[HttpResponse, _ParsedHead]:
+    def _read_head(self, head: bytes) -> tuple[HttpResponse, _Body, int]:
         parsed = _parse_response(head)
         response = HttpResponse(
             version=parsed.version,
             headers=list(parsed.headers),
-            start_ns=start_ns,
-            end_ns=end_ns,
-            tid=tid,
+            start_ns=self._start_ns,
+            end_ns=self._last_ns,
+            tid=self._tid,
+            goroutine=self._goroutine,
             status_code=parsed.status_code,
             reason=parsed.reason,
         )
-        return response, parsed
-
-    def _body(self, message: HttpMessage, parsed: _ParsedHead) -> tuple[_Body, int]:
         method = self._sink.answered_method()
-        status = message.status_code
+        status = parsed.status_code
         if method == "HEAD" or status < 200 or status in (204, 304):
-            return _Body.NONE, 0
+            return response, _Body.NONE, 0
         if method == "CONNECT" and status < 300:
-            return _Body.NONE, 0  # a tunnel follows, not a body
-        if parsed.transfer_encoding is not None:
-            chunked = _is_chunked(parsed.transfer_encoding)
-            return (_Body.CHUNKED if chunked else _Body.UNTIL_CLOSE), 0
-        if parsed.content_length is not None:
-            return _Body.LENGTH, int(parsed.content_length)
-        return _Body.UNTIL_CLOSE, 0
+            return response, _Body.NONE, 0  # a tunnel follows, not a body
+        return response, parsed.body, parsed.length

@@ -65,8 +65,13 @@ class ConnectionTracker:
 
     def handle(self, event: KernelEvent) -> None:
         """Takes one kernel event; exchanges it completes go to ``on_exchange``."""
-        if isinstance(event, DataEvent):
-            self._data(event)
+        if isinstance(event, DataEvent):  # the per-syscall path: kept to one call deep
+            connection = self._connections.get(event.key)
+            if connection is None:
+                connection = self._unseen(event)
+            else:
+                self._connections.move_to_end(event.key)
+            connection.feed(event)
         elif isinstance(event, ConnOpen):
             if event.key not in self._connections:
                 self._add(ConnectionInfo(event.key, event.role, event.local, event.peer))
@@ -84,17 +89,10 @@ class ConnectionTracker:
         for connection in connections:
             connection.close(STOPPED)
 
-    def _data(self, event: DataEvent) -> None:
-        connection = self._connections.get(event.key)
-        if connection is None:
-            # opened before the probe started, or its ConnOpen was lost
-            local, peer = (
-                self._resolve(event.key.pid, event.key.fd) if self._resolve else (None, None)
-            )
-            connection = self._add(ConnectionInfo(event.key, event.role, local, peer))
-        else:
-            self._connections.move_to_end(event.key)
-        connection.feed(event)
+    def _unseen(self, event: DataEvent) -> HttpConnection:
+        """A connection opened before the probe started, or whose ConnOpen was lost."""
+        local, peer = self._resolve(event.key.pid, event.key.fd) if self._resolve else (None, None)
+        return self._add(ConnectionInfo(event.key, event.role, local, peer))
 
     def _add(self, info: ConnectionInfo) -> HttpConnection:
         if len(self._connections) >= self._max_connections:
