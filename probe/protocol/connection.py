@@ -57,6 +57,23 @@ RequestStarted = Callable[[ConnectionInfo, HttpRequest], None]
 class HttpConnection:
     """Pairs the requests and responses of one connection."""
 
+    __slots__ = (
+        "info",
+        "_emit",
+        "_on_request",
+        "_stats",
+        "_max_pending",
+        "_pending",
+        "_reading",
+        "_answering",
+        "_requests",
+        "_responses",
+        "_request_direction",
+        "_requests_seen",
+        "_early_head",
+        "_early",
+    )
+
     def __init__(
         self,
         info: ConnectionInfo,

@@ -250,6 +250,25 @@ def _chunk_size(line: bytes) -> int | None:
 class MessageStream:
     """Frames the messages of one direction; subclasses know requests or responses."""
 
+    __slots__ = (
+        "_sink",
+        "_stats",
+        "_state",
+        "_buf",
+        "_confirmed",
+        "_message",
+        "_remaining",
+        "_until_close",
+        "_count_body",
+        "_syscall_ns",
+        "_syscall_tid",
+        "_syscall_goroutine",
+        "_last_ns",
+        "_start_ns",
+        "_tid",
+        "_goroutine",
+    )
+
     def __init__(self, sink: StreamSink, stats: Stats) -> None:
         self._sink = sink
         self._stats = stats
@@ -534,6 +553,8 @@ class MessageStream:
 class RequestStream(MessageStream):
     """The direction that carries requests."""
 
+    __slots__ = ()
+
     def _looks_like_start(self, data: bytes | bytearray) -> bool | None:
         return looks_like_request(data)
 
@@ -554,6 +575,8 @@ class RequestStream(MessageStream):
 
 class ResponseStream(MessageStream):
     """The direction that carries responses."""
+
+    __slots__ = ()
 
     def _looks_like_start(self, data: bytes | bytearray) -> bool | None:
         return looks_like_response(data)

@@ -43,6 +43,16 @@ STOPPED = "probe stopped before response"
 class ConnectionTracker:
     """Routes kernel events to per-connection HTTP state."""
 
+    __slots__ = (
+        "_on_exchange",
+        "_on_request",
+        "_stats",
+        "_resolve",
+        "_max_connections",
+        "_connections",
+        "_by_pid",
+    )
+
     def __init__(
         self,
         on_exchange: Callable[[HttpExchange], None],

@@ -40,6 +40,13 @@ _NETWORK_LOCAL = ("network.local.address", "network.local.port")
 class SpanBuilder:
     """Builds spans for exchanges; holds only configuration, so one serves all connections."""
 
+    __slots__ = (
+        "_resources",
+        "_clock",
+        "_redact_query",
+        "_capture_headers",
+    )
+
     def __init__(
         self,
         resources: ResourceDetector,

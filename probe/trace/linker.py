@@ -97,6 +97,23 @@ class _Context:
 class SpanLinker:
     """Gives spans their trace and parent, then hands them to ``export``."""
 
+    __slots__ = (
+        "_export",
+        "_stats",
+        "_wait_ns",
+        "_clock",
+        "_is_go",
+        "_max_contexts",
+        "_started",
+        "_held",
+        "_in_progress",
+        "_slots_by_pid",
+        "_clients",
+        "_waiting",
+        "_deadlines",
+        "_go",
+    )
+
     def __init__(
         self,
         export: Callable[[Span], None],
