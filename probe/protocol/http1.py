@@ -154,11 +154,11 @@ def _fields(head: bytes) -> tuple[tuple[str, str], ...]:
     (trailing whitespace) and of what latin-1 makes whitespace (NBSP, NEL).
     """
     # latin-1 maps every byte, so odd header bytes never fail decoding
-    lines = head.decode("latin-1").split("\r\n")
-    return tuple(
-        (name.lower(), value.strip())
-        for name, _, value in (line.partition(":") for line in lines[1:-2])
-    )
+    fields = []
+    for line in head.decode("latin-1").split("\r\n")[1:-2]:
+        name, _, value = line.partition(":")
+        fields.append((name.lower(), value.strip()))
+    return tuple(fields)
 
 
 class _ParsedHead(NamedTuple):
