@@ -69,6 +69,7 @@ MAX_PROCESSES = 4096  # cached answers to "is this process Go?"
 _RequestKey = tuple[int, int, int, int]  # a connection's (pid, fd, generation), request's order
 _Wire = tuple[str, int, str, int, int]  # client's address and port, server's, request's order
 _Slot = tuple[int, str, int]  # (pid, "thread" | "goroutine" | "process", id)
+_LINKED_ROLES = frozenset({Role.CLIENT, Role.SERVER})  # UNKNOWN: never inferred
 _LINK_COUNTERS = {
     rule: f"links_{rule}" for rule in (TRACEPARENT, SAME_HOST, GOROUTINE, THREAD, INFERRED, NONE)
 }
@@ -147,7 +148,7 @@ class SpanLinker:
 
     def request_started(self, connection: ConnectionInfo, request: HttpRequest) -> None:
         """A request head was parsed: decide its span's context now."""
-        if connection.role not in (Role.CLIENT, Role.SERVER):
+        if connection.role not in _LINKED_ROLES:
             return
         key = _request_key(connection, request)
         if key in self._started:
@@ -181,7 +182,7 @@ class SpanLinker:
     def span_ended(self, exchange: HttpExchange, span: Span) -> None:
         """The exchange's span is built: give it its context, export it when final."""
         connection = exchange.connection
-        if connection.role not in (Role.CLIENT, Role.SERVER):
+        if connection.role not in _LINKED_ROLES:
             self._stats[_LINK_COUNTERS[NONE]] += 1
             span.attributes[RULE_ATTRIBUTE] = NONE
             self._export(span)
