@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable
-from enum import Enum, IntEnum, auto
 from typing import NamedTuple, Protocol
 
 import httptools
@@ -86,24 +85,26 @@ class StreamSink(Protocol):
         """The method of the request the next response answers, if known."""
 
 
-class _State(IntEnum):  # IntEnum: hashed in C, for the step table
-    IDLE = auto()  # between messages: the next byte starts one
-    HEAD = auto()  # reading the start line and header fields
-    BODY = auto()  # counting down a Content-Length body
-    CHUNK_LINE = auto()  # reading a chunk-size line
-    CHUNK_DATA = auto()  # counting down a chunk's data
-    CHUNK_END = auto()  # the CRLF after a chunk's data
-    TRAILERS = auto()  # trailer fields after the last chunk
-    OPEN = auto()  # body without framing: ends by close or by the other direction
-    RESYNC = auto()  # framing unknown: wait for a payload that starts a message
-    STOPPED = auto()  # closed, or no longer HTTP/1 (upgraded, tunnelled)
+# States and body framings are plain ints, not Enums: they are read at every
+# step of every syscall, and each read of an Enum member is a metaclass lookup.
+class _State:
+    IDLE = 0  # between messages: the next byte starts one
+    HEAD = 1  # reading the start line and header fields
+    BODY = 2  # counting down a Content-Length body
+    CHUNK_LINE = 3  # reading a chunk-size line
+    CHUNK_DATA = 4  # counting down a chunk's data
+    CHUNK_END = 5  # the CRLF after a chunk's data
+    TRAILERS = 6  # trailer fields after the last chunk
+    OPEN = 7  # body without framing: ends by close or by the other direction
+    RESYNC = 8  # framing unknown: wait for a payload that starts a message
+    STOPPED = 9  # closed, or no longer HTTP/1 (upgraded, tunnelled)
 
 
-class _Body(Enum):
-    NONE = auto()
-    LENGTH = auto()
-    CHUNKED = auto()
-    UNTIL_CLOSE = auto()
+class _Body:
+    NONE = 0
+    LENGTH = 1
+    CHUNKED = 2
+    UNTIL_CLOSE = 3
 
 
 class _Head:
@@ -166,7 +167,7 @@ class _ParsedHead(NamedTuple):
 
     version: str
     headers: tuple[tuple[str, str], ...]
-    body: _Body  # how the fields frame the body (a response's request may overrule them)
+    body: int  # _Body: how the fields frame it (a response's request may overrule them)
     length: int  # of a LENGTH body
     method: str = ""  # requests
     target: str = ""
@@ -296,7 +297,7 @@ class MessageStream:
         ``first_ns`` is when its first byte counts as moved (a read's return, a
         write's entry), ``last_ns`` when its last one does (the return).
         """
-        if self._state is _State.STOPPED:
+        if self._state == _State.STOPPED:
             return
         self._syscall_ns, self._syscall_tid, self._last_ns = first_ns, tid, last_ns
         self._syscall_goroutine = goroutine
@@ -308,16 +309,16 @@ class MessageStream:
 
     def end_open_message(self) -> None:
         """The other direction started a message: an unframed message here ends."""
-        if self._state is _State.OPEN:
+        if self._state == _State.OPEN:
             self._message.body_framing_lost = True
             self._end_message(_State.RESYNC)
 
     def close(self) -> None:
         """The connection closed: end the message in progress, then stop."""
-        if self._state is _State.HEAD:
+        if self._state == _State.HEAD:
             self._cut_head()
         if self._message is not None:
-            if not (self._state is _State.OPEN and self._until_close):
+            if not (self._state == _State.OPEN and self._until_close):
                 self._message.body_framing_lost = True
             self._end_message(_State.STOPPED)
         self.stop()
@@ -333,8 +334,8 @@ class MessageStream:
     def _looks_like_start(self, data: bytes | bytearray) -> bool | None:
         raise NotImplementedError
 
-    def _read_head(self, head: bytes) -> tuple[HttpMessage, _Body, int]:
-        """The message a head starts, how its body is framed, and its length if fixed.
+    def _read_head(self, head: bytes) -> tuple[HttpMessage, int, int]:
+        """The message a head starts, how its body is framed (_Body), its length if fixed.
 
         Raises httptools.HttpParserError or ValueError.
         """
@@ -401,7 +402,7 @@ class MessageStream:
         self._remaining -= taken
         self._message.body_size += taken
         if self._remaining == 0:
-            if self._state is _State.BODY:
+            if self._state == _State.BODY:
                 self._end_message(_State.IDLE)
             else:
                 self._state, self._remaining = _State.CHUNK_END, 2
@@ -517,16 +518,16 @@ class MessageStream:
         self._sink.head_parsed(message)
         if truncated:
             self._lose_framing(count_body=False)  # where the head ends is unknown
-        elif body is _Body.LENGTH and length > 0:
+        elif body == _Body.LENGTH and length > 0:
             self._state, self._remaining = _State.BODY, length
-        elif body is _Body.CHUNKED:
+        elif body == _Body.CHUNKED:
             self._state = _State.CHUNK_LINE
-        elif body is _Body.UNTIL_CLOSE:
+        elif body == _Body.UNTIL_CLOSE:
             self._state, self._until_close, self._count_body = _State.OPEN, True, True
         else:
             self._end_message(_State.IDLE)
 
-    def _end_message(self, next_state: _State) -> None:
+    def _end_message(self, next_state: int) -> None:
         message = self._message
         self._message = None
         self._state = next_state  # before the sink runs: it may stop this stream
@@ -558,7 +559,7 @@ class RequestStream(MessageStream):
     def _looks_like_start(self, data: bytes | bytearray) -> bool | None:
         return looks_like_request(data)
 
-    def _read_head(self, head: bytes) -> tuple[HttpRequest, _Body, int]:
+    def _read_head(self, head: bytes) -> tuple[HttpRequest, int, int]:
         parsed = _parse_request(head)
         request = HttpRequest(
             version=parsed.version,
@@ -581,7 +582,7 @@ class ResponseStream(MessageStream):
     def _looks_like_start(self, data: bytes | bytearray) -> bool | None:
         return looks_like_response(data)
 
-    def _read_head(self, head: bytes) -> tuple[HttpResponse, _Body, int]:
+    def _read_head(self, head: bytes) -> tuple[HttpResponse, int, int]:
         parsed = _parse_response(head)
         response = HttpResponse(
             version=parsed.version,
