@@ -63,10 +63,9 @@ def looks_like_request(data: bytes | bytearray) -> bool | None:
 
 def looks_like_response(data: bytes | bytearray) -> bool | None:
     """Whether ``data`` can start a status line; None while too short to tell."""
-    prefix = bytes(data[: len(_RESPONSE_START)])
-    if prefix == _RESPONSE_START:
+    if data.startswith(_RESPONSE_START):
         return True
-    return None if _RESPONSE_START.startswith(prefix) else False
+    return None if _RESPONSE_START.startswith(bytes(data[: len(_RESPONSE_START)])) else False
 
 
 class StreamSink(Protocol):
@@ -556,8 +555,7 @@ class RequestStream(MessageStream):
 
     __slots__ = ()
 
-    def _looks_like_start(self, data: bytes | bytearray) -> bool | None:
-        return looks_like_request(data)
+    _looks_like_start = staticmethod(looks_like_request)
 
     def _read_head(self, head: bytes) -> tuple[HttpRequest, int, int]:
         parsed = _parse_request(head)
@@ -579,8 +577,7 @@ class ResponseStream(MessageStream):
 
     __slots__ = ()
 
-    def _looks_like_start(self, data: bytes | bytearray) -> bool | None:
-        return looks_like_response(data)
+    _looks_like_start = staticmethod(looks_like_response)
 
     def _read_head(self, head: bytes) -> tuple[HttpResponse, int, int]:
         parsed = _parse_response(head)
