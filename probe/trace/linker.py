@@ -45,7 +45,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from probe.kernel.events import Role
+from probe.kernel.events import ConnKey, Endpoint, Role
 from probe.protocol.model import ConnectionInfo, HttpExchange, HttpRequest
 from probe.stats import Stats
 from probe.trace.span import Span, SpanLink, new_span_id, new_trace_id
@@ -64,10 +64,8 @@ DEFAULT_WAIT_NS = 500_000_000
 MAX_CONTEXTS = 65536  # requests in progress, and ended spans awaiting their trace
 MAX_PROCESSES = 4096  # cached answers to "is this process Go?"
 
-# Keys are flat tuples of str and int: hashed in C, where a ConnKey or
-# Endpoint in them would be hashed by its dataclass's Python __hash__.
-_RequestKey = tuple[int, int, int, int]  # a connection's (pid, fd, generation), request's order
-_Wire = tuple[str, int, str, int, int]  # client's address and port, server's, request's order
+_RequestKey = tuple[ConnKey, int]  # a connection and the request's order on it
+_Wire = tuple[Endpoint, Endpoint, int]  # (client's address, server's address, order)
 _Slot = tuple[int, str, int]  # (pid, "thread" | "goroutine" | "process", id)
 _LINKED_ROLES = frozenset({Role.CLIENT, Role.SERVER})  # UNKNOWN: never inferred
 _LINK_COUNTERS = {
@@ -150,7 +148,7 @@ class SpanLinker:
         """A request head was parsed: decide its span's context now."""
         if connection.role not in _LINKED_ROLES:
             return
-        key = _request_key(connection, request)
+        key = (connection.key, request.sequence)
         if key in self._started:
             return
         if len(self._started) >= self._max_contexts:
@@ -187,7 +185,7 @@ class SpanLinker:
             span.attributes[RULE_ATTRIBUTE] = NONE
             self._export(span)
             return
-        key = _request_key(connection, exchange.request)
+        key = (connection.key, exchange.request.sequence)
         context = self._started.pop(key, None)
         if context is None:  # evicted, or never reported as started
             self.request_started(connection, exchange.request)
@@ -386,16 +384,10 @@ class SpanLinker:
             self._try_export(context)
 
 
-def _request_key(connection: ConnectionInfo, request: HttpRequest) -> _RequestKey:
-    key = connection.key
-    return (key.pid, key.fd, key.generation, request.sequence)
-
-
 def _wire(connection: ConnectionInfo, sequence: int) -> _Wire | None:
     """(client address, server address, order): the same for both ends of a connection."""
-    local, peer = connection.local, connection.peer
-    if local is None or peer is None:
+    if connection.local is None or connection.peer is None:
         return None
     if connection.role == Role.CLIENT:
-        return (local.address, local.port, peer.address, peer.port, sequence)
-    return (peer.address, peer.port, local.address, local.port, sequence)
+        return (connection.local, connection.peer, sequence)
+    return (connection.peer, connection.local, sequence)
