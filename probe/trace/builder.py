@@ -75,12 +75,12 @@ class SpanBuilder:
         else:  # the last thing seen of the exchange
             end_ns = max([request.end_ns, *[info.end_ns for info in exchange.informational]])
 
-        span = Span(
-            name=method if method != OTHER else "HTTP",
-            kind=kind,
-            start_time_unix_nano=self._clock.to_unix_ns(request.start_ns),
-            end_time_unix_nano=self._clock.to_unix_ns(end_ns),
-            resource=self._resources.detect(exchange.connection.key.pid),
+        span = Span(  # positional where it can: keywords cost on every span
+            method if method != OTHER else "HTTP",
+            kind,
+            self._clock.to_unix_ns(request.start_ns),
+            self._clock.to_unix_ns(end_ns),
+            self._resources.detect(exchange.connection.key.pid),
             attributes=self._attributes(exchange, kind, method),
             events=[
                 SpanEvent(
@@ -167,7 +167,7 @@ def _error_type(exchange: HttpExchange, kind: SpanKind) -> str | None:
     if response is None:
         error = exchange.error or ""
         return error if _ERROR_TOKEN.fullmatch(error) else OTHER
-    if response.status_code >= 500 or (kind is SpanKind.CLIENT and response.status_code >= 400):
+    if response.status_code >= 500 or (response.status_code >= 400 and kind is SpanKind.CLIENT):
         return str(response.status_code)
     return None
 
