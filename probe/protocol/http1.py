@@ -4,7 +4,8 @@ A `MessageStream` turns the bytes that one direction of a connection moved
 into `HttpRequest` or `HttpResponse` messages. The bytes come from syscalls
 whose payload holds only the first bytes of what each syscall moved, so the
 stream has gaps; framing is therefore done here, counting bytes by syscall
-sizes, and httptools only parses complete (or cut-short) message heads.
+sizes, and httptools only parses complete (or cut-short) message heads, each
+distinct head once (keep-alive traffic repeats them byte for byte).
 
 Framing rules, as RFC 9112 section 6 gives them:
 
