@@ -34,7 +34,8 @@ A CLIENT span:
 Counters in `Stats`: ``links_<rule>`` per span exported, ``traceparent_malformed``,
 ``link_wait_expired`` (SERVER spans that became roots when the wait ran out),
 ``link_contexts_evicted`` (requests forgotten to bound memory; their span is
-linked when it ends, by the rules above, from what is in progress then).
+linked when it ends, by the rules above, from what is in progress then),
+``link_wait_cut`` (ended spans whose wait was cut short to bound memory).
 Every span carries its rule as the ``probe.link.rule`` attribute.
 """
 
@@ -61,7 +62,11 @@ NONE = "none"
 RULE_ATTRIBUTE = "probe.link.rule"
 INFERRED_ATTRIBUTE = "probe.link.inferred"
 DEFAULT_WAIT_NS = 500_000_000
-MAX_CONTEXTS = 65536  # requests in progress, and ended spans awaiting their trace
+MAX_CONTEXTS = 65536  # requests in progress
+# Ended spans awaiting their trace. Each holds a whole span (a few KB), so
+# this bound is what caps the linker's memory: 8192 is more than 8,000 spans
+# a second waiting the default 500 ms.
+MAX_HELD_SPANS = 8192
 MAX_PROCESSES = 4096  # cached answers to "is this process Go?"
 
 _RequestKey = tuple[ConnKey, int]  # a connection and the request's order on it
@@ -103,6 +108,7 @@ class SpanLinker:
         "_clock",
         "_is_go",
         "_max_contexts",
+        "_max_held",
         "_started",
         "_held",
         "_in_progress",
@@ -122,6 +128,7 @@ class SpanLinker:
         clock: Callable[[], int] = time.monotonic_ns,
         is_go: Callable[[int], bool] = lambda pid: False,
         max_contexts: int = MAX_CONTEXTS,
+        max_held: int = MAX_HELD_SPANS,
     ) -> None:
         self._export = export
         self._stats = stats
@@ -129,6 +136,7 @@ class SpanLinker:
         self._clock = clock
         self._is_go = is_go
         self._max_contexts = max_contexts
+        self._max_held = max_held
         self._started: OrderedDict[_RequestKey, _Context] = OrderedDict()
         self._held: OrderedDict[_Context, None] = OrderedDict()  # ended, trace not final
         self._in_progress: dict[_Slot, list[_Context]] = {}  # SERVER spans by slot
@@ -367,8 +375,9 @@ class SpanLinker:
         return True
 
     def _hold(self, context: _Context) -> None:
-        if len(self._held) >= self._max_contexts:
+        if len(self._held) >= self._max_held:
             # bounded memory: the oldest held span's trace root stops waiting
+            self._stats["link_wait_cut"] += 1
             oldest = next(iter(self._held))
             root = oldest
             while root.parent is not None:

@@ -319,13 +319,14 @@ def test_memory_is_bounded_and_a_process_exit_forgets_its_threads() -> None:
 
 
 def test_held_spans_are_bounded_too() -> None:
-    host = Host(max_contexts=2)
+    host = Host(max_held=2)
     spans = []
     for port in range(5):  # servers whose clients never show: each waits, held
         _, into = host.connect(1, 2, 8000 + port)
         spans.append(host.end(host.start(into, port), 10 + port))
     assert len(host.linker) == 2
     assert host.exported == spans[:3]  # the oldest stopped waiting to make room
+    assert host.stats["link_wait_cut"] == 3
 
 
 def test_the_tracker_reports_request_starts() -> None:
