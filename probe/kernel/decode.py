@@ -12,7 +12,7 @@ from __future__ import annotations
 import socket
 from operator import itemgetter
 
-from probe.kernel.contract import DATA_HEADER_SIZE, flat_struct, lib
+from probe.kernel.contract import DATA_HEADER_SIZE, ffi, flat_struct, lib
 from probe.kernel.events import (
     ConnClose,
     ConnKey,
@@ -39,14 +39,23 @@ def _picker(layout: tuple[str, ...], *names: str) -> itemgetter:
     return itemgetter(*(layout.index(name) for name in names))
 
 
-_HEADER, _HEADER_NAMES = flat_struct("struct probe_event_header")
+# A record's type, alone: which layout to unpack the whole record with.
+_TYPE, _ = flat_struct(
+    "struct probe_event_header", ffi.offsetof("struct probe_event_header", "tid")
+)
 _DATA, _DATA_NAMES = flat_struct("struct probe_data_event", DATA_HEADER_SIZE)
 _CONN, _CONN_NAMES = flat_struct("struct probe_conn_event")
-_HEADER_FIELDS = _picker(
-    _HEADER_NAMES, "type", "tid", "conn.pid", "conn.fd", "conn.generation", "timestamp_ns"
+# Every record starts with the same header fields, picked first.
+_HEADER_NAMES = (
+    "header.tid",
+    "header.conn.pid",
+    "header.conn.fd",
+    "header.conn.generation",
+    "header.timestamp_ns",
 )
 _DATA_FIELDS = _picker(
     _DATA_NAMES,
+    *_HEADER_NAMES,
     "exit_ns",
     "direction",
     "bytes",
@@ -57,6 +66,7 @@ _DATA_FIELDS = _picker(
 )
 _CONN_FIELDS = _picker(
     _CONN_NAMES,
+    *_HEADER_NAMES,
     "role",
     "local.family",
     "local.addr",
@@ -87,15 +97,16 @@ def _comm(raw: bytes) -> str:
 
 def decode(raw: bytes) -> KernelEvent | None:
     """Decode one record; None if it is malformed."""
-    if len(raw) < _HEADER.size:
+    if len(raw) < _TYPE.size:
         return None
-    kind, tid, pid, fd, generation, timestamp_ns = _HEADER_FIELDS(_HEADER.unpack_from(raw))
+    (kind,) = _TYPE.unpack_from(raw)
     if kind == lib.PROBE_EVENT_DATA:
         if len(raw) < DATA_HEADER_SIZE:
             return None
-        exit_ns, direction, size, captured, role, goroutine, flags = _DATA_FIELDS(
-            _DATA.unpack_from(raw)
-        )
+        (
+            tid, pid, fd, generation, timestamp_ns,
+            exit_ns, direction, size, captured, role, goroutine, flags,
+        ) = _DATA_FIELDS(_DATA.unpack_from(raw))  # fmt: skip
         if direction not in _DIRECTIONS:
             return None
         return DataEvent(
@@ -112,9 +123,10 @@ def decode(raw: bytes) -> KernelEvent | None:
         )
     if len(raw) < _CONN.size:
         return None
-    role, local_family, local_addr, local_port, peer_family, peer_addr, peer_port, comm = (
-        _CONN_FIELDS(_CONN.unpack_from(raw))
-    )
+    (
+        tid, pid, fd, generation, timestamp_ns,
+        role, local_family, local_addr, local_port, peer_family, peer_addr, peer_port, comm,
+    ) = _CONN_FIELDS(_CONN.unpack_from(raw))  # fmt: skip
     if kind == lib.PROBE_EVENT_OPEN or kind == lib.PROBE_EVENT_ADDR:
         cls = ConnOpen if kind == lib.PROBE_EVENT_OPEN else AddressUpdate
         return cls(
