@@ -192,7 +192,7 @@ class _CachedAttributes:
                 field = cache.get(cache_key)
                 if field is None:
                     field = self._encode(key, value)
-                    if value_type is not str or len(value) <= MAX_CACHED_STRING:
+                    if not isinstance(value, str) or len(value) <= MAX_CACHED_STRING:
                         if len(cache) >= self._max_entries:
                             cache.clear()
                         cache[cache_key] = field

@@ -158,7 +158,7 @@ class HttpConnection:
             if self._early:  # its response was reported first
                 self._stats["responses_before_requests"] += 1
                 self._complete(self._pending.popleft(), self._early.popleft())
-        elif not _is_informational(message):
+        elif isinstance(message, HttpResponse) and not _is_informational(message):
             if self._pending:
                 self._answering = self._pending.popleft()
             else:
@@ -168,25 +168,29 @@ class HttpConnection:
         if isinstance(message, HttpRequest):
             if self._reading is not None and self._reading.request is message:
                 self._reading = None
-        elif _is_informational(message):
+        elif isinstance(message, HttpResponse):
+            self._response_ended(message)
+
+    def _response_ended(self, response: HttpResponse) -> None:
+        if _is_informational(response):
             if self._pending:
-                self._pending[0].informational.append(message)
+                self._pending[0].informational.append(response)
             else:
                 self._stats["parse_errors"] += 1
-        else:
-            pending, self._answering = self._answering, None
-            if pending is not None:
-                self._complete(pending, message)
-            elif message is self._early_head:
-                self._early_head = None
-                if message.status_code == 101:  # HTTP ends here: no request can follow
-                    self._stats["parse_errors"] += 1  # a response to no request we saw
-                else:
-                    self._keep_early(message)
-            tunnel = pending is not None and pending.request.method == "CONNECT"
-            if message.status_code == 101 or (tunnel and message.status_code < 300):
-                self._requests.stop()  # what follows is another protocol
-                self._responses.stop()
+            return
+        pending, self._answering = self._answering, None
+        if pending is not None:
+            self._complete(pending, response)
+        elif response is self._early_head:
+            self._early_head = None
+            if response.status_code == 101:  # HTTP ends here: no request can follow
+                self._stats["parse_errors"] += 1  # a response to no request we saw
+            else:
+                self._keep_early(response)
+        tunnel = pending is not None and pending.request.method == "CONNECT"
+        if response.status_code == 101 or (tunnel and response.status_code < 300):
+            self._requests.stop()  # what follows is another protocol
+            self._responses.stop()
 
     def _keep_early(self, response: HttpResponse) -> None:
         """Hold a response until its request is reported, boundedly."""

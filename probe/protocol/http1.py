@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable
-from typing import NamedTuple, Protocol
+from typing import Final, NamedTuple, Protocol, TypeVar
 
 import httptools
 
@@ -50,7 +50,7 @@ _RESPONSE_START = b"HTTP/1."
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _VERSIONS = ("1.0", "1.1")
 
-_Parser = httptools.HttpRequestParser | httptools.HttpResponseParser
+_Parser = TypeVar("_Parser", httptools.HttpRequestParser, httptools.HttpResponseParser)
 
 
 def looks_like_request(data: bytes | bytearray) -> bool | None:
@@ -87,24 +87,25 @@ class StreamSink(Protocol):
 
 # States and body framings are plain ints, not Enums: they are read at every
 # step of every syscall, and each read of an Enum member is a metaclass lookup.
+# Final: compiled (probe.compiled), they become constants in the C code.
 class _State:
-    IDLE = 0  # between messages: the next byte starts one
-    HEAD = 1  # reading the start line and header fields
-    BODY = 2  # counting down a Content-Length body
-    CHUNK_LINE = 3  # reading a chunk-size line
-    CHUNK_DATA = 4  # counting down a chunk's data
-    CHUNK_END = 5  # the CRLF after a chunk's data
-    TRAILERS = 6  # trailer fields after the last chunk
-    OPEN = 7  # body without framing: ends by close or by the other direction
-    RESYNC = 8  # framing unknown: wait for a payload that starts a message
-    STOPPED = 9  # closed, or no longer HTTP/1 (upgraded, tunnelled)
+    IDLE: Final = 0  # between messages: the next byte starts one
+    HEAD: Final = 1  # reading the start line and header fields
+    BODY: Final = 2  # counting down a Content-Length body
+    CHUNK_LINE: Final = 3  # reading a chunk-size line
+    CHUNK_DATA: Final = 4  # counting down a chunk's data
+    CHUNK_END: Final = 5  # the CRLF after a chunk's data
+    TRAILERS: Final = 6  # trailer fields after the last chunk
+    OPEN: Final = 7  # body without framing: ends by close or by the other direction
+    RESYNC: Final = 8  # framing unknown: wait for a payload that starts a message
+    STOPPED: Final = 9  # closed, or no longer HTTP/1 (upgraded, tunnelled)
 
 
 class _Body:
-    NONE = 0
-    LENGTH = 1
-    CHUNKED = 2
-    UNTIL_CLOSE = 3
+    NONE: Final = 0
+    LENGTH: Final = 1
+    CHUNKED: Final = 2
+    UNTIL_CLOSE: Final = 3
 
 
 class _Head:
@@ -243,7 +244,7 @@ def _is_chunked(transfer_encoding: str) -> bool:
     return transfer_encoding.rsplit(",", 1)[-1].strip().lower() == "chunked"
 
 
-def _chunk_size(line: bytes) -> int | None:
+def _chunk_size(line: bytes | bytearray) -> int | None:
     digits = line.split(b";", 1)[0].strip(b" \t\r\n")
     return int(digits, 16) if _CHUNK_SIZE.fullmatch(digits) else None
 
@@ -309,8 +310,9 @@ class MessageStream:
 
     def end_open_message(self) -> None:
         """The other direction started a message: an unframed message here ends."""
-        if self._state == _State.OPEN:
-            self._message.body_framing_lost = True
+        message = self._message
+        if self._state == _State.OPEN and message is not None:
+            message.body_framing_lost = True
             self._end_message(_State.RESYNC)
 
     def close(self) -> None:
@@ -346,7 +348,27 @@ class MessageStream:
     def _run(self, data: bytes | None, end: int) -> None:
         pos = 0
         while pos < end:
-            pos = self._STEPS[self._state](self, data, pos, end)
+            # a chain, not a table of methods: the compiled module calls each
+            # step directly (and interpreted, the chain is as fast as a lookup)
+            state = self._state
+            if state == _State.IDLE:
+                pos = self._idle(data, pos, end)
+            elif state == _State.HEAD:
+                pos = self._head(data, pos, end)
+            elif state == _State.BODY or state == _State.CHUNK_DATA:
+                pos = self._counted(data, pos, end)
+            elif state == _State.CHUNK_LINE:
+                pos = self._chunk_line(data, pos, end)
+            elif state == _State.CHUNK_END:
+                pos = self._chunk_end(data, pos, end)
+            elif state == _State.TRAILERS:
+                pos = self._trailers(data, pos, end)
+            elif state == _State.OPEN:
+                pos = self._open(data, pos, end)
+            elif state == _State.RESYNC:
+                pos = self._resync(data, pos, end)
+            else:  # STOPPED
+                pos = end
 
     def _idle(self, data: bytes | None, pos: int, end: int) -> int:
         if data is None:
@@ -400,7 +422,8 @@ class MessageStream:
     def _counted(self, data: bytes | None, pos: int, end: int) -> int:
         taken = min(self._remaining, end - pos)
         self._remaining -= taken
-        self._message.body_size += taken
+        if self._message is not None:
+            self._message.body_size += taken
         if self._remaining == 0:
             if self._state == _State.BODY:
                 self._end_message(_State.IDLE)
@@ -455,7 +478,7 @@ class MessageStream:
         return next_pos
 
     def _open(self, data: bytes | None, pos: int, end: int) -> int:
-        if self._count_body:
+        if self._count_body and self._message is not None:
             self._message.body_size += end - pos
         return end
 
@@ -465,22 +488,6 @@ class MessageStream:
             self._state = _State.IDLE
             return pos
         return end
-
-    def _stopped(self, data: bytes | None, pos: int, end: int) -> int:
-        return end
-
-    _STEPS = {
-        _State.IDLE: _idle,
-        _State.HEAD: _head,
-        _State.BODY: _counted,
-        _State.CHUNK_LINE: _chunk_line,
-        _State.CHUNK_DATA: _counted,
-        _State.CHUNK_END: _chunk_end,
-        _State.TRAILERS: _trailers,
-        _State.OPEN: _open,
-        _State.RESYNC: _resync,
-        _State.STOPPED: _stopped,
-    }
 
     # -- helpers
 
@@ -531,11 +538,13 @@ class MessageStream:
         message = self._message
         self._message = None
         self._state = next_state  # before the sink runs: it may stop this stream
-        self._sink.message_ended(message)
+        if message is not None:
+            self._sink.message_ended(message)
 
     def _lose_framing(self, count_body: bool) -> None:
         self._buf.clear()  # a cut chunk-size line or trailers must not prefix the next head
-        self._message.body_framing_lost = True
+        if self._message is not None:
+            self._message.body_framing_lost = True
         self._state, self._until_close, self._count_body = _State.OPEN, False, count_body
 
     def _malformed(self) -> None:
@@ -556,7 +565,8 @@ class RequestStream(MessageStream):
 
     __slots__ = ()
 
-    _looks_like_start = staticmethod(looks_like_request)
+    def _looks_like_start(self, data: bytes | bytearray) -> bool | None:
+        return looks_like_request(data)
 
     def _read_head(self, head: bytes) -> tuple[HttpRequest, int, int]:
         parsed = _parse_request(head)
@@ -578,7 +588,8 @@ class ResponseStream(MessageStream):
 
     __slots__ = ()
 
-    _looks_like_start = staticmethod(looks_like_response)
+    def _looks_like_start(self, data: bytes | bytearray) -> bool | None:
+        return looks_like_response(data)
 
     def _read_head(self, head: bytes) -> tuple[HttpResponse, int, int]:
         parsed = _parse_response(head)

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from probe.kernel.events import ConnKey, Endpoint, Role
 from probe.protocol.model import ConnectionInfo, HttpExchange, HttpRequest
 from probe.stats import Stats
-from probe.trace.span import Span, SpanLink, new_span_id, new_trace_id
+from probe.trace.span import Attributes, Span, SpanLink, new_span_id, new_trace_id
 from probe.trace.traceparent import find_traceparent
 
 TRACEPARENT = "traceparent"
@@ -366,7 +366,7 @@ class SpanLinker:
         if context.inferred is not None:
             # a link to a span whose trace is not final yet would name a wrong trace
             if (linked := self._trace_id(context.inferred)) is not None:
-                attributes = {INFERRED_ATTRIBUTE: True}
+                attributes: Attributes = {INFERRED_ATTRIBUTE: True}
                 span.links.append(SpanLink(linked, context.inferred.span_id, attributes))
             context.inferred = None
         span.attributes[RULE_ATTRIBUTE] = context.rule
