@@ -7,7 +7,8 @@ import random
 from dataclasses import dataclass, field
 from enum import Enum
 
-AttributeValue = str | bool | int | float | list[str] | list[int]
+# OpenTelemetry's attribute values: a primitive, or a homogeneous array of one.
+AttributeValue = str | bool | int | float | list[str] | list[bool] | list[int] | list[float]
 Attributes = dict[str, AttributeValue]
 
 

@@ -301,7 +301,9 @@ def test_unknown_role_is_inferred_from_first_message(
     recorder.feed(wire.syscalls(direction, data))
     requests = Direction.INGRESS if role is Role.SERVER else Direction.EGRESS
     recorder.feed(
-        wire.syscalls(requests, get("/2")), wire.syscalls(1 - requests, ok()), wire.close()
+        wire.syscalls(requests, get("/2")),
+        wire.syscalls(Direction(1 - requests), ok()),
+        wire.close(),
     )
     # a first request is answered by the later response; a first response answers nothing
     targets = ["/", "/2"] if data.startswith(b"GET") else ["/2"]
