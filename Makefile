@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PROBE := $(VENV)/bin/probe
 SETUP_STAMP := $(VENV)/.installed
 
-.PHONY: setup run check test test-unit lint bench clean demo install uninstall
+.PHONY: setup compile run check test test-unit lint bench clean demo install uninstall
 
 $(SETUP_STAMP): pyproject.toml scripts/setup.sh
 	VENV=$(VENV) scripts/setup.sh
@@ -14,23 +14,30 @@ $(SETUP_STAMP): pyproject.toml scripts/setup.sh
 setup:
 	VENV=$(VENV) scripts/setup.sh
 
-run: $(SETUP_STAMP)
+# The hot path as C extensions (mypyc, probe/compiled.py); a no-op when current.
+compile: $(SETUP_STAMP)
+	$(PY) scripts/compile.py
+
+run: compile
 	$(PROBE) capture $(ARGS)
 
-check: $(SETUP_STAMP)
+check: compile
 	$(PROBE) check
 
 # A chain of four services (Python, Go, Node.js, a slow database) on loopback,
 # the probe watching with -o tree: one waterfall per request.
-demo: $(SETUP_STAMP)
+demo: compile
 	$(PY) demo/demo.py
 
 # Unit tests need nothing but Python; kernel and end-to-end tests need root.
+# The suite runs the compiled hot path; the unit tests run once more from
+# source (PROBE_PURE=1), which is what runs where it could not be compiled.
 test: setup
 	$(PY) -m ruff check probe tests
 	$(PY) -m pytest $(PYTEST_ARGS)
+	PROBE_PURE=1 $(PY) -m pytest -q -p no:cacheprovider tests/unit
 
-test-unit: $(SETUP_STAMP)
+test-unit: compile
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 # What the probe costs, side by side with no probe and with empty BPF programs
@@ -42,6 +49,7 @@ bench: setup
 lint: $(SETUP_STAMP)
 	$(PY) -m ruff check probe tests
 	$(PY) -m ruff format --check probe tests
+	$(PY) -m mypy $(shell $(PY) -c 'import probe.compiled as c; print(*c.source_files())')
 
 # The host daemon as a systemd service (deploy/systemd/probe.service): the
 # code in /opt/probe, the settings in /etc/probe. See deploy/README.md.
@@ -52,4 +60,5 @@ uninstall:
 	scripts/install.sh --uninstall
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .mypy_cache build probe/compiled.json
+	find probe -name '*.so' -delete

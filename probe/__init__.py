@@ -7,3 +7,7 @@ JSON lines, OTLP) -> commands (`capture`, `check`, `run`).
 """
 
 __version__ = "0.1.0"
+
+# Before any hot-path module is imported: decides whether their compiled
+# extensions may run (see probe.compiled).
+from probe import compiled as _compiled  # noqa: E402, F401

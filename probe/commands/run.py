@@ -8,6 +8,7 @@ import argparse
 import os
 import sys
 
+from probe import compiled
 from probe.commands.capture import StopFlag, add_link_wait_argument
 from probe.config import ConfigError, ProbeConfig, load
 from probe.export.otlp import create_processor
@@ -152,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         for note in source.notes:
             log.info("%s", note)
+        log.info("hot path %s", compiled.running_status())
         log.info(
             "exporting spans over OTLP (%s) to %s; metrics on http://%s:%s/metrics",
             config.otlp_protocol, config.otlp_endpoint, host, port,

@@ -1,0 +1,78 @@
+"""The compiled hot path: when its extensions may run, and that they do."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from probe import compiled
+
+REPO = Path(__file__).resolve().parents[2]
+ONE = ("probe.protocol.http1",)
+
+
+def loaded_from(module: str, **env: str) -> str:
+    """The file a fresh interpreter imports ``module`` from."""
+    code = f"import {module} as m; print(m.__file__)"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={"PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+def test_no_manifest_means_not_built(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv(compiled.PURE_ENV, raising=False)
+    status = compiled.built_status(ONE, tmp_path / "compiled.json")
+    assert not status.compiled
+    assert "not built" in status.reason
+
+
+def test_a_source_edited_since_the_build_is_named(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv(compiled.PURE_ENV, raising=False)
+    manifest = tmp_path / "compiled.json"
+    digests = {m: compiled.source_digest(m) for m in compiled.MODULES}
+    digests["probe.trace.linker"] = "0" * 64
+    manifest.write_text(json.dumps(digests))
+    status = compiled.built_status(compiled.MODULES, manifest)
+    assert not status.compiled
+    assert "probe.trace.linker" in status.reason
+    assert "probe.protocol.http1" not in status.reason
+
+
+def test_pure_wins_over_a_current_build(tmp_path: Path, monkeypatch) -> None:
+    manifest = tmp_path / "compiled.json"
+    manifest.write_text(json.dumps({m: compiled.source_digest(m) for m in ONE}))
+    monkeypatch.setenv(compiled.PURE_ENV, "1")
+    assert compiled.built_status(ONE, manifest).reason == "PROBE_PURE is set"
+
+
+def test_source_finder_finds_sources_of_listed_modules_only() -> None:
+    finder = compiled._SourceFinder(ONE)
+    spec = finder.find_spec("probe.protocol.http1")
+    assert spec is not None and spec.origin == str(compiled.source_path(ONE[0]))
+    assert finder.find_spec("probe.protocol.connection") is None
+
+
+def test_pure_runs_every_module_from_source() -> None:
+    for module in ("probe.protocol.http1", "probe.pipeline"):
+        assert loaded_from(module, PROBE_PURE="1").endswith(".py")
+
+
+def test_the_hot_path_runs_as_built() -> None:
+    """make setup compiles it: a build that failed or went stale fails here.
+    make test also runs the unit tests with PROBE_PURE=1: then from source."""
+    status = compiled.running_status()
+    if os.environ.get(compiled.PURE_ENV):
+        assert not status.compiled
+        assert loaded_from("probe.protocol.http1", PROBE_PURE="1").endswith(".py")
+    else:
+        assert status.compiled, str(status)
+        assert loaded_from("probe.protocol.http1").endswith(".so")
