@@ -68,7 +68,11 @@ install_venv() {
         /usr/bin/python3 -m venv --system-site-packages "$PREFIX/venv"
     fi
     say "installing probe into $PREFIX/venv"
-    "$PREFIX/venv/bin/pip" install -q -e "$PREFIX/src"
+    "$PREFIX/venv/bin/pip" install -q -e "$PREFIX/src[compile]"
+    # The hot path as C extensions (probe/compiled.py): a no-op when the copy
+    # came built; without a C compiler, probe runs from source.
+    "$PREFIX/venv/bin/python" "$PREFIX/src/scripts/compile.py" \
+        || say "WARNING: the hot path was not compiled (install gcc and python3-dev); probe runs from source"
 }
 
 install_files() {

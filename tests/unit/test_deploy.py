@@ -380,7 +380,9 @@ def test_dockerfile_builds_the_venv_and_runs_probe():
     assert "python3-bpfcc python3-venv" in runs[0]
     assert runs[1] == "/usr/bin/python3 -m venv --system-site-packages /opt/probe/venv"
     assert ("COPY", ". /opt/probe/src") in instructions
-    assert runs[2].startswith("pip install --no-cache-dir -e /opt/probe/src")
+    assert runs[2].startswith("pip install --no-cache-dir -e '/opt/probe/src[compile]'")
+    assert "python /opt/probe/src/scripts/compile.py" in runs[2]
+    assert runs[2].endswith("probe check | grep -q 'hot path *ok'")
     env = [arguments for name, arguments in instructions if name == "ENV"]
     assert env[0].startswith("PATH=/opt/probe/venv/bin:$PATH")
     assert instructions[-2:] == [("ENTRYPOINT", '["probe"]'), ("CMD", '["run"]')]
