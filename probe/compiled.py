@@ -48,6 +48,7 @@ MODULES = (
     "probe.trace.traceparent",
     "probe.trace.builder",
     "probe.trace.linker",
+    "probe.export.batch",
     "probe.export.otlp_wire",
     "probe.pipeline",
 )

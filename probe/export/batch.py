@@ -274,8 +274,8 @@ class BatchSpanProcessor:
         while True:
             with self._lock:
                 batch = self._next_batch(next_export, retry_at)
-                if batch is None:
-                    break
+            if batch is None:
+                break
             outcome = self._send(batch)
             now = time.monotonic()
             with self._lock:
