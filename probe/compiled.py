@@ -81,14 +81,24 @@ class Status:
         return ("compiled: " if self.compiled else "interpreted: ") + self.reason
 
 
-def stale_modules(modules: Sequence[str] = MODULES, manifest: Path = MANIFEST) -> list[str] | None:
-    """The modules whose extension is missing or was built from another
-    source; None when there was no build at all."""
+def _built(manifest: Path = MANIFEST) -> dict[str, str] | None:
+    """What the last build compiled (module -> source sha256); None if nothing."""
     try:
         built = json.loads(manifest.read_text())
     except (OSError, ValueError):
         return None
-    return [m for m in modules if built.get(m) != source_digest(m) or not _extension(m)]
+    return built if isinstance(built, dict) else None
+
+
+def stale_modules(modules: Sequence[str] = MODULES, manifest: Path = MANIFEST) -> list[str] | None:
+    """The modules whose extension is missing or was built from another
+    source, and those built once but no longer listed; None when there was
+    no build at all."""
+    built = _built(manifest)
+    if built is None:
+        return None
+    stale = [m for m in modules if built.get(m) != source_digest(m) or not _extension(m)]
+    return stale + sorted(set(built) - set(modules))
 
 
 def built_status(modules: Sequence[str] = MODULES, manifest: Path = MANIFEST) -> Status:
@@ -104,6 +114,12 @@ def built_status(modules: Sequence[str] = MODULES, manifest: Path = MANIFEST) ->
             f"the build is older than the sources of {', '.join(stale)} (run make compile)",
         )
     return Status(True, f"{len(modules)} modules built by mypyc")
+
+
+def extension_files() -> list[Path]:
+    """Every extension module in the package: probe has none but the compiled ones."""
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    return sorted(p for p in PACKAGE_DIR.rglob("*") if p.name.endswith(suffixes))
 
 
 def _extension(module: str) -> Path | None:
@@ -135,9 +151,10 @@ def install_guard(modules: Sequence[str] = MODULES) -> Status:
     before any of them is imported (``probe/__init__.py`` does)."""
     status = built_status(modules)
     if not status.compiled:
-        if any(_extension(m) for m in modules) and os.environ.get(PURE_ENV, "") in ("", "0"):
+        if extension_files() and os.environ.get(PURE_ENV, "") in ("", "0"):
             warnings.warn(f"probe's hot path is {status}", RuntimeWarning, stacklevel=2)
-        sys.meta_path.insert(0, _SourceFinder(modules))
+        # a module built once and since dropped from the list has an extension too
+        sys.meta_path.insert(0, _SourceFinder([*modules, *(_built() or {})]))
     return status
 
 

@@ -30,13 +30,8 @@ from probe import compiled  # noqa: E402
 GROUP = "probe.hotpath"  # the shared library: probe/hotpath__mypyc.*.so
 
 
-def built_files() -> list[Path]:
-    files = [p for m in compiled.MODULES if (p := compiled._extension(m))]
-    return files + sorted(compiled.PACKAGE_DIR.glob("hotpath__mypyc.*"))
-
-
 def clean() -> None:
-    for path in built_files():
+    for path in compiled.extension_files():  # this build's, and any earlier one's
         path.unlink()
     compiled.MANIFEST.unlink(missing_ok=True)
 

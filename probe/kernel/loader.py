@@ -15,6 +15,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from probe.kernel import features, golang, memory, sockets, tls
 from probe.kernel.contract import BPF_DIR, MAX_CAPTURE, lib
@@ -111,15 +112,15 @@ class EventSource:
         # client is best looked up in /proc now. False means "ignore it".
         self.on_open = on_open
         self.notes: list[str] = []  # things done on the user's behalf, to print
-        self._bpf = None
+        self._bpf: Any = None  # bcc's BPF object (bcc has no type information)
         self._batch: list[KernelEvent] = []
         # Client connections whose local address the kernel will send later.
         self._awaiting_address: dict[ConnKey, ConnOpen] = {}
         self._open_by_pid: dict[int, set[ConnKey]] = {}
         self._ignored: OrderedDict[ConnKey, None] = OrderedDict()
-        self._callback = None  # kept referenced while libbcc may call it
-        self._ring = None  # libbcc's ring-buffer reader
-        self._libbcc = None  # bcc's ctypes view of libbcc, once bcc is imported
+        self._callback: Any = None  # kept referenced while libbcc may call it
+        self._ring: Any = None  # libbcc's ring-buffer reader
+        self._libbcc: Any = None  # bcc's ctypes view of libbcc, once bcc is imported
         # Finds the TLS libraries and Go programs to probe; exists once started.
         self.discovery: BinaryDiscovery | None = None
         self._connected_pids: set[int] = set()  # pids whose first connection was seen
@@ -189,7 +190,7 @@ class EventSource:
         The kernel wakes the reader only every few records (bpf/common.h,
         emit()), so a timeout also reads what is waiting: at low rates a
         record waits at most ``timeout_ms``."""
-        assert self._bpf is not None, "start() first"
+        assert self._bpf is not None and self.discovery is not None, "start() first"
         self._libbcc.bpf_poll_ringbuf(self._ring, timeout_ms)
         self._libbcc.bpf_consume_ringbuf(self._ring)
         self.discovery.tick()
@@ -227,10 +228,12 @@ class EventSource:
             self._process_exited(event)
             self._batch.append(event)
             return
+        discovery = self.discovery  # exists once started, before any record
         if isinstance(event, ProcessExec):
             self._connected_pids.discard(event.pid)
-            self.discovery.scan_process(event.pid)
-            self.discovery.schedule(event.pid, _RESCAN_AFTER_EXEC_S)
+            if discovery is not None:
+                discovery.scan_process(event.pid)
+                discovery.schedule(event.pid, _RESCAN_AFTER_EXEC_S)
             self._batch.append(event)
             return
         key = event.key
@@ -245,7 +248,8 @@ class EventSource:
         if isinstance(event, ConnOpen):
             if key.pid not in self._connected_pids:  # it may have loaded a TLS library
                 self._connected_pids.add(key.pid)
-                self.discovery.scan_process(key.pid)
+                if discovery is not None:
+                    discovery.scan_process(key.pid)
             if event.role == Role.CLIENT and event.local is None:
                 self._awaiting_address[key] = event
             else:

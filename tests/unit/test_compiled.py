@@ -47,6 +47,15 @@ def test_a_source_edited_since_the_build_is_named(tmp_path: Path, monkeypatch) -
     assert "probe.protocol.http1" not in status.reason
 
 
+def test_a_module_built_once_but_no_longer_listed_is_stale(tmp_path: Path, monkeypatch) -> None:
+    """Its extension would still be imported: the build must be redone."""
+    monkeypatch.delenv(compiled.PURE_ENV, raising=False)
+    manifest = tmp_path / "compiled.json"
+    dropped = "probe.kernel.loader"
+    manifest.write_text(json.dumps({m: compiled.source_digest(m) for m in (*ONE, dropped)}))
+    assert compiled.stale_modules(ONE, manifest) == [dropped]
+
+
 def test_pure_wins_over_a_current_build(tmp_path: Path, monkeypatch) -> None:
     manifest = tmp_path / "compiled.json"
     manifest.write_text(json.dumps({m: compiled.source_digest(m) for m in ONE}))
