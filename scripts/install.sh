@@ -37,7 +37,7 @@ systemd_running() { live && [[ -d /run/systemd/system ]]; }
 
 install_debian_packages() {
     local missing=() pkg
-    for pkg in python3-bpfcc python3-venv; do
+    for pkg in python3-bpfcc python3-venv gcc python3-dev; do  # gcc, headers: the compiled hot path
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
             || missing+=("$pkg")
     done
