@@ -57,6 +57,9 @@ _RECORD_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void
 _IGNORED_MEMORY = 4096  # recently ignored connections whose events are still in flight
 # ld.so maps a new image's libraries just after exec: look again a moment later.
 _RESCAN_AFTER_EXEC_S = 0.1
+# Records decoded per poll at most: a backlog (the ring buffer holds tens of
+# thousands) is handed on in slices, so it is never all in memory as objects.
+MAX_BATCH = 1024
 
 
 @dataclass(slots=True)
@@ -192,7 +195,8 @@ class EventSource:
         record waits at most ``timeout_ms``."""
         assert self._bpf is not None and self.discovery is not None, "start() first"
         self._libbcc.bpf_poll_ringbuf(self._ring, timeout_ms)
-        self._libbcc.bpf_consume_ringbuf(self._ring)
+        if len(self._batch) < MAX_BATCH:  # after a timeout, poll has read nothing
+            self._libbcc.bpf_consume_ringbuf(self._ring)
         self.discovery.tick()
         batch, self._batch = self._batch, []
         return batch
@@ -213,13 +217,15 @@ class EventSource:
         return {name: self.kernel_counter(slot) for slot, name in KERNEL_COUNTERS.items()}
 
     def _on_record(self, _ctx: object, data: int, size: int) -> int:
+        """libbpf's callback, per record; a negative return ends this consume
+        after the record (the rest wait in the ring buffer for the next poll)."""
         self.stats["events"] += 1
         event = decode(ctypes.string_at(data, size))
         if event is None:
             self.stats["events_malformed"] += 1
             return 0
         self._accept(event)
-        return 0
+        return -1 if len(self._batch) >= MAX_BATCH else 0
 
     # -- per-connection bookkeeping ----------------------------------------
 

@@ -9,6 +9,8 @@ python peers.py client PORT SIZE [linger]
                                    read until the server is done; with
                                    linger, close only when stdin closes
 python peers.py udp PORT           connect a UDP socket and send a datagram
+python peers.py chatter PORT COUNT  one connection to itself: COUNT sends of
+                                   10 bytes, each received before the next
 """
 
 from __future__ import annotations
@@ -49,11 +51,25 @@ def udp(port: int) -> None:
         sock.send(b"GET / HTTP/1.1\r\n\r\n")
 
 
+def chatter(port: int, count: int) -> None:
+    with (
+        socket.create_server(("127.0.0.1", port)) as listener,
+        socket.create_connection(("127.0.0.1", port)) as out,
+    ):
+        conn, _ = listener.accept()
+        with conn:
+            for _ in range(count):
+                out.send(b"0123456789")
+                conn.recv(10)
+
+
 if __name__ == "__main__":
     mode, port = sys.argv[1], int(sys.argv[2])
     if mode == "server":
         server(port, sys.argv[3])
     elif mode == "client":
         client(port, int(sys.argv[3]), linger=sys.argv[4:] == ["linger"])
+    elif mode == "chatter":
+        chatter(port, int(sys.argv[3]))
     else:
         udp(port)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from probe.kernel import loader
 from probe.kernel.events import (
     ConnClose,
     ConnOpen,
@@ -134,3 +135,23 @@ def test_udp_connect_is_not_a_connection() -> None:
         )
     assert any(isinstance(e, ProcessExit) and e.pid == sender.pid for e in events)
     assert [e for e in events if not isinstance(e, (ProcessExit, ProcessExec))] == []
+
+
+def test_a_backlog_is_handed_on_in_bounded_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records waiting in the ring buffer come out MAX_BATCH at a time, all of them."""
+    monkeypatch.setattr(loader, "MAX_BATCH", 50)
+    port, sends = free_port(), 200
+    with EventSource(ProbeOptions(ports=(port,)), Stats()) as source:
+        chatter = [sys.executable, str(PEERS), "chatter", str(port), str(sends)]
+        subprocess.run(chatter, check=True, timeout=20)  # all of it waits in the ring
+        batches = []
+        while batch := source.poll(0):
+            batches.append(batch)
+        lost = source.lost_events()
+
+    assert lost == 0
+    assert max(len(batch) for batch in batches) == 50
+    data = [e for batch in batches for e in batch if isinstance(e, DataEvent)]
+    for direction in Direction:
+        moved = [e for e in data if e.direction == direction]
+        assert sum(e.size for e in moved) == 10 * sends, direction
