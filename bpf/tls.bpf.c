@@ -181,7 +181,7 @@ int ssl_write_return(struct pt_regs *ctx)
 
 /* A thread that ends inside a TLS call (killed) never returns from it:
  * its records must not outlive it for a later thread with the same id.
- * Attached to sched:sched_process_exit by probe/kernel/tls.py. */
+ * Attached to the raw tracepoint sched_process_exit by probe/kernel/tls.py. */
 int tls_thread_exit(void *ctx)
 {
 	u32 tid = (u32)bpf_get_current_pid_tgid();

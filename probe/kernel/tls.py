@@ -115,7 +115,9 @@ class OpenSslHandler:
 
 def attach_thread_exit(bpf: object) -> None:
     """Clear a thread's TLS call records when it exits (see tls.bpf.c)."""
-    bpf.attach_tracepoint(tp=b"sched:sched_process_exit", fn_name=b"tls_thread_exit")
+    # A raw tracepoint: socket_conn.bpf.c has the plain one, and bcc keeps one
+    # fd per plain tracepoint name, so a second would never be detached.
+    bpf.attach_raw_tracepoint(tp=b"sched_process_exit", fn_name=b"tls_thread_exit")
 
 
 class _Listing(OpenSslHandler):
