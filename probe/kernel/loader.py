@@ -14,6 +14,7 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,8 @@ _RESCAN_AFTER_EXEC_S = 0.1
 # Records decoded per poll at most: a backlog (the ring buffer holds tens of
 # thousands) is handed on in slices, so it is never all in memory as objects.
 MAX_BATCH = 1024
+# Tracepoints and uprobes detached side by side when stopping (see _detach_all).
+_DETACH_THREADS = 32
 
 
 @dataclass(slots=True)
@@ -174,6 +177,7 @@ class EventSource:
             self._libbcc.bpf_free_ringbuf(self._ring)
             self._ring = None
         if self._bpf is not None:
+            _detach_all(self._bpf, self._libbcc)
             self._bpf.cleanup()
             self._bpf = None
             self.discovery = None
@@ -340,6 +344,30 @@ class EventSource:
         for key in keys:
             with contextlib.suppress(KeyError):
                 del conns[conns.Key(key.pid, key.fd)]
+
+
+def _detach_all(bpf: Any, libbcc: Any) -> None:
+    """Close every tracepoint and uprobe at once, before bcc's cleanup.
+
+    Each close makes the kernel wait for RCU grace periods: 70-110 ms apiece
+    on this machine, so closing them one after another (bcc's cleanup) made
+    stopping take 5 s. Closes that wait side by side share the waits. What is
+    closed is taken off bcc's books as its own detach would (the uprobes'
+    share of its global count of open probes included).
+    """
+    if libbcc is None:
+        return
+    perf_events = [*bpf.uprobe_fds.values(), *bpf.tracepoint_fds.values()]
+    with ThreadPoolExecutor(max_workers=_DETACH_THREADS) as pool:
+        closing = [pool.submit(libbcc.bpf_close_perf_event_fd, fd) for fd in perf_events]
+        closing += [pool.submit(os.close, fd) for fd in bpf.raw_tracepoint_fds.values()]
+        for done in closing:
+            done.result()
+    for name in list(bpf.uprobe_fds):
+        libbcc.bpf_detach_uprobe(name)  # an event made through tracefs, if any
+        bpf._del_uprobe_fd(name)
+    bpf.tracepoint_fds.clear()  # bcc's detach does nothing more for these two
+    bpf.raw_tracepoint_fds.clear()
 
 
 __all__ = ["EventSource", "ProbeOptions", "DataEvent"]
