@@ -57,10 +57,10 @@ def build() -> None:
 
 def main() -> int:
     os.chdir(REPO)  # mypyc names modules by their paths from here
-    digests = {m: compiled.source_digest(m) for m in compiled.MODULES}
     if compiled.stale_modules() == []:
         print("compile: the hot path is already built from these sources", file=sys.stderr)
         return 0
+    digests = {m: compiled.source_digest(m) for m in compiled.MODULES}  # what is built
     clean()
     print(f"compile: building {len(compiled.MODULES)} modules with mypyc", file=sys.stderr)
     try:
