@@ -29,9 +29,10 @@
 #ifndef PROBE_RINGBUF_PAGES
 #define PROBE_RINGBUF_PAGES 1024
 #endif
-#ifndef PROBE_WAKEUP_EVERY
-#define PROBE_WAKEUP_EVERY 32
-#endif
+/* Unread bytes a CPU may add before it wakes user space (see emit()): a
+ * quarter of the ring buffer shared among the CPUs, so that the ring is never
+ * more than a quarter full of records nobody was woken for. */
+#define PROBE_WAKEUP_BYTES (PROBE_RINGBUF_PAGES * PAGE_SIZE / 4 / PROBE_NR_CPUS)
 #define PROBE_MAX_CONNS 65536
 #define PROBE_MAX_INFLIGHT 16384
 
@@ -46,8 +47,8 @@ BPF_RINGBUF_OUTPUT(events, PROBE_RINGBUF_PAGES);
 /* enum probe_counter -> count, per CPU so counting never contends. */
 BPF_PERCPU_ARRAY(counters, u64, PROBE_COUNTER_MAX);
 
-/* Records written since user space was last woken, per CPU (see emit()). */
-BPF_PERCPU_ARRAY(records_unwoken, u64, 1);
+/* Bytes written since this CPU last woke user space (see emit()). */
+BPF_PERCPU_ARRAY(bytes_unwoken, u64, 1);
 
 /* The traced connections: filled on connect/accept (or on the first HTTP
  * bytes of a connection opened before the probe), emptied on close. User
@@ -147,19 +148,21 @@ static __always_inline bool connection_wanted(u16 local_port, u16 peer_port)
 	return true;
 }
 
-/* Ring buffer output that counts what could not be delivered. Waking user
- * space costs the writing program a few microseconds (irq_work, then a
- * task wakeup): measured on this machine, that was most of the programs'
- * run time, because at moderate rates the reader has always caught up and
- * the kernel's adaptive wakeup then fires for every record. So user space is
- * woken once per PROBE_WAKEUP_EVERY records per CPU, and reads the rest when
- * its poll times out (EventSource.poll), which bounds the delay. */
+/* Ring buffer output that counts what could not be delivered.
+ *
+ * Waking user space is the most expensive thing a program here does: the
+ * ring buffer's irq_work raises an interrupt on this CPU, a VM exit on a
+ * virtual machine, and with a wakeup every 32 records per CPU that alone
+ * was about a quarter of the programs' run time on this machine. So a CPU wakes the
+ * reader only once it has written PROBE_WAKEUP_BYTES since its last wakeup;
+ * below that the reader's poll timeout (EventSource.poll, 100 ms) collects
+ * the records, which bounds how long one waits. */
 static __always_inline void emit(void *record, u64 size)
 {
 	u32 zero = 0;
-	u64 *unwoken = records_unwoken.lookup(&zero);
+	u64 *unwoken = bytes_unwoken.lookup(&zero);
 	u64 flags = BPF_RB_NO_WAKEUP;
-	if (unwoken && ++*unwoken >= PROBE_WAKEUP_EVERY) {
+	if (unwoken && (*unwoken += size) >= PROBE_WAKEUP_BYTES) {
 		*unwoken = 0;
 		flags = BPF_RB_FORCE_WAKEUP;
 	}

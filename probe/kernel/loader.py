@@ -194,9 +194,10 @@ class EventSource:
     def poll(self, timeout_ms: int = 100) -> list[KernelEvent]:
         """Wait up to ``timeout_ms`` for records; return one batch of events.
 
-        The kernel wakes the reader only every few records (bpf/common.h,
-        emit()), so a timeout also reads what is waiting: at low rates a
-        record waits at most ``timeout_ms``."""
+        A CPU wakes the reader only once it has written a share of the ring
+        buffer (bpf/common.h, emit()), so a timeout also reads what is
+        waiting: unless records arrive fast enough to fill that share first,
+        they are read every ``timeout_ms``, and none waits longer."""
         assert self._bpf is not None and self.discovery is not None, "start() first"
         self._libbcc.bpf_poll_ringbuf(self._ring, timeout_ms)
         if len(self._batch) < MAX_BATCH:  # after a timeout, poll has read nothing
