@@ -153,10 +153,10 @@ static __always_inline bool connection_wanted(u16 local_port, u16 peer_port)
  * Waking user space is the most expensive thing a program here does: the
  * ring buffer's irq_work raises an interrupt on this CPU, a VM exit on a
  * virtual machine, and with a wakeup every 32 records per CPU that alone
- * was about a quarter of the programs' run time on this machine. So a CPU wakes the
- * reader only once it has written PROBE_WAKEUP_BYTES since its last wakeup;
- * below that the reader's poll timeout (EventSource.poll, 100 ms) collects
- * the records, which bounds how long one waits. */
+ * was about a quarter of the programs' run time on this machine. So a CPU
+ * wakes the reader only once it has written PROBE_WAKEUP_BYTES since its
+ * last wakeup; below that the reader's poll timeout (EventSource.poll,
+ * 100 ms) collects the records, which bounds how long one waits. */
 static __always_inline void emit(void *record, u64 size)
 {
 	u32 zero = 0;
