@@ -17,6 +17,11 @@ source instead:
 
 The modules are compiled as one group and call each other directly, so it
 is all of them or none.
+
+The classes built once per record, message, exchange or span write their
+``__init__`` out, under ``@dataclass(init=False)``: mypyc compiles a written
+``__init__``, while the one ``@dataclass`` generates is made at import time
+and runs interpreted, at about half a microsecond per object.
 """
 
 from __future__ import annotations

@@ -81,10 +81,16 @@ class ExportStatus(NamedTuple):
     failing_for: float  # seconds since export started failing; 0 while it works
 
 
-class _Entry(NamedTuple):
+@dataclass(slots=True, init=False)
+class _Entry:
     seq: int  # order of arrival, to know when a flush is done
     span: Span
     size: int
+
+    def __init__(self, seq: int, span: Span, size: int) -> None:
+        self.seq = seq  # written out for mypyc (probe/compiled.py): one per span
+        self.span = span
+        self.size = size
 
 
 def estimate_size(span: Span) -> int:

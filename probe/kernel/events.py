@@ -57,7 +57,7 @@ class ConnOpen:
     comm: str = ""  # the process's name when the kernel saw it
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class DataEvent:
     """One read- or write-like syscall on a traced connection."""
 
@@ -71,6 +71,30 @@ class DataEvent:
     role: Role = Role.UNKNOWN  # as the kernel knows it (UNKNOWN: picked up mid-stream)
     goroutine: int = 0  # Go: the goroutine the I/O was done for; 0 elsewhere
     tls: bool = False  # plaintext from a TLS library rather than bytes on the socket
+
+    def __init__(  # written out for mypyc (probe/compiled.py)
+        self,
+        key: ConnKey,
+        tid: int,
+        enter_ns: int,
+        exit_ns: int,
+        direction: Direction,
+        size: int,
+        payload: bytes,
+        role: Role = Role.UNKNOWN,
+        goroutine: int = 0,
+        tls: bool = False,
+    ) -> None:
+        self.key = key
+        self.tid = tid
+        self.enter_ns = enter_ns
+        self.exit_ns = exit_ns
+        self.direction = direction
+        self.size = size
+        self.payload = payload
+        self.role = role
+        self.goroutine = goroutine
+        self.tls = tls
 
 
 @dataclass(slots=True)

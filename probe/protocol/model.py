@@ -20,7 +20,7 @@ class ConnectionInfo:
     tls: bool = False  # the HTTP was read at a TLS library: url.scheme is https
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class HttpMessage:
     version: str  # "1.0" or "1.1"
     headers: list[tuple[str, str]]  # names lower-cased, in order, as captured
@@ -32,6 +32,28 @@ class HttpMessage:
     body_framing_lost: bool = False  # the end was inferred, not framed by the parser
     goroutine: int = 0  # Go: the goroutine of the first byte; 0 elsewhere
 
+    def __init__(  # written out for mypyc (probe/compiled.py), like its subclasses'
+        self,
+        version: str,
+        headers: list[tuple[str, str]],
+        start_ns: int,
+        end_ns: int,
+        tid: int,
+        body_size: int = 0,
+        head_truncated: bool = False,
+        body_framing_lost: bool = False,
+        goroutine: int = 0,
+    ) -> None:
+        self.version = version
+        self.headers = headers
+        self.start_ns = start_ns
+        self.end_ns = end_ns
+        self.tid = tid
+        self.body_size = body_size
+        self.head_truncated = head_truncated
+        self.body_framing_lost = body_framing_lost
+        self.goroutine = goroutine
+
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (lower-case), if captured."""
         for key, value in self.headers:
@@ -40,20 +62,67 @@ class HttpMessage:
         return None
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class HttpRequest(HttpMessage):
     method: str = ""  # as sent, e.g. "GET"
     target: str = ""  # request-target as sent, e.g. "/a/b?x=1"
     sequence: int = 0  # 0 for the first request on its connection, 1 for the next...
 
+    def __init__(
+        self,
+        version: str,
+        headers: list[tuple[str, str]],
+        start_ns: int,
+        end_ns: int,
+        tid: int,
+        body_size: int = 0,
+        head_truncated: bool = False,
+        body_framing_lost: bool = False,
+        goroutine: int = 0,
+        method: str = "",
+        target: str = "",
+        sequence: int = 0,
+    ) -> None:
+        # super() with its arguments: slots=True makes a new class, which the
+        # argument-less form's cell does not know.
+        super(HttpRequest, self).__init__(
+            version, headers, start_ns, end_ns, tid,
+            body_size, head_truncated, body_framing_lost, goroutine,
+        )  # fmt: skip
+        self.method = method
+        self.target = target
+        self.sequence = sequence
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class HttpResponse(HttpMessage):
     status_code: int = 0
     reason: str = ""
 
+    def __init__(
+        self,
+        version: str,
+        headers: list[tuple[str, str]],
+        start_ns: int,
+        end_ns: int,
+        tid: int,
+        body_size: int = 0,
+        head_truncated: bool = False,
+        body_framing_lost: bool = False,
+        goroutine: int = 0,
+        status_code: int = 0,
+        reason: str = "",
+    ) -> None:
+        # super() with its arguments: see HttpRequest.
+        super(HttpResponse, self).__init__(
+            version, headers, start_ns, end_ns, tid,
+            body_size, head_truncated, body_framing_lost, goroutine,
+        )  # fmt: skip
+        self.status_code = status_code
+        self.reason = reason
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class HttpExchange:
     """One request and what answered it, on one connection."""
 
@@ -62,3 +131,17 @@ class HttpExchange:
     response: HttpResponse | None  # None: the connection ended first
     informational: list[HttpResponse] = field(default_factory=list)  # 1xx before it
     error: str | None = None  # why there is no response, when there is none
+
+    def __init__(  # written out for mypyc (probe/compiled.py)
+        self,
+        connection: ConnectionInfo,
+        request: HttpRequest,
+        response: HttpResponse | None,
+        informational: list[HttpResponse] | None = None,
+        error: str | None = None,
+    ) -> None:
+        self.connection = connection
+        self.request = request
+        self.response = response
+        self.informational = [] if informational is None else informational
+        self.error = error

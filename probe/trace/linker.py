@@ -78,7 +78,7 @@ _LINK_COUNTERS = {
 }
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False, slots=True, init=False)
 class _Context:
     """What is known of one request's span before it ends."""
 
@@ -96,6 +96,22 @@ class _Context:
     wire: _Wire | None = None  # where it sits in the same-host indexes
     slot: _Slot | None = None  # where a SERVER sits while in progress
     span: Span | None = None  # ended, awaiting its trace id
+
+    def __init__(self, key: _RequestKey, role: Role, start_ns: int) -> None:
+        # Written out for mypyc (probe/compiled.py); all but the first three start empty.
+        self.key = key
+        self.role = role
+        self.start_ns = start_ns
+        self.span_id = new_span_id()
+        self.rule = NONE
+        self.trace_id = None
+        self.parent = None
+        self.parent_span_id = None
+        self.inferred = None
+        self.waiting = False
+        self.wire = None
+        self.slot = None
+        self.span = None
 
 
 class SpanLinker:

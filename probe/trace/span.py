@@ -63,7 +63,7 @@ def new_span_id() -> bytes:
     return (_ids.getrandbits(64) or 1).to_bytes(8, "big")
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Span:
     name: str
     kind: SpanKind
@@ -78,6 +78,36 @@ class Span:
     attributes: Attributes = field(default_factory=dict)
     events: list[SpanEvent] = field(default_factory=list)
     links: list[SpanLink] = field(default_factory=list)
+
+    def __init__(  # written out for mypyc (probe/compiled.py)
+        self,
+        name: str,
+        kind: SpanKind,
+        start_time_unix_nano: int,
+        end_time_unix_nano: int,
+        resource: Resource,
+        trace_id: bytes | None = None,  # None: a new one
+        span_id: bytes | None = None,  # None: a new one
+        parent_span_id: bytes | None = None,
+        status_code: StatusCode = StatusCode.UNSET,
+        status_message: str = "",
+        attributes: Attributes | None = None,
+        events: list[SpanEvent] | None = None,
+        links: list[SpanLink] | None = None,
+    ) -> None:
+        self.name = name
+        self.kind = kind
+        self.start_time_unix_nano = start_time_unix_nano
+        self.end_time_unix_nano = end_time_unix_nano
+        self.resource = resource
+        self.trace_id = new_trace_id() if trace_id is None else trace_id
+        self.span_id = new_span_id() if span_id is None else span_id
+        self.parent_span_id = parent_span_id
+        self.status_code = status_code
+        self.status_message = status_message
+        self.attributes = {} if attributes is None else attributes
+        self.events = [] if events is None else events
+        self.links = [] if links is None else links
 
     @property
     def duration_ns(self) -> int:
