@@ -160,13 +160,21 @@ static __always_inline u32 copy_buffer(char *payload, const void *buf, long ret)
 static __always_inline u32 copy_iovecs(char *payload, const struct iovec *iov, u64 iovcnt,
 				       long ret)
 {
+	/* The iovec array in one read, not one read per entry. */
+	struct iovec vecs[PROBE_MAX_IOVECS];
+	u64 walked = iovcnt < PROBE_MAX_IOVECS ? iovcnt : PROBE_MAX_IOVECS;
+	u64 array_size = walked * sizeof(struct iovec);
+	OPAQUE(array_size);
+	if (array_size > sizeof(vecs))
+		array_size = sizeof(vecs);
+	if (bpf_probe_read_user(vecs, array_size, iov) != 0)
+		return 0;
 	u32 copied = 0;
 #pragma unroll
 	for (int i = 0; i < PROBE_MAX_IOVECS; i++) {
-		if (i >= iovcnt || copied >= ret || copied >= PROBE_CAPTURE_BYTES)
+		if (i >= walked || copied >= ret || copied >= PROBE_CAPTURE_BYTES)
 			break;
-		struct iovec vec = {};
-		bpf_probe_read_user(&vec, sizeof(vec), &iov[i]);
+		struct iovec vec = vecs[i];
 		u64 len = vec.iov_len;
 		if (len > ret - copied)
 			len = ret - copied;
