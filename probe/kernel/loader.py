@@ -54,6 +54,7 @@ KERNEL_COUNTERS = {
 # Called through libbcc directly rather than bcc's Python wrapper, which adds a
 # frame and an exception guard to every record.
 _RECORD_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
+_string_at = ctypes.string_at  # once per record: no module attribute lookup
 
 _IGNORED_MEMORY = 4096  # recently ignored connections whose events are still in flight
 # ld.so maps a new image's libraries just after exec: look again a moment later.
@@ -120,6 +121,7 @@ class EventSource:
         self.notes: list[str] = []  # things done on the user's behalf, to print
         self._bpf: Any = None  # bcc's BPF object (bcc has no type information)
         self._batch: list[KernelEvent] = []
+        self._records = 0  # read since the last poll returned
         # Client connections whose local address the kernel will send later.
         self._awaiting_address: dict[ConnKey, ConnOpen] = {}
         self._open_by_pid: dict[int, set[ConnKey]] = {}
@@ -202,6 +204,8 @@ class EventSource:
         self._libbcc.bpf_poll_ringbuf(self._ring, timeout_ms)
         if len(self._batch) < MAX_BATCH:  # after a timeout, poll has read nothing
             self._libbcc.bpf_consume_ringbuf(self._ring)
+        self.stats["events"] += self._records  # counted here, not per record
+        self._records = 0
         self.discovery.tick()
         batch, self._batch = self._batch, []
         return batch
@@ -224,12 +228,17 @@ class EventSource:
     def _on_record(self, _ctx: object, data: int, size: int) -> int:
         """libbpf's callback, per record; a negative return ends this consume
         after the record (the rest wait in the ring buffer for the next poll)."""
-        self.stats["events"] += 1
-        event = decode(ctypes.string_at(data, size))
-        if event is None:
+        self._records += 1
+        event = decode(_string_at(data, size))
+        if type(event) is DataEvent and not self._awaiting_address:
+            # The bulk of records, and nothing to settle first: the short way.
+            if event.key not in self._ignored:
+                self._batch.append(event)
+        elif event is None:
             self.stats["events_malformed"] += 1
             return 0
-        self._accept(event)
+        else:
+            self._accept(event)
         return -1 if len(self._batch) >= MAX_BATCH else 0
 
     # -- per-connection bookkeeping ----------------------------------------
