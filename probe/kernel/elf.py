@@ -10,7 +10,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import capstone
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
@@ -127,6 +126,9 @@ def return_offsets(path: str | Path, symbol: Symbol) -> list[int]:
     with open(path, "rb") as stream:
         stream.seek(symbol.offset)
         code = stream.read(symbol.size)
+    # Imported here: only Go binaries need it, and it maps a few MB of RSS.
+    import capstone  # noqa: PLC0415
+
     disassembler = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
     return [
         instruction.address
