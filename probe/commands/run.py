@@ -5,6 +5,7 @@ flushes the export queue within a deadline."""
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -174,6 +175,10 @@ def run(args: argparse.Namespace) -> int:
             capture_headers=config.header_allowlist,
             link_wait_ns=args.link_wait_ms * 1_000_000,
         )
+        # What start-up made (modules, bcc's tables, parsers, caches) lives as
+        # long as the process: full collections need not walk it again.
+        gc.collect()
+        gc.freeze()
         pipeline.run(stop)
         log.info("stopping: flushing %d queued spans", processor.queue_depth())
         pipeline.finish(SHUTDOWN_DEADLINE_MS)
