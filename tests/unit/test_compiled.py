@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 from probe import compiled
+from probe.export.batch import _Entry
+from probe.kernel.events import ConnKey, DataEvent, Direction, Role
+from probe.protocol.model import ConnectionInfo, HttpExchange, HttpRequest, HttpResponse
+from probe.trace.linker import _Context
+from probe.trace.span import Resource, Span, SpanKind
 
 REPO = Path(__file__).resolve().parents[2]
 ONE = ("probe.protocol.http1",)
@@ -85,3 +92,33 @@ def test_the_hot_path_runs_as_built() -> None:
     else:
         assert status.compiled, str(status)
         assert loaded_from("probe.protocol.http1").endswith(".so")
+
+
+# Built once per record, message, exchange, span or queued span; their
+# constructors are written out so that mypyc compiles them (probe/compiled.py).
+PER_RECORD_CLASSES = (DataEvent, HttpRequest, HttpResponse, HttpExchange, Span, _Context, _Entry)
+
+
+def test_per_record_constructors_are_compiled_with_the_hot_path() -> None:
+    """A constructor left to @dataclass would run interpreted even when compiled."""
+    runs_compiled = compiled.running_status().compiled
+    for cls in PER_RECORD_CLASSES:
+        interpreted = isinstance(cls.__init__, types.FunctionType)
+        assert interpreted != runs_compiled, f"{cls.__name__}.__init__"
+
+
+def test_written_out_constructors_set_every_field() -> None:
+    key = ConnKey(1, 3, 7)
+    request = HttpRequest("1.1", [], 1, 2, 9, method="GET", target="/")
+    response = HttpResponse("1.1", [], 3, 4, 9, status_code=200)
+    made = [
+        DataEvent(key, 9, 1, 2, Direction.EGRESS, 5, b"GET /"),
+        request,
+        response,
+        HttpExchange(ConnectionInfo(key, Role.SERVER, None, None), request, response),
+        Span("GET", SpanKind.SERVER, 1, 2, Resource({})),
+    ]
+    for obj in made:
+        for field in dataclasses.fields(obj):
+            assert hasattr(obj, field.name), f"{type(obj).__name__}.{field.name}"
+        assert obj == dataclasses.replace(obj)  # eq and replace still work
