@@ -21,7 +21,11 @@ is all of them or none.
 The classes built once per record, message, exchange or span write their
 ``__init__`` out, under ``@dataclass(init=False)``: mypyc compiles a written
 ``__init__``, while the one ``@dataclass`` generates is made at import time
-and runs interpreted, at about half a microsecond per object.
+and runs interpreted, at about half a microsecond per object. Their fields
+keep their declared defaults too: without them mypyc cannot tell the
+attributes are always set and checks them on every read (the replay of
+kept-alive requests measured 4 % slower). tests/unit/test_compiled.py holds
+the two to the same values.
 """
 
 from __future__ import annotations
