@@ -231,7 +231,8 @@ class EventSource:
         self._records += 1
         event = decode(_string_at(data, size))
         if type(event) is DataEvent and not self._awaiting_address:
-            # The bulk of records, and nothing to settle first: the short way.
+            # The bulk of records, and nothing to settle first: what _accept
+            # does with a DataEvent then, without its chain of checks.
             if event.key not in self._ignored:
                 self._batch.append(event)
         elif event is None:
