@@ -11,6 +11,7 @@
  *   PROBE_FILTER_PIDS    trace only the pids in `traced_pids`
  *   PROBE_FILTER_PORTS   trace only connections with a port in `traced_ports`
  *   PROBE_FILTER_COMM    trace only processes whose comm equals this string
+ *   PROBE_EXCLUDE_COMMS  never trace processes whose comm is in `excluded_comms`
  */
 #ifndef PROBE_COMMON_H
 #define PROBE_COMMON_H
@@ -103,6 +104,11 @@ BPF_HASH(traced_pids, u32, u8, 1024);
 /* port (host order) -> 1: trace only connections with one of these ports. */
 BPF_HASH(traced_ports, u16, u8, 1024);
 #endif
+#ifdef PROBE_EXCLUDE_COMMS
+/* process name -> 1: never traced (probe run --exclude-comm): load
+ * generators, health checkers, the collector's own clients. */
+BPF_HASH(excluded_comms, struct probe_comm, u8, 256);
+#endif
 
 static __always_inline void count(u32 counter)
 {
@@ -123,20 +129,28 @@ static __always_inline bool process_wanted(u32 pid)
 	return true;
 }
 
-/* Filters decided once per connection, when it is first seen. */
+/* Filters decided once per connection, when it is first seen. The names are
+ * the current thread's, which for most programs is the process's; user space
+ * checks the process's own name again when the connection's OPEN arrives. */
 static __always_inline bool connection_wanted(u16 local_port, u16 peer_port)
 {
+#if defined(PROBE_FILTER_COMM) || defined(PROBE_EXCLUDE_COMMS)
+	struct probe_comm comm = {};
+	bpf_get_current_comm(&comm.name, sizeof(comm.name));
+#endif
 #ifdef PROBE_FILTER_COMM
-	char comm[16] = {};
 	char wanted[16] = PROBE_FILTER_COMM;
-	bpf_get_current_comm(&comm, sizeof(comm));
 #pragma unroll
 	for (int i = 0; i < 16; i++) {
-		if (comm[i] != wanted[i])
+		if (comm.name[i] != wanted[i])
 			return false;
-		if (comm[i] == 0)
+		if (comm.name[i] == 0)
 			break;
 	}
+#endif
+#ifdef PROBE_EXCLUDE_COMMS
+	if (excluded_comms.lookup(&comm))
+		return false;
 #endif
 #ifdef PROBE_FILTER_PORTS
 	/* A port of 0 is not known yet (accept without an address): let user

@@ -120,6 +120,12 @@ struct probe_conn_event {
 	char comm[16];
 };
 
+/* Key of the `excluded_comms` map, which user space fills: a process name
+ * as the kernel keeps it (bpf_get_current_comm), NUL-padded. */
+struct probe_comm {
+	char name[16];
+};
+
 /* Key and value of the `conns` map, which user space also writes: it marks
  * connections to ignore (not a socket, filtered out) and deletes the
  * connections of exited processes. */

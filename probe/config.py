@@ -46,6 +46,7 @@ The YAML file (every key optional; the variables are in brackets)::
       pids: [1234]                     # [PROBE_PIDS]
       ports: [80, 8080]                # [PROBE_PORTS]
       comm: [nginx*]                   # globs on the process name [PROBE_COMM]
+      exclude_comm: [wrk, kube-probe*] # never these process names [PROBE_EXCLUDE_COMM]
       exe: [/usr/bin/*]                # globs on the executable path [PROBE_EXE]
       containers: [3f4e1a2b9c0d]       # container ids or prefixes [PROBE_CONTAINERS]
 
@@ -104,6 +105,7 @@ class ProbeConfig:
     pids: tuple[int, ...] = ()
     ports: tuple[int, ...] = ()
     comm_patterns: tuple[str, ...] = ()
+    exclude_comm_patterns: tuple[str, ...] = ()
     exe_patterns: tuple[str, ...] = ()
     container_ids: tuple[str, ...] = ()
 
@@ -286,6 +288,9 @@ _SETTINGS = (
     _Setting("pids", "filters.pids", _many(_int(1)), ("PROBE_PIDS",)),
     _Setting("ports", "filters.ports", _many(_int(1, 65535)), ("PROBE_PORTS",)),
     _Setting("comm_patterns", "filters.comm", _many(_text), ("PROBE_COMM",)),
+    _Setting(
+        "exclude_comm_patterns", "filters.exclude_comm", _many(_text), ("PROBE_EXCLUDE_COMM",)
+    ),
     _Setting("exe_patterns", "filters.exe", _many(_text), ("PROBE_EXE",)),
     _Setting("container_ids", "filters.containers", _many(_text), ("PROBE_CONTAINERS",)),
 )

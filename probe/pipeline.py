@@ -38,20 +38,28 @@ KERNEL_COUNTERS_INTERVAL_S = 1.0
 class ProcessFilter:
     """Which processes to trace, by what the kernel cannot see cheaply: glob
     patterns on the process name and executable path, and container ids.
-    Empty means everything."""
+    Empty means everything; a name matching an exclusion is never traced."""
 
     comm_patterns: tuple[str, ...] = ()
     exe_patterns: tuple[str, ...] = ()
     container_ids: tuple[str, ...] = ()
+    exclude_comm_patterns: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.comm_patterns or self.exe_patterns or self.container_ids)
+        return bool(
+            self.comm_patterns
+            or self.exe_patterns
+            or self.container_ids
+            or self.exclude_comm_patterns
+        )
 
     def wants(self, resource: Resource) -> bool:
         attributes = resource.attributes
         name = str(attributes.get("process.executable.name", ""))
         path = str(attributes.get("process.executable.path", ""))
         container = str(attributes.get("container.id", ""))
+        if any(fnmatch.fnmatch(name, p) for p in self.exclude_comm_patterns):
+            return False
         if self.comm_patterns and not any(fnmatch.fnmatch(name, p) for p in self.comm_patterns):
             return False
         if self.exe_patterns and not any(fnmatch.fnmatch(path, p) for p in self.exe_patterns):

@@ -65,6 +65,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="trace only processes whose name matches (repeatable)",
     )
     parser.add_argument(
+        "--exclude-comm",
+        dest="exclude_comm_patterns",
+        action="append",
+        metavar="GLOB",
+        help="never trace processes whose name matches, e.g. a load generator (repeatable)",
+    )
+    parser.add_argument(
         "--exe",
         dest="exe_patterns",
         action="append",
@@ -94,20 +101,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def overrides(args: argparse.Namespace) -> dict[str, object]:
     names = (
-        "pids", "ports", "comm_patterns", "exe_patterns", "container_ids", "otlp_endpoint",
-        "otlp_protocol",
-        "metrics_address", "log_format", "capture_size",
+        "pids", "ports", "comm_patterns", "exclude_comm_patterns", "exe_patterns", "container_ids",
+        "otlp_endpoint", "otlp_protocol", "metrics_address", "log_format", "capture_size",
     )  # fmt: skip
     return {name: getattr(args, name) for name in names}
 
 
 def kernel_options(config: ProbeConfig) -> ProbeOptions:
-    # One plain process name can be filtered in the kernel; globs need user space.
-    plain = [p for p in config.comm_patterns if not any(c in p for c in "*?[")]
+    # One plain process name to trace, and any plain names not to, can be
+    # filtered in the kernel; globs need user space.
+    plain = [p for p in config.comm_patterns if not _is_glob(p)]
     comm = plain[0] if len(config.comm_patterns) == 1 and plain else None
+    excluded = tuple(p for p in config.exclude_comm_patterns if not _is_glob(p))
     return ProbeOptions(
-        capture_bytes=config.capture_size, pids=config.pids, ports=config.ports, comm=comm
+        capture_bytes=config.capture_size,
+        pids=config.pids,
+        ports=config.ports,
+        comm=comm,
+        excluded_comms=excluded,
     )
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
 
 
 def lower_priority(nice: int) -> None:
@@ -168,7 +184,10 @@ def run(args: argparse.Namespace) -> int:
                 extra_attributes=config.resource_attributes, kubernetes=pods
             ),
             process_filter=ProcessFilter(
-                config.comm_patterns, config.exe_patterns, config.container_ids
+                config.comm_patterns,
+                config.exe_patterns,
+                config.container_ids,
+                config.exclude_comm_patterns,
             ),
             capture_credentials=config.capture_credentials,
             redact_query=config.redact_query,

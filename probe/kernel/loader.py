@@ -72,6 +72,8 @@ class ProbeOptions:
     pids: tuple[int, ...] = ()
     ports: tuple[int, ...] = ()
     comm: str | None = None
+    # Process names never traced, decided in the kernel as a connection opens.
+    excluded_comms: tuple[str, ...] = ()
     ringbuf_pages: int = 1024  # 4 MiB with 4 KiB pages; must be a power of two
     extra_cflags: list[str] = field(default_factory=list)
 
@@ -96,6 +98,8 @@ class ProbeOptions:
             if not self.comm.isprintable() or '"' in self.comm or "\\" in self.comm:
                 raise features.ProbeError(f"--comm {self.comm!r}: not a plain process name.")
             flags.append(f'-DPROBE_FILTER_COMM="{self.comm[:15]}"')
+        if self.excluded_comms:
+            flags.append("-DPROBE_EXCLUDE_COMMS")
         return flags + self.extra_cflags
 
 
@@ -161,6 +165,11 @@ class EventSource:
             table = self._bpf[b"traced_ports"]
             for port in self.options.ports:
                 table[ctypes.c_uint16(port)] = ctypes.c_uint8(1)
+        if self.options.excluded_comms:
+            table = self._bpf[b"excluded_comms"]
+            for name in self.options.excluded_comms:
+                # The kernel keeps 15 bytes of a name and a NUL.
+                table[table.Key(name.encode()[:15])] = ctypes.c_uint8(1)
         self._callback = _RECORD_CALLBACK(self._on_record)
         self._libbcc = libbcc
         self._ring = libbcc.bpf_new_ringbuf(self._bpf[b"events"].map_fd, self._callback, None)

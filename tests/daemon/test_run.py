@@ -195,6 +195,31 @@ def test_collector_down_at_start_then_up_gets_every_span_once() -> None:
     assert len(set(ids)) == 10  # none twice
 
 
+@pytest.mark.parametrize("pattern", ["curl", "cu*"])  # in the kernel; in user space
+def test_an_excluded_process_gets_no_spans(pattern: str) -> None:
+    receiver = GrpcReceiver()
+    port = free_port()
+    try:
+        with http_server(port), daemon(
+            "-P", str(port), "--exclude-comm", pattern,
+            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+        ) as probe:  # fmt: skip
+            for index in range(3):
+                curl(f"http://127.0.0.1:{port}/{index}")
+            receiver.wait_for(1)
+            assert probe.stop() == 0  # every span made is exported by now
+    finally:
+        receiver.stop()
+    is_server = [
+        span.kind == span.SPAN_KIND_SERVER
+        for request in receiver.accepted
+        for resource_spans in request.resource_spans
+        for scope in resource_spans.scope_spans
+        for span in scope.spans
+    ]
+    assert is_server == [True] * 3  # the server's three, none of curl's
+
+
 def test_sigterm_exports_queued_spans_before_exit() -> None:
     receiver = GrpcReceiver()
     port = free_port()

@@ -11,13 +11,18 @@ python peers.py client PORT SIZE [linger]
 python peers.py udp PORT           connect a UDP socket and send a datagram
 python peers.py chatter PORT COUNT  one connection to itself: COUNT sends of
                                    10 bytes, each received before the next
+
+With PEER_COMM set, the program first takes that process name (as in ps).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import socket
 import sys
+
+PR_SET_NAME = 15
 
 
 def server(port: int, path: str) -> None:
@@ -64,6 +69,8 @@ def chatter(port: int, count: int) -> None:
 
 
 if __name__ == "__main__":
+    if name := os.environ.get("PEER_COMM"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, name.encode(), 0, 0, 0)
     mode, port = sys.argv[1], int(sys.argv[2])
     if mode == "server":
         server(port, sys.argv[3])

@@ -5,6 +5,7 @@ Needs root and bcc; skipped with the reason printed otherwise.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -47,14 +48,17 @@ def body_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def run_exchange(port: int, body_file: Path, size: int) -> tuple[int, int]:
+def run_exchange(port: int, body_file: Path, size: int, client_comm: str = "") -> tuple[int, int]:
     server = subprocess.Popen(
         [sys.executable, str(PEERS), "server", str(port), str(body_file)],
         stdout=subprocess.PIPE,
         text=True,
     )
     assert server.stdout.readline().strip() == "listening"
-    client = subprocess.Popen([sys.executable, str(PEERS), "client", str(port), str(size)])
+    client = subprocess.Popen(
+        [sys.executable, str(PEERS), "client", str(port), str(size)],
+        env={**os.environ, "PEER_COMM": client_comm},
+    )
     assert client.wait(10) == 0
     assert server.wait(10) == 0
     return server.pid, client.pid
@@ -96,6 +100,19 @@ def test_one_exchange_seen_from_both_ends(body_file: Path) -> None:
     assert closes[server_pid].key == server_open.key
     assert closes[client_pid].key == client_open.key
     assert stats["events_malformed"] == 0
+
+
+def test_an_excluded_process_name_is_never_traced(body_file: Path) -> None:
+    port = free_port()
+    options = ProbeOptions(ports=(port,), excluded_comms=("peer-client", "wrk"))
+    with EventSource(options, Stats()) as source:
+        server_pid, client_pid = run_exchange(port, body_file, size=100, client_comm="peer-client")
+        events = collect(source, lambda evs: any(isinstance(e, ConnClose) for e in evs))
+        events += collect(source, lambda evs: False, timeout=0.3)  # anything late
+    keyed = [e for e in events if isinstance(e, (ConnOpen, DataEvent, ConnClose))]
+    assert {e.key.pid for e in keyed} == {server_pid}  # the server's end, whole
+    assert any(isinstance(e, DataEvent) and e.direction == Direction.EGRESS for e in keyed)
+    assert client_pid not in {e.key.pid for e in keyed}
 
 
 def test_pid_filter_and_capture_size(body_file: Path) -> None:

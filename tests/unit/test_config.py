@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from probe.commands.run import kernel_options
 from probe.config import ConfigError, ProbeConfig, load
 
 
@@ -163,6 +164,7 @@ filters:
   pids: [1, 22]
   ports: [80, 8080]
   comm: [nginx*]
+  exclude_comm: [wrk, kube-probe*]
   exe: [/usr/bin/*, /opt/*]
 """
 
@@ -193,6 +195,7 @@ def test_every_setting_from_the_file(config_file):
         pids=(1, 22),
         ports=(80, 8080),
         comm_patterns=("nginx*",),
+        exclude_comm_patterns=("wrk", "kube-probe*"),
         exe_patterns=("/usr/bin/*", "/opt/*"),
     )
 
@@ -236,6 +239,7 @@ def test_probe_variables():
             "PROBE_HEALTH_THRESHOLD": "5",
             "PROBE_PIDS": "10, 20",
             "PROBE_COMM": "curl,wget",
+            "PROBE_EXCLUDE_COMM": "h2load, kube-probe*",
             "PROBE_HEADER_ALLOWLIST": "Accept",
             "PROBE_REDACT_QUERY": "false",
         },
@@ -244,6 +248,7 @@ def test_probe_variables():
     assert config.health_threshold_s == 5.0
     assert config.pids == (10, 20)
     assert config.comm_patterns == ("curl", "wget")
+    assert config.exclude_comm_patterns == ("h2load", "kube-probe*")
     assert config.header_allowlist == ("accept",)
     assert config.redact_query is False
 
@@ -354,3 +359,12 @@ def test_missing_file():
 
 def test_empty_file_means_defaults(config_file):
     assert load({}, {}, config_file("")) == ProbeConfig()
+
+
+def test_plain_process_names_are_filtered_in_the_kernel_globs_in_user_space():
+    config = load({"comm_patterns": "nginx", "exclude_comm_patterns": "wrk,kube-probe*"}, {})
+    options = kernel_options(config)
+    assert options.comm == "nginx"
+    assert options.excluded_comms == ("wrk",)
+    assert "-DPROBE_EXCLUDE_COMMS" in options.cflags()
+    assert "-DPROBE_EXCLUDE_COMMS" not in kernel_options(load({}, {})).cflags()

@@ -70,3 +70,8 @@ def test_process_filter() -> None:
     assert ProcessFilter(container_ids=("abab",)).wants(nginx)
     assert not ProcessFilter(container_ids=("abab",)).wants(curl)
     assert not ProcessFilter(comm_patterns=("nginx",), exe_patterns=("/usr/bin/*",)).wants(nginx)
+    assert ProcessFilter(exclude_comm_patterns=("cu*",))  # not empty
+    assert not ProcessFilter(exclude_comm_patterns=("cu*",)).wants(curl)
+    assert ProcessFilter(exclude_comm_patterns=("cu*",)).wants(nginx)
+    # an exclusion wins over an inclusion
+    assert not ProcessFilter(comm_patterns=("*",), exclude_comm_patterns=("nginx",)).wants(nginx)
