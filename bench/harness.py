@@ -167,9 +167,12 @@ def floor() -> Iterator[Traced]:
 
 
 @contextlib.contextmanager
-def probe(sink: Sink) -> Iterator[Traced]:
+def probe(sink: Sink, trace_load_generator: bool) -> Iterator[Traced]:
     argv = [sys.executable, "-m", "probe", "run", "--metrics-address", "127.0.0.1:0"]
     argv += ["--otlp-endpoint", sink.endpoint, "--otlp-protocol", "grpc"]
+    if not trace_load_generator:
+        for name in load.LOAD_GENERATORS:
+            argv += ["--exclude-comm", name]
     with Child("probe", argv, env={**os.environ, **SPAN_ENV}, cwd=REPO) as child:
         at, _ = child.wait_for(lambda line: line.strip() == "ready", READY_TIMEOUT_S)
         found = re.search(r"metrics on (http://\S+)/metrics", "\n".join(child.tail))
@@ -226,7 +229,7 @@ class Bench:
         workloads = [w for w in WORKLOADS if measured_with(w, config)]
         self.say(f"repeat {repeat + 1}/{self.settings.repeats}: {config}")
         if config == PROBE:
-            with probe(self.sink) as traced:
+            with probe(self.sink, self.settings.trace_load_generator) as traced:
                 self.probe_figures["ready_s"][repeat] = traced.ready_s
                 for workload in workloads:
                     self.measure(workload, config, repeat, traced)
@@ -342,7 +345,7 @@ class Bench:
         rate = max(workload.rates)
         output = self.scratch / "py-spy.txt"
         self.say(f"profiling the probe with py-spy, {workload.name} at {rate}/s")
-        with probe(self.sink) as traced:
+        with probe(self.sink, self.settings.trace_load_generator) as traced:
             cpu_before = observe.cpu_seconds(traced.child.pid)
             argv = [py_spy, "record", "--pid", str(traced.child.pid), "--format", "raw"]
             argv += ["--duration", f"{seconds:g}", "--rate", str(PROFILE_RATE_HZ)]
@@ -412,6 +415,7 @@ def run(settings: Settings) -> dict[str, object]:
         "seconds": settings.seconds,
         "kernel_seconds": settings.kernel_seconds,
         "wrk_connections": settings.connections,
+        "load_generator_traced": settings.trace_load_generator,
         "kernel": platform.release(),
         "cpus": os.cpu_count(),
         "tools": _tool_versions(),

@@ -20,6 +20,9 @@ from bench.procs import BenchError, run_tool
 from bench.stats import percentile
 
 _SLACK_S = 30  # a tool's own start and stop, on top of its run time
+# Their process names: the probe leaves them untraced unless told otherwise
+# (Settings.trace_load_generator). They stand for clients on other machines.
+LOAD_GENERATORS = ("wrk", "h2load")
 
 
 @dataclass(frozen=True, slots=True)

@@ -175,7 +175,12 @@ def summary(report: Mapping, targets: Iterable[Mapping]) -> str:
         f"probe benchmark ({'quick' if meta.get('quick') else 'full'}): "
         f"{meta.get('repeats')} repeat(s), {meta.get('seconds')} s per run, "
         f"{meta.get('cpus')} CPUs, kernel {meta.get('kernel')}; "
-        "median [min-max] over repeats"
+        "median [min-max] over repeats; the probe "
+        + (
+            "traces the load generator too"
+            if meta.get("load_generator_traced")
+            else "leaves the load generator untraced"
+        )
     )
     for workload, phases in report["workloads"].items():
         lines.append(f"{workload}:")

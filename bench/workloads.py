@@ -42,7 +42,8 @@ CONFIGS = (NONE, FLOOR, PROBE, SDK)
 CONFIG_ABOUT = {
     NONE: "no tracing",
     FLOOR: "the probe's tracepoints with BPF programs that return at once",
-    PROBE: "probe run, exporting OTLP/gRPC to a local sink",
+    PROBE: "probe run, exporting OTLP/gRPC to a local sink; the load generator is excluded "
+    "(--exclude-comm) unless meta.load_generator_traced",
     SDK: "the services traced in-process by the OpenTelemetry Python SDK (chain only)",
 }
 
@@ -66,12 +67,15 @@ class Settings:
     profile_seconds: float = 8.0
     connections: int = 16  # wrk's, at saturation
     quick: bool = False
+    # The probe traces wrk and h2load too: two spans per request, not one.
+    trace_load_generator: bool = False
     time_limit_s: float = 900.0  # the whole benchmark, then it stops and cleans up
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str]) -> Settings:
         """Full by default; ``BENCH_QUICK=1`` for a smoke run of about a minute;
-        ``BENCH_REPEATS`` and ``BENCH_SECONDS`` override either."""
+        ``BENCH_REPEATS`` and ``BENCH_SECONDS`` override either;
+        ``BENCH_TRACE_LOAD=1`` has the probe trace the load generator too."""
         settings = cls()
         if environ.get("BENCH_QUICK", "") not in ("", "0"):
             settings = replace(
@@ -83,6 +87,8 @@ class Settings:
                 quick=True,
                 time_limit_s=300.0,
             )
+        if environ.get("BENCH_TRACE_LOAD", "") not in ("", "0"):
+            settings = replace(settings, trace_load_generator=True)
         if environ.get("BENCH_REPEATS"):
             settings = replace(settings, repeats=int(environ["BENCH_REPEATS"]))
         if environ.get("BENCH_SECONDS"):

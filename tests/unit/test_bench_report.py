@@ -102,6 +102,8 @@ def test_settings_from_environment() -> None:
     assert Settings.from_environment({}) == Settings()
     quick = Settings.from_environment({"BENCH_QUICK": "1", "BENCH_REPEATS": "2"})
     assert (quick.quick, quick.repeats, quick.seconds) == (True, 2, 1.0)
+    assert not Settings().trace_load_generator
+    assert Settings.from_environment({"BENCH_TRACE_LOAD": "1"}).trace_load_generator
     with pytest.raises(ValueError):
         Settings.from_environment({"BENCH_REPEATS": "0"})
 
