@@ -18,7 +18,10 @@ Rules, first match wins. A SERVER span:
   order on the connection started first: the client span is the parent.
 - ``inferred``: several client ends match (namespaces reusing addresses): a
   trace of its own, with a span link to the latest, marked inferred.
-- ``none``: nothing matched within the wait: a root.
+- ``none``: nothing matched within the wait: a root. Later requests on the
+  same connection do not wait again unless a client end is already known:
+  a connection's client end is traced from its first bytes or not at all
+  (a client on another host, or excluded), and most servers' clients are.
 
 A CLIENT span:
 
@@ -33,6 +36,8 @@ A CLIENT span:
 
 Counters in `Stats`: ``links_<rule>`` per span exported, ``traceparent_malformed``,
 ``link_wait_expired`` (SERVER spans that became roots when the wait ran out),
+``link_wait_skipped`` (SERVER roots that did not wait: their connection's client
+end is known to be untraced),
 ``link_contexts_evicted`` (requests forgotten to bound memory; their span is
 linked when it ends, by the rules above, from what is in progress then),
 ``link_wait_cut`` (ended spans whose wait was cut short to bound memory).
@@ -68,6 +73,9 @@ MAX_CONTEXTS = 65536  # requests in progress
 # a second waiting the default 500 ms.
 MAX_HELD_SPANS = 8192
 MAX_PROCESSES = 4096  # cached answers to "is this process Go?"
+# Server connections whose client end is known to be untraced. Forgetting one
+# costs only a wait: its next request waits again.
+MAX_LONE_CONNECTIONS = 16384
 
 _RequestKey = tuple[ConnKey, int]  # a connection and the request's order on it
 _Wire = tuple[Endpoint, Endpoint, int]  # (client's address, server's address, order)
@@ -132,6 +140,7 @@ class SpanLinker:
         "_clients",
         "_waiting",
         "_deadlines",
+        "_lone",
         "_go",
     )
 
@@ -160,6 +169,8 @@ class SpanLinker:
         self._clients: dict[_Wire, list[_Context]] = {}  # CLIENT requests in progress
         self._waiting: dict[_Wire, list[_Context]] = {}  # SERVER roots awaiting a client
         self._deadlines: deque[tuple[int, _Context]] = deque()
+        # SERVER connections where a request found no client within the wait.
+        self._lone: OrderedDict[ConnKey, None] = OrderedDict()
         self._go: dict[int, bool] = {}
 
     def __len__(self) -> int:
@@ -234,6 +245,7 @@ class SpanLinker:
             if context.waiting:
                 self._settle(context)
                 self._stats["link_wait_expired"] += 1
+                self._remember_lone(context.key[0])
                 settled = True
         if settled:
             self._release()
@@ -261,6 +273,9 @@ class SpanLinker:
             self._infer(context, max(candidates, key=lambda c: c.start_ns))
         elif self._wait_ns <= 0:
             context.trace_id = new_trace_id()
+        elif context.key[0] in self._lone:
+            context.trace_id = new_trace_id()
+            self._stats["link_wait_skipped"] += 1
         else:
             context.waiting, context.wire = True, wire
             self._waiting.setdefault(wire, []).append(context)
@@ -322,6 +337,12 @@ class SpanLinker:
         """A waiting SERVER span becomes the root of a trace of its own."""
         self._forget_waiting(context)
         context.trace_id = new_trace_id()
+
+    def _remember_lone(self, connection: ConnKey) -> None:
+        """No client end of this connection was seen in time: none will be."""
+        self._lone[connection] = None
+        if len(self._lone) > MAX_LONE_CONNECTIONS:
+            self._lone.popitem(last=False)
 
     def _forget_waiting(self, context: _Context) -> None:
         context.waiting = False

@@ -262,6 +262,38 @@ def test_a_server_without_a_traced_client_is_a_root_once_the_wait_ends() -> None
     assert len(host.linker) == 0
 
 
+def test_a_connection_whose_client_end_was_not_seen_does_not_wait_again() -> None:
+    host = Host()
+    _, lone = host.connect(1, 2, 8080, client_port=40001)
+    first = host.end(host.start(lone, 10), 20)
+    host.now = WAIT_NS
+    host.linker.expire()
+    assert host.exported == [first]
+    second = host.end(host.start(lone, 30, sequence=1), 40)
+    assert host.exported == [first, second]  # at once, as a root
+    assert second.parent_span_id is None and second.trace_id != first.trace_id
+    assert host.stats["link_wait_skipped"] == 1
+    # Another connection to the same server still waits for its client.
+    curl_out, other = host.connect(1, 2, 8080, client_port=40002)
+    third = host.end(host.start(other, 50), 60)
+    assert host.exported == [first, second]
+    host.start(curl_out, 45)  # its client end, reported late
+    assert third in host.exported and third.parent_span_id is not None
+
+
+def test_a_lone_connection_still_takes_a_client_end_known_at_its_start() -> None:
+    host = Host()
+    client_end, server_end = host.connect(1, 2, 8080)
+    host.end(host.start(server_end, 10), 20)
+    host.now = WAIT_NS
+    host.linker.expire()  # the first request's client end was not seen
+    call = host.start(client_end, 30, sequence=1)  # the second's is
+    served = host.end(host.start(server_end, 31, sequence=1), 40)
+    called = host.end(call, 41)
+    assert served.parent_span_id == called.span_id
+    assert host.stats["link_wait_skipped"] == 0
+
+
 def test_no_wait_exports_at_once_and_flush_ends_every_wait() -> None:
     host = Host(wait_ns=0)
     _, into = host.connect(1, 2, 8080)
