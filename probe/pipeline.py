@@ -20,7 +20,7 @@ from probe.kernel import sockets
 from probe.kernel.elf import is_go_binary
 from probe.kernel.events import ConnOpen, Endpoint, KernelEvent, ProcessExit
 from probe.kernel.loader import EventSource
-from probe.protocol.model import HttpExchange
+from probe.protocol.model import ConnectionInfo, HttpExchange
 from probe.protocol.tracker import ConnectionTracker
 from probe.stats import Stats
 from probe.trace.builder import SpanBuilder
@@ -104,7 +104,13 @@ class Pipeline:
             redact_query=redact_query,
             capture_headers=capture_headers,
         )
-        self.linker = SpanLinker(self._export, stats, wait_ns=link_wait_ns, is_go=_is_go)
+        self.linker = SpanLinker(
+            self._export,
+            stats,
+            wait_ns=link_wait_ns,
+            is_go=_is_go,
+            client_end=self._has_client_end,
+        )
         self.tracker = ConnectionTracker(
             self._on_exchange, stats, resolve=_addresses, on_request=self.linker.request_started
         )
@@ -114,6 +120,9 @@ class Pipeline:
         """Describe the process while it is surely alive; filter by it."""
         resource = self.resources.detect(event.key.pid, event.comm)
         return not self.process_filter or self.process_filter.wants(resource)
+
+    def _has_client_end(self, server: ConnectionInfo) -> bool:
+        return self.tracker.has_client_end(server)
 
     def _on_exchange(self, exchange: HttpExchange) -> None:
         span = self.builder.build(exchange)

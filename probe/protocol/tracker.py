@@ -5,7 +5,8 @@
 first) and hands each completed `HttpExchange` to a callback (and each request
 whose head is parsed to another, so spans can be linked as requests start).
 It runs for every syscall event, so the per-event path is a dict lookup and a
-feed.
+feed. It also answers whether the client end of a server's connection is
+traced here (`has_client_end`), so the linker knows whether to wait for it.
 
 Counters it maintains in `Stats`: ``connections_opened`` (connections it
 started to follow, from ConnOpen or from the first data of one it had not
@@ -26,6 +27,7 @@ from probe.kernel.events import (
     Endpoint,
     KernelEvent,
     ProcessExit,
+    Role,
 )
 from probe.protocol.connection import HttpConnection, RequestStarted
 from probe.protocol.model import ConnectionInfo, HttpExchange
@@ -39,6 +41,10 @@ EXITED = "process exited before response"
 EVICTED = "connection evicted before response"
 STOPPED = "probe stopped before response"
 
+# A client connection by (its local address, its peer's): the local address
+# is None while unknown, and then the connection may be any server's peer.
+_ClientEnd = tuple[Endpoint | None, Endpoint]
+
 
 class ConnectionTracker:
     """Routes kernel events to per-connection HTTP state."""
@@ -51,6 +57,9 @@ class ConnectionTracker:
         "_max_connections",
         "_connections",
         "_by_pid",
+        "_client_ends",
+        "_client_end_of",
+        "_sniffed",
     )
 
     def __init__(
@@ -69,6 +78,13 @@ class ConnectionTracker:
         # insertion order doubles as recency order: the first entry is evicted first
         self._connections: OrderedDict[ConnKey, HttpConnection] = OrderedDict()
         self._by_pid: dict[int, set[ConnKey]] = {}
+        # Open CLIENT connections, counted by addresses, and each one's entry
+        # (kept, because a connection's role may be learnt after it was added).
+        self._client_ends: dict[_ClientEnd, int] = {}
+        self._client_end_of: dict[ConnKey, _ClientEnd] = {}
+        # Connections open before the probe, picked up from their bytes: a
+        # role inferred later, and a client end that may be reported late.
+        self._sniffed: set[ConnKey] = set()
 
     def __len__(self) -> int:
         return len(self._connections)
@@ -91,11 +107,27 @@ class ConnectionTracker:
             for key in self._by_pid.pop(event.pid, ()):
                 self._remove(key, EXITED)
 
+    def has_client_end(self, server: ConnectionInfo) -> bool:
+        """Is a traced connection open here that may be this server
+        connection's client end (its addresses mirrored)? Records arrive in
+        the order the kernel reserved them, and a client's connect() (with
+        its address) is reported before it writes its first request, so by
+        the time a server reads that request its client end, if traced, is
+        known. Unknown addresses, and connections open before the probe, whose
+        client ends are picked up only as they send, answer yes."""
+        if server.local is None or server.peer is None or server.key in self._sniffed:
+            return True
+        ends = self._client_ends
+        return (server.peer, server.local) in ends or (None, server.local) in ends
+
     def flush(self) -> None:
         """Completes everything pending, e.g. when the probe stops."""
         connections = list(self._connections.values())
         self._connections.clear()
         self._by_pid.clear()
+        self._client_ends.clear()
+        self._client_end_of.clear()
+        self._sniffed.clear()
         for connection in connections:
             connection.close(STOPPED)
 
@@ -113,6 +145,12 @@ class ConnectionTracker:
         connection = HttpConnection(info, self._emit, self._stats, on_request=self._on_request)
         self._connections[info.key] = connection
         self._by_pid.setdefault(info.key.pid, set()).add(info.key)
+        if info.role == Role.CLIENT and info.peer is not None:
+            end = (info.local, info.peer)
+            self._client_ends[end] = self._client_ends.get(end, 0) + 1
+            self._client_end_of[info.key] = end
+        elif info.role == Role.UNKNOWN:
+            self._sniffed.add(info.key)
         self._stats["connections_opened"] += 1
         return connection
 
@@ -130,6 +168,14 @@ class ConnectionTracker:
             keys.discard(key)
             if not keys:
                 del self._by_pid[key.pid]
+        self._sniffed.discard(key)
+        end = self._client_end_of.pop(key, None)
+        if end is not None:
+            left = self._client_ends[end] - 1
+            if left:
+                self._client_ends[end] = left
+            else:
+                del self._client_ends[end]
 
     def _emit(self, exchange: HttpExchange) -> None:
         self._stats["exchanges"] += 1

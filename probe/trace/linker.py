@@ -18,10 +18,12 @@ Rules, first match wins. A SERVER span:
   order on the connection started first: the client span is the parent.
 - ``inferred``: several client ends match (namespaces reusing addresses): a
   trace of its own, with a span link to the latest, marked inferred.
-- ``none``: nothing matched within the wait: a root. Later requests on the
-  same connection do not wait again unless a client end is already known:
-  a connection's client end is traced from its first bytes or not at all
-  (a client on another host, or excluded), and most servers' clients are.
+- ``none``: nothing matched within the wait: a root. There is no wait when no
+  traced connection here can be the client end (``client_end``: most
+  servers' clients are on other hosts, or excluded). Later requests on a
+  connection whose wait ran out do not wait again unless a client end is
+  already known: a connection's client end is traced from its first bytes
+  or not at all.
 
 A CLIENT span:
 
@@ -37,7 +39,7 @@ A CLIENT span:
 Counters in `Stats`: ``links_<rule>`` per span exported, ``traceparent_malformed``,
 ``link_wait_expired`` (SERVER spans that became roots when the wait ran out),
 ``link_wait_skipped`` (SERVER roots that did not wait: their connection's client
-end is known to be untraced),
+end is known not to be traced here),
 ``link_contexts_evicted`` (requests forgotten to bound memory; their span is
 linked when it ends, by the rules above, from what is in progress then),
 ``link_wait_cut`` (ended spans whose wait was cut short to bound memory).
@@ -131,6 +133,7 @@ class SpanLinker:
         "_wait_ns",
         "_clock",
         "_is_go",
+        "_client_end",
         "_max_contexts",
         "_max_held",
         "_started",
@@ -152,6 +155,7 @@ class SpanLinker:
         wait_ns: int = DEFAULT_WAIT_NS,
         clock: Callable[[], int] = time.monotonic_ns,
         is_go: Callable[[int], bool] = lambda pid: False,
+        client_end: Callable[[ConnectionInfo], bool] = lambda server: True,
         max_contexts: int = MAX_CONTEXTS,
         max_held: int = MAX_HELD_SPANS,
     ) -> None:
@@ -160,6 +164,8 @@ class SpanLinker:
         self._wait_ns = wait_ns
         self._clock = clock
         self._is_go = is_go
+        # May a traced connection here be this server connection's client end?
+        self._client_end = client_end
         self._max_contexts = max_contexts
         self._max_held = max_held
         self._started: OrderedDict[_RequestKey, _Context] = OrderedDict()
@@ -201,7 +207,7 @@ class SpanLinker:
             context.rule, context.trace_id = TRACEPARENT, header.trace_id
             context.parent_span_id = header.parent_id
         elif connection.role == Role.SERVER:
-            self._find_client(context, wire)
+            self._find_client(context, wire, connection)
         else:
             self._find_server(context, connection.key.pid, request)
 
@@ -260,7 +266,9 @@ class SpanLinker:
 
     # -- deciding a context
 
-    def _find_client(self, context: _Context, wire: _Wire | None) -> None:
+    def _find_client(
+        self, context: _Context, wire: _Wire | None, connection: ConnectionInfo
+    ) -> None:
         """Same host: the client end of this connection (``wire``), if it was traced here."""
         if wire is None:
             context.trace_id = new_trace_id()
@@ -273,7 +281,7 @@ class SpanLinker:
             self._infer(context, max(candidates, key=lambda c: c.start_ns))
         elif self._wait_ns <= 0:
             context.trace_id = new_trace_id()
-        elif context.key[0] in self._lone:
+        elif context.key[0] in self._lone or not self._client_end(connection):
             context.trace_id = new_trace_id()
             self._stats["link_wait_skipped"] += 1
         else:

@@ -294,6 +294,23 @@ def test_a_lone_connection_still_takes_a_client_end_known_at_its_start() -> None
     assert host.stats["link_wait_skipped"] == 0
 
 
+def test_a_server_whose_client_end_cannot_be_traced_here_does_not_wait() -> None:
+    untraced: set[int] = {2}  # server pids whose connections have no client end here
+    host = Host(client_end=lambda server: server.key.pid not in untraced)
+    _, remote = host.connect(1, 2, 8080)
+    span = host.end(host.start(remote, 10), 20)
+    assert host.exported == [span] and span.parent_span_id is None  # at once, a root
+    assert host.stats["link_wait_skipped"] == 1
+    # Where a client end may be traced, the wait is as before.
+    _, local = host.connect(1, 3, 8080)
+    waiting = host.end(host.start(local, 30), 40)
+    assert waiting not in host.exported
+    host.now = WAIT_NS + 30
+    host.linker.expire()
+    assert host.exported == [span, waiting]
+    assert host.stats["link_wait_expired"] == 1
+
+
 def test_no_wait_exports_at_once_and_flush_ends_every_wait() -> None:
     host = Host(wait_ns=0)
     _, into = host.connect(1, 2, 8080)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from probe.kernel.events import ConnKey, Endpoint, ProcessExit, Role
+from probe.protocol.model import ConnectionInfo
 
 LOCAL = Endpoint("10.0.0.1", 8080)
 PEER = Endpoint("10.0.0.2", 51234)
@@ -113,3 +114,36 @@ def test_parse_errors_are_counted_per_connection_direction(make_wire, recorder) 
         recorder.feed(wire.open(), wire.read(b"\x16\x03\x01\x00\xa5" * 10), wire.read(b"\x16\x03"))
     assert recorder.stats["parse_errors"] == 2
     assert recorder.exchanges == []
+
+
+def test_a_server_connection_knows_whether_its_client_end_is_traced(make_wire, recorder) -> None:
+    tracker = recorder.tracker
+    server = ConnectionInfo(ConnKey(1, 3, 1), Role.SERVER, LOCAL, PEER)
+    assert not tracker.has_client_end(server)  # a client on another host, or excluded
+    client = make_wire(key=ConnKey(2, 3, 2), role=Role.CLIENT)
+    twin = make_wire(clock=client.clock, key=ConnKey(3, 3, 3), role=Role.CLIENT)
+    recorder.feed(client.open(PEER, LOCAL), twin.open(PEER, LOCAL))  # e.g. two namespaces
+    assert tracker.has_client_end(server)
+    recorder.feed(client.close())
+    assert tracker.has_client_end(server)
+    recorder.feed(twin.close())
+    assert not tracker.has_client_end(server)
+    # A client whose own address is not known yet may be anyone's client end.
+    unaddressed = make_wire(clock=client.clock, key=ConnKey(4, 3, 4), role=Role.CLIENT)
+    recorder.feed(unaddressed.open(None, LOCAL))
+    assert tracker.has_client_end(server)
+    recorder.feed(ProcessExit(pid=4, timestamp_ns=client.clock.now))
+    assert not tracker.has_client_end(server)
+    # Unknown addresses rule nothing out.
+    assert tracker.has_client_end(ConnectionInfo(ConnKey(1, 4, 5), Role.SERVER, LOCAL, None))
+
+
+def test_a_connection_open_before_the_probe_may_have_a_late_client_end(make_wire, recorder) -> None:
+    old = make_wire(key=ConnKey(1, 3, 1), role=Role.UNKNOWN)
+    recorder.feed(old.open(LOCAL, PEER), old.read(GET), old.write(OK))
+    [exchange] = recorder.exchanges
+    info = exchange.connection
+    assert info.role == Role.SERVER  # learnt from its bytes
+    assert recorder.tracker.has_client_end(info)
+    recorder.feed(old.close())
+    assert not recorder.tracker.has_client_end(info)
