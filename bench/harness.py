@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -49,12 +50,17 @@ from bench.workloads import (
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
-# Spans leave the probe (and the SDK) within 0.2 s, so a run's spans can be
-# counted soon after it; batches still fill to 512 spans at any rate measured.
-SPAN_ENV = {"OTEL_BSP_SCHEDULE_DELAY": "200"}
+# Spans leave in batches of 512, or after this delay. A second fills a batch
+# at every rate measured, as the default five seconds does, and keeps the wait
+# after each run (see settle) short; a shorter delay exports part-filled
+# batches at 1,000 requests/s, which costs the probe and the SDK more per span.
+SPAN_ENV = {"OTEL_BSP_SCHEDULE_DELAY": "1000"}
 READY_TIMEOUT_S = 60
 SETTLE_TIMEOUT_S = 20
 SETTLE_POLL_S = 0.3
+# Quiet reads in a row that end the wait: longer than the export delay, so a
+# last part-filled batch still on its way is not taken for the end.
+SETTLE_CALM_READS = math.ceil(int(SPAN_ENV["OTEL_BSP_SCHEDULE_DELAY"]) / 1000 / SETTLE_POLL_S) + 1
 IDLE_CPU = 0.1  # share of a core below which the probe counts as idle
 PROFILE_RATE_HZ = 100
 
@@ -182,17 +188,17 @@ def probe(sink: Sink, trace_load_generator: bool) -> Iterator[Traced]:
 
 
 def settle(read: Callable[[], T], quiet: Callable[[T, T], bool], timeout: float) -> tuple[bool, T]:
-    """Poll ``read`` every 0.3 s until two intervals in a row were ``quiet``
-    (0.6 s, three times the export delay). Returns whether that happened
-    within ``timeout``, and the last value read."""
+    """Poll ``read`` every 0.3 s until SETTLE_CALM_READS intervals in a row
+    were ``quiet`` (1.5 s, longer than the export delay). Returns whether that
+    happened within ``timeout``, and the last value read."""
     deadline = time.monotonic() + timeout
     value = read()
     calm = 0
-    while calm < 2 and time.monotonic() < deadline:
+    while calm < SETTLE_CALM_READS and time.monotonic() < deadline:
         time.sleep(SETTLE_POLL_S)
         previous, value = value, read()
         calm = calm + 1 if quiet(previous, value) else 0
-    return calm >= 2, value
+    return calm >= SETTLE_CALM_READS, value
 
 
 class Bench:
