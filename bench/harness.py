@@ -295,7 +295,7 @@ class Bench:
         (and the probe is idle: its backlog belongs to this run, not the
         next), then compute completeness and the probe's own costs.
 
-        The wait watches the sink and /proc only: scraping the probe's
+        The wait watches the sink and the CPU clock only: scraping the probe's
         metrics is HTTP too, which the probe would trace, so they are read
         once before and once after."""
         if config not in (PROBE, SDK):
@@ -371,7 +371,7 @@ class Bench:
             "rate": rate,
             "seconds": seconds,
             "samples": profile.samples,
-            # From /proc: py-spy leaves out samples of threads it sees idle
+            # From the CPU clock: py-spy leaves out samples of threads it sees idle
             # (in epoll, or waiting for the GIL), so its count is no CPU measure.
             "probe_cpu_cores": round(cpu / seconds, 3),
             "top_own": [

@@ -1,5 +1,5 @@
 """Readers of what the benchmark's tools and the kernel print: wrk's and
-h2load's reports, h2load's per-request log, Prometheus text, /proc files
+h2load's reports, h2load's per-request log, Prometheus text, /proc/PID/status
 and py-spy's raw (collapsed-stack) profiles. Pure functions of text, so
 they are tested on captured output."""
 
@@ -111,15 +111,6 @@ def parse_prometheus(text: str) -> dict[str, float]:
         if found:
             samples[found[1]] = float(found[2])
     return samples
-
-
-def cpu_ticks(stat: str) -> int:
-    """utime + stime, in clock ticks, from /proc/PID/stat (all threads).
-    The command name may hold spaces and parentheses: fields are counted
-    from the last ')'."""
-    fields = stat[stat.rindex(")") + 2 :].split()
-    # fields[0] is the state, field 3 of the file; utime and stime are 14 and 15.
-    return int(fields[11]) + int(fields[12])
 
 
 def status_kib(status: str, field: str) -> int:

@@ -58,11 +58,6 @@ probe_resident_memory_bytes 2.151424e+08
 python_info{implementation="CPython",major="3"} 1.0
 """
 
-STAT = (
-    "7370 (my (odd) name) R 7364 7364 14664 0 -1 4194304 99 0 0 0 "
-    "250 37 0 0 20 0 1 0 273325 3133440 378 18446744073709551615 0"
-)
-
 STATUS = """\
 Name:\tpython
 VmPeak:\t  400000 kB
@@ -134,10 +129,6 @@ def test_prometheus_samples() -> None:
     assert samples["probe_resident_memory_bytes"] == 215142400.0
     assert samples['python_info{implementation="CPython",major="3"}'] == 1.0
     assert len(samples) == 6
-
-
-def test_cpu_ticks_counts_from_the_last_parenthesis() -> None:
-    assert parse.cpu_ticks(STAT) == 287
 
 
 def test_status_fields() -> None:
