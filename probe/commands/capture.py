@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from typing import TextIO
 
 from probe.config import ConfigError, load
@@ -18,7 +19,7 @@ from probe.export.processor import SimpleSpanProcessor, SpanProcessor
 from probe.export.tree import TraceGroupingProcessor, TreeExporter
 from probe.kernel.features import ProbeError
 from probe.kernel.loader import EventSource, ProbeOptions
-from probe.pipeline import Pipeline
+from probe.pipeline import Pipeline, ProcessFilter
 from probe.stats import Stats
 from probe.trace.linker import DEFAULT_WAIT_NS
 from probe.trace.span import Span
@@ -51,6 +52,13 @@ def add_filter_arguments(parser: argparse.ArgumentParser) -> None:
         help="trace only connections with this local or remote port (repeatable)",
     )
     parser.add_argument("--comm", help="trace only processes with this name (as in ps)")
+    parser.add_argument(
+        "--exclude-comm",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="never trace processes whose name matches (repeatable)",
+    )
     parser.add_argument(
         "--capture-bytes",
         type=int,
@@ -109,7 +117,14 @@ def probe_options(args: argparse.Namespace) -> ProbeOptions:
         pids=tuple(args.pid),
         ports=tuple(args.port),
         comm=args.comm,
+        excluded_comms=plain_names(args.exclude_comm),
     )
+
+
+def plain_names(patterns: Sequence[str]) -> tuple[str, ...]:
+    """The patterns that are plain process names, which the kernel can match;
+    globs are matched in user space (ProcessFilter)."""
+    return tuple(p for p in patterns if not any(c in p for c in "*?["))
 
 
 class StopFlag:
@@ -218,6 +233,7 @@ def run(args: argparse.Namespace) -> int:
             stats,
             capture_credentials=args.capture_credentials,
             redact_query=not args.capture_credentials,
+            process_filter=ProcessFilter(exclude_comm_patterns=tuple(args.exclude_comm)),
             link_wait_ns=link_wait_ns,
             on_tick=on_tick,
         )

@@ -10,7 +10,7 @@ import os
 import sys
 
 from probe import compiled
-from probe.commands.capture import StopFlag, add_link_wait_argument
+from probe.commands.capture import StopFlag, add_link_wait_argument, plain_names
 from probe.config import ConfigError, ProbeConfig, load
 from probe.export.otlp import create_processor
 from probe.kernel.features import ProbeError
@@ -110,20 +110,15 @@ def overrides(args: argparse.Namespace) -> dict[str, object]:
 def kernel_options(config: ProbeConfig) -> ProbeOptions:
     # One plain process name to trace, and any plain names not to, can be
     # filtered in the kernel; globs need user space.
-    plain = [p for p in config.comm_patterns if not _is_glob(p)]
+    plain = plain_names(config.comm_patterns)
     comm = plain[0] if len(config.comm_patterns) == 1 and plain else None
-    excluded = tuple(p for p in config.exclude_comm_patterns if not _is_glob(p))
     return ProbeOptions(
         capture_bytes=config.capture_size,
         pids=config.pids,
         ports=config.ports,
         comm=comm,
-        excluded_comms=excluded,
+        excluded_comms=plain_names(config.exclude_comm_patterns),
     )
-
-
-def _is_glob(pattern: str) -> bool:
-    return any(c in pattern for c in "*?[")
 
 
 def lower_priority(nice: int) -> None:

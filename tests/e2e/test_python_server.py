@@ -208,3 +208,16 @@ def test_pid_filter(pyserver, probe_capture, http_client):
     observed.check_server_span(probe.one("SERVER", "/only-the-server", pyserver.pid), pyserver)
     assert probe.select("CLIENT") == []
     assert {span["resource"]["process.pid"] for span in probe.spans} == {pyserver.pid}
+
+
+def test_an_excluded_client_is_not_traced(pyserver, probe_capture, curl):
+    """A plain name is left out in the kernel, a glob in user space: either way
+    the server's span is there and curl's is not."""
+    for index, pattern in enumerate(("curl", "cu?l")):
+        port = str(pyserver.port)
+        with probe_capture("-P", port, "--exclude-comm", pattern, "--link-wait-ms", "0") as probe:
+            observed = curl(pyserver, "GET", f"/excluded/{index}")
+        assert observed.status == 200
+        server_span = probe.one("SERVER", f"/excluded/{index}", pyserver.pid)
+        assert server_span["attributes"]["client.port"] == observed.local_port
+        assert probe.select("CLIENT") == [], probe.describe()
