@@ -33,7 +33,8 @@ demo: compile
 # The suite runs the compiled hot path; the unit tests run once more from
 # source (PROBE_PURE=1), which is what runs where it could not be compiled.
 test: setup
-	$(PY) -m ruff check probe tests
+	$(PY) -m ruff check probe tests bench
+	$(PY) -m mypy bench
 	$(PY) -m pytest $(PYTEST_ARGS)
 	PROBE_PURE=1 $(PY) -m pytest -q -p no:cacheprovider tests/unit
 
@@ -47,9 +48,9 @@ bench: setup
 	$(PY) -m bench
 
 lint: $(SETUP_STAMP)
-	$(PY) -m ruff check probe tests
-	$(PY) -m ruff format --check probe tests
-	$(PY) -m mypy $(shell $(PY) -c 'import probe.compiled as c; print(*c.source_files())')
+	$(PY) -m ruff check probe tests bench
+	$(PY) -m ruff format --check probe tests bench
+	$(PY) -m mypy bench $(shell $(PY) -c 'import probe.compiled as c; print(*c.source_files())')
 
 # The host daemon as a systemd service (deploy/systemd/probe.service): the
 # code in /opt/probe, the settings in /etc/probe. See deploy/README.md.

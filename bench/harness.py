@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
 import math
 import os
@@ -65,6 +66,7 @@ IDLE_CPU = 0.1  # share of a core below which the probe counts as idle
 PROFILE_RATE_HZ = 100
 
 T = TypeVar("T")
+R = TypeVar("R", load.Saturation, load.FixedRate)
 
 
 class Sink:
@@ -273,8 +275,8 @@ class Bench:
                 workload,
                 config,
                 traced,
-                lambda rate=rate: load.fixed_rate(
-                    url, rate, seconds, workload.new_connections, self._log
+                functools.partial(
+                    load.fixed_rate, url, rate, seconds, workload.new_connections, self._log
                 ),
             )
             record(
@@ -289,8 +291,8 @@ class Bench:
         workload: Workload,
         config: str,
         traced: Traced | None,
-        run: Callable[[], load.Saturation | load.FixedRate],
-    ) -> tuple[load.Saturation | load.FixedRate, dict[str, float]]:
+        run: Callable[[], R],
+    ) -> tuple[R, dict[str, float]]:
         """Run the load; where spans are made, wait until they stop arriving
         (and the probe is idle: its backlog belongs to this run, not the
         next), then compute completeness and the probe's own costs.
@@ -477,6 +479,8 @@ def main() -> int:
     path = RESULTS / "latest.json"
     path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
     print(json.dumps(document, indent=2, ensure_ascii=False))
-    print(report.summary(document, document["targets"]), file=sys.stderr)
+    verdicts = document["targets"]
+    assert isinstance(verdicts, list)
+    print(report.summary(document, verdicts), file=sys.stderr)
     print(f"bench: written to {path}", file=sys.stderr)
     return 0

@@ -41,7 +41,7 @@ class Child:
         argv: Sequence[str],
         *,
         env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
+        cwd: str | os.PathLike[str] | None = None,
         stdin: bool = False,
     ) -> None:
         self.name = name

@@ -19,10 +19,12 @@ import argparse
 import contextlib
 import http.client
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Iterator, MutableMapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 BODY = b"hello from the benchmark\n"
 
@@ -150,7 +152,9 @@ def handler_class(tracing: NoTracing | SdkTracing, upstream: Upstream | None) ->
 class Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def handle_error(self, request: object, client_address: object) -> None:
+    def handle_error(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
+    ) -> None:
         # A load generator stopping resets its connections: not worth a traceback.
         if not isinstance(sys.exc_info()[1], ConnectionError):
             super().handle_error(request, client_address)

@@ -106,7 +106,7 @@ TARGETS = (
 def evaluate(report: Mapping, targets: tuple[Target, ...] = TARGETS) -> list[dict[str, object]]:
     """One verdict per target and place: ``met`` is True, False, or None
     when the figure was not measured."""
-    verdicts = []
+    verdicts: list[dict[str, object]] = []
     for target in targets:
         for where, value in target.places(report):
             unit = f" {target.unit}" if target.unit else ""
