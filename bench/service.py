@@ -46,8 +46,11 @@ class SdkTracing:
     """OpenTelemetry SDK spans, exported over OTLP/gRPC to ``endpoint``."""
 
     def __init__(self, endpoint: str) -> None:
-        # Imported here: only the SDK variant needs the SDK installed.
-        from opentelemetry import propagate, trace  # noqa: PLC0415
+        # Imported here: only the SDK variant needs the SDK installed. Imported
+        # as modules, so that mypy without the SDK (make test) takes them as
+        # missing, not as absent from the opentelemetry namespace.
+        import opentelemetry.propagate as propagate  # noqa: PLC0415
+        import opentelemetry.trace as trace  # noqa: PLC0415
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # noqa: PLC0415
             OTLPSpanExporter,
         )
