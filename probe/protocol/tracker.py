@@ -58,7 +58,6 @@ class ConnectionTracker:
         "_connections",
         "_by_pid",
         "_client_ends",
-        "_client_end_of",
         "_sniffed",
     )
 
@@ -78,10 +77,10 @@ class ConnectionTracker:
         # insertion order doubles as recency order: the first entry is evicted first
         self._connections: OrderedDict[ConnKey, HttpConnection] = OrderedDict()
         self._by_pid: dict[int, set[ConnKey]] = {}
-        # Open CLIENT connections, counted by addresses, and each one's entry
-        # (kept, because a connection's role may be learnt after it was added).
+        # Open CLIENT connections, counted by addresses: those whose role was
+        # CLIENT when added (a role is learnt later only for sniffed ones, and
+        # addresses never change, so removal finds the same entry).
         self._client_ends: dict[_ClientEnd, int] = {}
-        self._client_end_of: dict[ConnKey, _ClientEnd] = {}
         # Connections open before the probe, picked up from their bytes: a
         # role inferred later, and a client end that may be reported late.
         self._sniffed: set[ConnKey] = set()
@@ -126,7 +125,6 @@ class ConnectionTracker:
         self._connections.clear()
         self._by_pid.clear()
         self._client_ends.clear()
-        self._client_end_of.clear()
         self._sniffed.clear()
         for connection in connections:
             connection.close(STOPPED)
@@ -138,8 +136,8 @@ class ConnectionTracker:
 
     def _add(self, info: ConnectionInfo) -> HttpConnection:
         if len(self._connections) >= self._max_connections:
-            key, evicted = self._connections.popitem(last=False)
-            self._forget(key)
+            _, evicted = self._connections.popitem(last=False)
+            self._forget(evicted.info)
             self._stats["connections_evicted"] += 1
             evicted.close(EVICTED)
         connection = HttpConnection(info, self._emit, self._stats, on_request=self._on_request)
@@ -148,7 +146,6 @@ class ConnectionTracker:
         if info.role == Role.CLIENT and info.peer is not None:
             end = (info.local, info.peer)
             self._client_ends[end] = self._client_ends.get(end, 0) + 1
-            self._client_end_of[info.key] = end
         elif info.role == Role.UNKNOWN:
             self._sniffed.add(info.key)
         self._stats["connections_opened"] += 1
@@ -158,19 +155,21 @@ class ConnectionTracker:
         connection = self._connections.pop(key, None)
         if connection is None:
             return
-        self._forget(key)
+        self._forget(connection.info)
         self._stats["connections_closed"] += 1
         connection.close(reason)
 
-    def _forget(self, key: ConnKey) -> None:
+    def _forget(self, info: ConnectionInfo) -> None:
+        key = info.key
         keys = self._by_pid.get(key.pid)
         if keys is not None:
             keys.discard(key)
             if not keys:
                 del self._by_pid[key.pid]
-        self._sniffed.discard(key)
-        end = self._client_end_of.pop(key, None)
-        if end is not None:
+        if key in self._sniffed:  # never counted, whatever role it was found to have
+            self._sniffed.discard(key)
+        elif info.role == Role.CLIENT and info.peer is not None:
+            end = (info.local, info.peer)
             left = self._client_ends[end] - 1
             if left:
                 self._client_ends[end] = left
