@@ -58,7 +58,7 @@ BPF_TABLE("lru_hash", struct probe_conn_key, struct probe_conn_state, conns, PRO
 
 /* A syscall in flight on one thread: its arguments, kept from entry to exit. */
 struct syscall_args {
-	u64 enter_ns;
+	u64 enter_ns; /* writes only: 0 for reads, connect and accept */
 	u64 buf;    /* buffer, iovec array, msghdr or sockaddr, by syscall */
 	u64 len;    /* buffer length or iovec count */
 	u64 addrlen; /* accept: pointer to the sockaddr's length */

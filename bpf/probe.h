@@ -91,7 +91,8 @@ struct probe_event_header {
 	__u32 type; /* enum probe_event_type */
 	__u32 tid;
 	struct probe_conn_id conn;
-	__u64 timestamp_ns; /* bpf_ktime_get_ns(): CLOCK_MONOTONIC; syscall entry for data */
+	__u64 timestamp_ns; /* bpf_ktime_get_ns(): CLOCK_MONOTONIC; for data, a write's
+			     * entry, or a read's return (a read may block) */
 };
 
 /* One read- or write-like syscall on a traced connection. Only

@@ -45,7 +45,6 @@ static __always_inline void save_conn_args(s32 fd, const void *addr, const void 
 	if (!process_wanted(id >> 32))
 		return;
 	struct syscall_args args = {};
-	args.enter_ns = bpf_ktime_get_ns();
 	args.fd = fd;
 	args.buf = (u64)addr;
 	args.addrlen = (u64)addrlen;

@@ -63,7 +63,7 @@ class DataEvent:
 
     key: ConnKey
     tid: int
-    enter_ns: int  # kernel monotonic clock at syscall entry
+    enter_ns: int  # kernel monotonic clock at a write's entry; a read's return (exit_ns)
     exit_ns: int  # ... and at its return
     direction: Direction
     size: int  # bytes the syscall moved (its return value), > 0
