@@ -263,7 +263,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	u64 id = bpf_get_current_pid_tgid();
 	u32 pid = id >> 32;
 	u32 tid = (u32)id;
-	inflight.delete(&tid);
+	forget_thread(tid);
 	connecting_sock.delete(&tid);
 	/* The group leader's exit stands for the process's. */
 	if (pid != tid || !process_wanted(pid))

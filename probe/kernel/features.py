@@ -97,6 +97,17 @@ def mount_tracing() -> list[str]:
     return done
 
 
+def kernel_version() -> tuple[int, int]:
+    major, minor = (int(part) for part in platform.release().split(".")[:2])
+    return major, minor
+
+
+def task_storage_available() -> bool:
+    """Can tracepoint programs keep per-thread data in task storage? Linux
+    5.12 opened it (and bpf_get_current_task_btf) to them; it needs BTF."""
+    return kernel_version() >= (5, 12) and BTF.exists()
+
+
 def _bcc_version() -> str | None:
     try:
         import bcc  # noqa: PLC0415 - optional until the probe attaches
@@ -163,8 +174,17 @@ def findings() -> list[Finding]:
         kprobes = (TRACEFS / "kprobe_events").exists()
         results.append(Finding("uprobes", uprobes, "for TLS libraries and Go", False))
         results.append(Finding("kprobes", kprobes, "not used: probe needs tracepoints only", False))
-    major, minor = (int(part) for part in platform.release().split(".")[:2])
-    results.append(Finding("ringbuf", (major, minor) >= (5, 8), "BPF ring buffer needs Linux 5.8+"))
+    results.append(
+        Finding("ringbuf", kernel_version() >= (5, 8), "BPF ring buffer needs Linux 5.8+")
+    )
+    results.append(
+        Finding(
+            "task-storage",
+            task_storage_available(),
+            "per-thread syscall state (Linux 5.12+ with BTF); else an LRU hash",
+            False,
+        )
+    )
     results.append(Finding("headers", _headers_present(), str(kernel_headers_dir())))
     bcc = _bcc_version()
     results.append(Finding("bcc", bcc is not None, bcc or "not importable (run make setup)"))

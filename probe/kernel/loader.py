@@ -62,6 +62,7 @@ _RESCAN_AFTER_EXEC_S = 0.1
 # Records decoded per poll at most: a backlog (the ring buffer holds tens of
 # thousands) is handed on in slices, so it is never all in memory as objects.
 MAX_BATCH = 1024
+TASK_STORAGE_FLAG = "-DPROBE_TASK_STORAGE"
 # Tracepoints and uprobes detached side by side when stopping (see _detach_all).
 _DETACH_THREADS = 32
 
@@ -75,6 +76,8 @@ class ProbeOptions:
     # Process names never traced, decided in the kernel as a connection opens.
     excluded_comms: tuple[str, ...] = ()
     ringbuf_pages: int = 1024  # 4 MiB with 4 KiB pages; must be a power of two
+    # Syscalls in flight kept in task storage; None: where the kernel has it.
+    task_storage: bool | None = None
     extra_cflags: list[str] = field(default_factory=list)
 
     def cflags(self) -> list[str]:
@@ -100,6 +103,11 @@ class ProbeOptions:
             flags.append(f'-DPROBE_FILTER_COMM="{self.comm[:15]}"')
         if self.excluded_comms:
             flags.append("-DPROBE_EXCLUDE_COMMS")
+        task_storage = self.task_storage
+        if task_storage is None:
+            task_storage = features.task_storage_available()
+        if task_storage:
+            flags.append(TASK_STORAGE_FLAG)
         return flags + self.extra_cflags
 
 
@@ -149,14 +157,14 @@ class EventSource:
         except ImportError as error:  # pragma: no cover - prepare() checked it
             raise features.ProbeError(str(error)) from error
         try:
-            self._bpf = BPF(text=program_source().encode(), cflags=cflags)
-        except Exception as error:
-            raise features.ProbeError(
-                f"The kernel did not accept probe's BPF programs ({error}). The compiler "
-                "or verifier output is above. Check `probe check`: the kernel headers must "
-                "match closely enough, and the kernel must allow BPF tracepoint programs "
-                "(Linux 5.8 or later)."
-            ) from error
+            self._bpf = _load(BPF, cflags)
+        except features.ProbeError:
+            if TASK_STORAGE_FLAG not in cflags or self.options.task_storage:
+                raise
+            # A kernel or bcc that refuses task storage to tracepoints: the hash
+            # works everywhere, a little slower.
+            self.notes.append("task storage refused: syscalls in flight are kept in a hash")
+            self._bpf = _load(BPF, [flag for flag in cflags if flag != TASK_STORAGE_FLAG])
         if self.options.pids:
             table = self._bpf[b"traced_pids"]
             for pid in self.options.pids:
@@ -364,6 +372,19 @@ class EventSource:
         for key in keys:
             with contextlib.suppress(KeyError):
                 del conns[conns.Key(key.pid, key.fd)]
+
+
+def _load(bpf_class: Any, cflags: list[str]) -> Any:
+    """bcc's BPF object, compiled and loaded; ProbeError if the kernel refuses."""
+    try:
+        return bpf_class(text=program_source().encode(), cflags=cflags)
+    except Exception as error:
+        raise features.ProbeError(
+            f"The kernel did not accept probe's BPF programs ({error}). The compiler "
+            "or verifier output is above. Check `probe check`: the kernel headers must "
+            "match closely enough, and the kernel must allow BPF tracepoint programs "
+            "(Linux 5.8 or later)."
+        ) from error
 
 
 def _detach_all(bpf: Any, libbcc: Any) -> None:

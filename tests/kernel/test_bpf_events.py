@@ -64,10 +64,14 @@ def run_exchange(port: int, body_file: Path, size: int, client_comm: str = "") -
     return server.pid, client.pid
 
 
-def test_one_exchange_seen_from_both_ends(body_file: Path) -> None:
+# Syscalls in flight are kept in task storage where the kernel has it, else
+# in a hash: both ways see the same.
+@pytest.mark.parametrize("task_storage", [True, False], ids=["task-storage", "hash"])
+def test_one_exchange_seen_from_both_ends(body_file: Path, task_storage: bool) -> None:
     port = free_port()
     stats = Stats()
-    with EventSource(ProbeOptions(ports=(port,)), stats) as source:
+    options = ProbeOptions(ports=(port,), task_storage=task_storage)
+    with EventSource(options, stats) as source:
         server_pid, client_pid = run_exchange(port, body_file, size=10_000)
         events = collect(source, lambda evs: sum(isinstance(e, ConnClose) for e in evs) >= 2)
         lost = source.lost_events()

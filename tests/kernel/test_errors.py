@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from probe.kernel import features
+from probe.kernel import features, loader
 from probe.kernel.features import ProbeError
 from probe.kernel.loader import EventSource, ProbeOptions
 from probe.stats import Stats
@@ -72,3 +72,27 @@ def test_kernel_refuses_the_programs() -> None:
 def test_capture_size_out_of_range() -> None:
     with pytest.raises(ProbeError, match="capture size"):
         ProbeOptions(capture_bytes=1 << 20).cflags()
+
+
+@pytest.mark.usefixtures("tracing_ready")
+def test_task_storage_refused_falls_back_to_the_hash(monkeypatch: pytest.MonkeyPatch) -> None:
+    # This kernel has task storage; an older one refuses the programs that use
+    # it, which is played here by refusing any build with the flag.
+    real_load = loader._load
+    builds: list[bool] = []
+
+    def refuse_task_storage(bpf_class: object, cflags: list[str]) -> object:
+        builds.append(loader.TASK_STORAGE_FLAG in cflags)
+        if builds[-1]:
+            raise ProbeError("The kernel did not accept probe's BPF programs (task storage).")
+        return real_load(bpf_class, cflags)
+
+    monkeypatch.setattr(loader, "_load", refuse_task_storage)
+    with EventSource(ProbeOptions(), Stats()) as source:
+        assert builds == [True, False]
+        assert any("task storage refused" in note for note in source.notes)
+    # Asked for by name, it is not quietly replaced.
+    builds.clear()
+    with pytest.raises(ProbeError, match="task storage"):
+        EventSource(ProbeOptions(task_storage=True), Stats()).start()
+    assert builds == [True]
