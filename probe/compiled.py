@@ -53,6 +53,7 @@ MODULES = (
     "probe.protocol.http1",
     "probe.protocol.connection",
     "probe.protocol.tracker",
+    "probe.trace.clock",
     "probe.trace.span",
     "probe.trace.traceparent",
     "probe.trace.builder",
