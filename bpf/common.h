@@ -205,19 +205,41 @@ static __always_inline bool connection_wanted(u16 local_port, u16 peer_port)
  * virtual machine, and with a wakeup every 32 records per CPU that alone
  * was about a quarter of the programs' run time on this machine. So a CPU
  * wakes the reader only once it has written PROBE_WAKEUP_BYTES since its
- * last wakeup; below that the reader's poll timeout (EventSource.poll,
- * 100 ms) collects the records, which bounds how long one waits. */
-static __always_inline void emit(void *record, u64 size)
+ * last wakeup; below that the reader's poll timeout (probe/pipeline.py,
+ * POLL_MS) collects the records, which bounds how long one waits.
+ *
+ * An urgent record wakes the reader at once, at most once per
+ * PROBE_URGENT_WAKEUP_NS per CPU, so that a flood of them costs no more
+ * wakeups than that: see emit_conn_event() for which are. */
+#define PROBE_URGENT_WAKEUP_NS 1000000
+
+/* When this CPU last woke the reader for an urgent record. */
+BPF_PERCPU_ARRAY(urgent_woken_ns, u64, 1);
+
+static __always_inline void emit_record(void *record, u64 size, bool urgent)
 {
 	u32 zero = 0;
 	u64 *unwoken = bytes_unwoken.lookup(&zero);
 	u64 flags = BPF_RB_NO_WAKEUP;
-	if (unwoken && (*unwoken += size) >= PROBE_WAKEUP_BYTES) {
-		*unwoken = 0;
+	if (unwoken && (*unwoken += size) >= PROBE_WAKEUP_BYTES)
 		flags = BPF_RB_FORCE_WAKEUP;
+	if (urgent) {
+		u64 *woken = urgent_woken_ns.lookup(&zero);
+		u64 now = bpf_ktime_get_ns();
+		if (woken && now - *woken >= PROBE_URGENT_WAKEUP_NS) {
+			*woken = now;
+			flags = BPF_RB_FORCE_WAKEUP;
+		}
 	}
+	if (flags == BPF_RB_FORCE_WAKEUP && unwoken)
+		*unwoken = 0;
 	if (events.ringbuf_output(record, size, flags) != 0)
 		count(PROBE_COUNTER_LOST);
+}
+
+static __always_inline void emit(void *record, u64 size)
+{
+	emit_record(record, size, false);
 }
 
 /* Read a user-space sockaddr into an endpoint. Returns the family, or 0 if
@@ -254,11 +276,20 @@ static __always_inline void fill_header(struct probe_event_header *header, u32 t
 	header->timestamp_ns = timestamp_ns;
 }
 
-/* Send a connection event; comm is the current task's. */
+/* Send a connection event; comm is the current task's.
+ *
+ * Two are urgent (see emit_record()): an OPEN whose peer the kernel could not
+ * read (accept() without an address buffer, as libuv calls it, or a connection
+ * picked up from its bytes), since user space reads its addresses from /proc,
+ * which it can only do while the socket is open; and an EXEC, since the new
+ * image's TLS libraries and Go functions must be probed before it uses them. */
 static __always_inline void emit_conn_event(struct probe_conn_event *event)
 {
 	bpf_get_current_comm(event->comm, sizeof(event->comm));
-	emit(event, sizeof(*event));
+	u32 type = event->header.type;
+	bool urgent = type == PROBE_EVENT_EXEC ||
+		      (type == PROBE_EVENT_OPEN && event->peer.family == PROBE_AF_UNSPEC);
+	emit_record(event, sizeof(*event), urgent);
 }
 
 /* TLS libraries (bpf/tls.bpf.c for OpenSSL, bpf/go.bpf.c for Go).

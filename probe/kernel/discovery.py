@@ -107,6 +107,12 @@ class BinaryDiscovery:
         """Rescan ``pid`` once, ``delay_s`` from now, at the first `tick()` after."""
         self._due[pid] = time.monotonic() + delay_s
 
+    def next_due_s(self) -> float | None:
+        """Seconds until the first rescan is due (0 if overdue); None if none is."""
+        if not self._due:
+            return None
+        return max(0.0, min(self._due.values()) - time.monotonic())
+
     def forget(self, pid: int) -> None:
         """``pid`` exited: drop its pending rescan."""
         self._due.pop(pid, None)

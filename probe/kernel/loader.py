@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import math
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -221,10 +222,15 @@ class EventSource:
         """Wait up to ``timeout_ms`` for records; return one batch of events.
 
         A CPU wakes the reader only once it has written a share of the ring
-        buffer (bpf/common.h, emit()), so a timeout also reads what is
-        waiting: unless records arrive fast enough to fill that share first,
-        they are read every ``timeout_ms``, and none waits longer."""
+        buffer, or an urgent record (bpf/common.h, emit_record()), so a
+        timeout also reads what is waiting: unless records arrive fast enough
+        to fill that share first, they are read every ``timeout_ms``, and
+        none waits longer. A rescan of a new image that falls due sooner
+        (discovery) shortens the wait."""
         assert self._bpf is not None and self.discovery is not None, "start() first"
+        due = self.discovery.next_due_s()
+        if due is not None:
+            timeout_ms = min(timeout_ms, math.ceil(due * 1000))
         self._libbcc.bpf_poll_ringbuf(self._ring, timeout_ms)
         if len(self._batch) < MAX_BATCH:  # after a timeout, poll has read nothing
             self._libbcc.bpf_consume_ringbuf(self._ring)

@@ -11,6 +11,9 @@ python peers.py client PORT SIZE [linger]
 python peers.py udp PORT           connect a UDP socket and send a datagram
 python peers.py chatter PORT COUNT  one connection to itself: COUNT sends of
                                    10 bytes, each received before the next
+python peers.py holder PORT SECONDS accept one connection without an address
+                                   buffer (as libuv does), hold it SECONDS,
+                                   close
 
 With PEER_COMM set, the program first takes that process name (as in ps).
 """
@@ -21,6 +24,7 @@ import ctypes
 import os
 import socket
 import sys
+import time
 
 PR_SET_NAME = 15
 
@@ -68,6 +72,16 @@ def chatter(port: int, count: int) -> None:
                 conn.recv(10)
 
 
+def holder(port: int, seconds: float) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    with socket.create_server(("127.0.0.1", port)) as listener:
+        print("listening", flush=True)
+        fd = libc.accept4(listener.fileno(), None, None, 0)
+        assert fd >= 0, os.strerror(ctypes.get_errno())
+        time.sleep(seconds)
+        os.close(fd)
+
+
 if __name__ == "__main__":
     if name := os.environ.get("PEER_COMM"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, name.encode(), 0, 0, 0)
@@ -78,5 +92,7 @@ if __name__ == "__main__":
         client(port, int(sys.argv[3]), linger=sys.argv[4:] == ["linger"])
     elif mode == "chatter":
         chatter(port, int(sys.argv[3]))
+    elif mode == "holder":
+        holder(port, float(sys.argv[3]))
     else:
         udp(port)

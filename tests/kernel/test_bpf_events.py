@@ -6,6 +6,7 @@ Needs root and bcc; skipped with the reason printed otherwise.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from probe.kernel.events import (
     ConnOpen,
     DataEvent,
     Direction,
+    Endpoint,
     ProcessExec,
     ProcessExit,
     Role,
@@ -31,11 +33,11 @@ PEERS = Path(__file__).with_name("peers.py")
 pytestmark = pytest.mark.usefixtures("tracing_ready")
 
 
-def collect(source: EventSource, until, timeout: float = 10.0) -> list:
+def collect(source: EventSource, until, timeout: float = 10.0, poll_ms: int = 50) -> list:
     events: list = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        events += source.poll(50)
+        events += source.poll(poll_ms)
         if until(events):
             break
     return events
@@ -104,6 +106,31 @@ def test_one_exchange_seen_from_both_ends(body_file: Path, task_storage: bool) -
     assert closes[server_pid].key == server_open.key
     assert closes[client_pid].key == client_open.key
     assert stats["events_malformed"] == 0
+
+
+def test_an_accept_without_address_wakes_the_reader_while_the_socket_is_open() -> None:
+    # accept() without an address buffer (libuv's way) leaves the kernel without
+    # the peer: user space reads both ends from /proc, which it can only do while
+    # the socket is open. Its OPEN wakes the reader at once; without that it
+    # would wait for this poll's timeout, long after the server closed.
+    port = free_port()
+    with EventSource(ProbeOptions(ports=(port,)), Stats()) as source:
+        server = subprocess.Popen(
+            [sys.executable, str(PEERS), "holder", str(port), "0.3"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert server.stdout.readline().strip() == "listening"
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            # Other records (the holder's exec) may end a poll first.
+            events = collect(
+                source, lambda evs: any(isinstance(e, ConnOpen) for e in evs), 10, 3000
+            )
+            assert server.wait(10) == 0
+            client_end = Endpoint("127.0.0.1", client.getsockname()[1])
+    [opened] = [e for e in events if isinstance(e, ConnOpen)]
+    assert opened.key.pid == server.pid and opened.role == Role.SERVER
+    assert (opened.local, opened.peer) == (Endpoint("127.0.0.1", port), client_end)
 
 
 def test_an_excluded_process_name_is_never_traced(body_file: Path) -> None:

@@ -130,11 +130,16 @@ def test_gone_processes_and_rescans(tmp_path: Path) -> None:
     discovery.scan_process(2**22 + 1)  # above pid_max: never a process
     assert recorder.offered == []
 
+    assert discovery.next_due_s() is None
     discovery.schedule(os.getpid(), 3600)
+    discovery.schedule(1, 1800)  # the poll loop wakes for the first one due
+    assert 1700 < discovery.next_due_s() <= 1800
     discovery.tick()
     assert recorder.offered == []  # not due yet
     discovery.forget(os.getpid())
+    discovery.forget(1)
     discovery.schedule(os.getpid(), 0)
+    assert discovery.next_due_s() == 0
     discovery.tick()
     assert os.path.realpath(f"/proc/{os.getpid()}/exe") in map(os.path.realpath, recorder.offered)
 
