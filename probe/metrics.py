@@ -54,6 +54,12 @@ GAUGES = {
 }
 
 
+# How often the server thread looks for stop(): a request wakes it anyway,
+# and each idle wakeup costs about 80 us of CPU on the VM this was measured on
+# (0.81 ms a second at 0.1 s). stop() waits up to this long.
+SHUTDOWN_POLL_S = 0.5
+
+
 class ExportReadings(Protocol):
     """What the collector and /healthz read from the export side (a BatchSpanProcessor)."""
 
@@ -143,7 +149,10 @@ class MetricsServer:
         server_class = _Server6 if ":" in self.address[0] else _Server
         self._server = server_class(self.address, self._handler_class())
         self._thread = threading.Thread(
-            target=self._server.serve_forever, args=(0.1,), name="probe-metrics", daemon=True
+            target=self._server.serve_forever,
+            args=(SHUTDOWN_POLL_S,),
+            name="probe-metrics",
+            daemon=True,
         )
         self._thread.start()
         host, port = self._server.server_address[:2]
