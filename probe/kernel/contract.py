@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 import cffi
@@ -75,20 +76,30 @@ def _flat_fields(ctype, base: int = 0, prefix: str = "") -> list[tuple[int, str,
     return leaves
 
 
-def flat_struct(type_name: str, end: int | None = None) -> tuple[struct.Struct, tuple[str, ...]]:
+def flat_struct(
+    type_name: str, end: int | None = None, only: Sequence[str] | None = None
+) -> tuple[struct.Struct, tuple[str, ...]]:
     """A `struct.Struct` that unpacks the fields of ``type_name`` lying before
     offset ``end`` (all of them by default) in one call, and their dotted
     names ("header.conn.pid") in unpacking order; padding is skipped. For the
-    hot path, where cffi's per-field access costs more than the decoding."""
+    hot path, where cffi's per-field access costs more than the decoding.
+
+    With ``only``, the other fields are skipped as padding too, and ``only``
+    must name fields in the order they lie (ValueError otherwise), so that a
+    caller can unpack them positionally in that order."""
     ctype = ffi.typeof(type_name)
     end = ffi.sizeof(ctype) if end is None else end
     codes, names, position = ["<"], [], 0
     for offset, name, code in _flat_fields(ctype):
         if offset >= end:
             break
+        if only is not None and name not in only:
+            continue
         if offset > position:
             codes.append(f"{offset - position}x")
         codes.append(code)
         names.append(name)
         position = offset + struct.calcsize("<" + code)
+    if only is not None and tuple(only) != tuple(names):
+        raise ValueError(f"{type_name}: fields {list(only)} are not, in this order, {names}")
     return struct.Struct("".join(codes)), tuple(names)

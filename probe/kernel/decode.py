@@ -2,7 +2,7 @@
 
 Layouts come from `probe.kernel.contract` (cffi reading bpf/probe.h), turned
 into one `struct.Struct` per record type: a data record, the bulk of them,
-is unpacked in one call and its fields picked by name. An ADDR record (a
+is unpacked in one call, into just the fields it needs. An ADDR record (a
 client's local address, learnt after connect() returned) is decoded into a
 `ConnOpen` carrying both addresses; `EventSource` merges it.
 """
@@ -10,7 +10,7 @@ client's local address, learnt after connect() returned) is decoded into a
 from __future__ import annotations
 
 import socket
-from operator import itemgetter
+from typing import Final
 
 from probe.kernel.contract import DATA_HEADER_SIZE, ffi, flat_struct, lib
 from probe.kernel.events import (
@@ -34,18 +34,11 @@ class AddressUpdate(ConnOpen):
     __slots__ = ()
 
 
-def _picker(layout: tuple[str, ...], *names: str) -> itemgetter:
-    """Picks ``names``, in that order, out of a tuple unpacked by ``layout``."""
-    return itemgetter(*(layout.index(name) for name in names))
-
-
 # A record's type, alone: which layout to unpack the whole record with.
 _TYPE, _ = flat_struct(
     "struct probe_event_header", ffi.offsetof("struct probe_event_header", "tid")
 )
-_DATA, _DATA_NAMES = flat_struct("struct probe_data_event", DATA_HEADER_SIZE)
-_CONN, _CONN_NAMES = flat_struct("struct probe_conn_event")
-# Every record starts with the same header fields, picked first.
+# Every record starts with the same header fields.
 _HEADER_NAMES = (
     "header.tid",
     "header.conn.pid",
@@ -53,30 +46,45 @@ _HEADER_NAMES = (
     "header.conn.generation",
     "header.timestamp_ns",
 )
-_DATA_FIELDS = _picker(
-    _DATA_NAMES,
-    *_HEADER_NAMES,
-    "exit_ns",
-    "direction",
-    "bytes",
-    "captured",
-    "role",
-    "goroutine",
-    "flags",
+# The fields decode() reads, in the order they lie (flat_struct checks it), so
+# that one unpack returns exactly them, in the order they are unpacked into.
+_DATA, _ = flat_struct(
+    "struct probe_data_event",
+    DATA_HEADER_SIZE,
+    only=(
+        *_HEADER_NAMES,
+        "exit_ns",
+        "bytes",
+        "goroutine",
+        "captured",
+        "direction",
+        "role",
+        "flags",
+    ),
 )
-_CONN_FIELDS = _picker(
-    _CONN_NAMES,
-    *_HEADER_NAMES,
-    "role",
-    "local.family",
-    "local.addr",
-    "local.port",
-    "peer.family",
-    "peer.addr",
-    "peer.port",
-    "comm",
+_CONN, _ = flat_struct(
+    "struct probe_conn_event",
+    only=(
+        *_HEADER_NAMES,
+        "local.addr",
+        "local.port",
+        "local.family",
+        "peer.addr",
+        "peer.port",
+        "peer.family",
+        "role",
+        "comm",
+    ),
 )
-# Enum members by value, without the enum call on the hot path.
+# Constants and enum members by value, read once: not a cffi attribute
+# lookup or an enum call per record.
+_EVENT_DATA: Final = lib.PROBE_EVENT_DATA
+_EVENT_OPEN: Final = lib.PROBE_EVENT_OPEN
+_EVENT_ADDR: Final = lib.PROBE_EVENT_ADDR
+_EVENT_CLOSE: Final = lib.PROBE_EVENT_CLOSE
+_EVENT_EXIT: Final = lib.PROBE_EVENT_EXIT
+_EVENT_EXEC: Final = lib.PROBE_EVENT_EXEC
+_DATA_TLS: Final = lib.PROBE_DATA_TLS
 _DIRECTIONS = {member.value: member for member in Direction}
 _ROLES = {member.value: member for member in Role}
 
@@ -100,13 +108,13 @@ def decode(raw: bytes) -> KernelEvent | None:
     if len(raw) < _TYPE.size:
         return None
     (kind,) = _TYPE.unpack_from(raw)
-    if kind == lib.PROBE_EVENT_DATA:
+    if kind == _EVENT_DATA:
         if len(raw) < DATA_HEADER_SIZE:
             return None
         (
             tid, pid, fd, generation, timestamp_ns,
-            exit_ns, direction, size, captured, role, goroutine, flags,
-        ) = _DATA_FIELDS(_DATA.unpack_from(raw))  # fmt: skip
+            exit_ns, size, goroutine, captured, direction, role, flags,
+        ) = _DATA.unpack_from(raw)  # fmt: skip
         if direction not in _DIRECTIONS:
             return None
         return DataEvent(
@@ -119,16 +127,16 @@ def decode(raw: bytes) -> KernelEvent | None:
             payload=raw[DATA_HEADER_SIZE : DATA_HEADER_SIZE + captured],
             role=_ROLES.get(role, Role.UNKNOWN),
             goroutine=goroutine,
-            tls=bool(flags & lib.PROBE_DATA_TLS),
+            tls=bool(flags & _DATA_TLS),
         )
     if len(raw) < _CONN.size:
         return None
     (
         tid, pid, fd, generation, timestamp_ns,
-        role, local_family, local_addr, local_port, peer_family, peer_addr, peer_port, comm,
-    ) = _CONN_FIELDS(_CONN.unpack_from(raw))  # fmt: skip
-    if kind == lib.PROBE_EVENT_OPEN or kind == lib.PROBE_EVENT_ADDR:
-        cls = ConnOpen if kind == lib.PROBE_EVENT_OPEN else AddressUpdate
+        local_addr, local_port, local_family, peer_addr, peer_port, peer_family, role, comm,
+    ) = _CONN.unpack_from(raw)  # fmt: skip
+    if kind in (_EVENT_OPEN, _EVENT_ADDR):
+        cls = ConnOpen if kind == _EVENT_OPEN else AddressUpdate
         return cls(
             key=ConnKey(pid, fd, generation),
             tid=tid,
@@ -138,10 +146,10 @@ def decode(raw: bytes) -> KernelEvent | None:
             peer=_endpoint(peer_family, peer_addr, peer_port),
             comm=_comm(comm),
         )
-    if kind == lib.PROBE_EVENT_CLOSE:
+    if kind == _EVENT_CLOSE:
         return ConnClose(key=ConnKey(pid, fd, generation), tid=tid, timestamp_ns=timestamp_ns)
-    if kind == lib.PROBE_EVENT_EXIT:
+    if kind == _EVENT_EXIT:
         return ProcessExit(pid=pid, timestamp_ns=timestamp_ns)
-    if kind == lib.PROBE_EVENT_EXEC:
+    if kind == _EVENT_EXEC:
         return ProcessExec(pid=pid, timestamp_ns=timestamp_ns, comm=_comm(comm))
     return None

@@ -212,3 +212,20 @@ def test_decode_close_exit_and_garbage() -> None:
     _header(record, 12345)
     assert _decode(record) is None
     assert _decode(record, 10) is None  # shorter than any header
+
+
+def test_flat_struct_skips_what_it_is_not_asked_for() -> None:
+    record = ffi.new("struct probe_data_event *")
+    record.header.conn.pid = 42
+    record.bytes = -1
+    record.flags = lib.PROBE_DATA_TLS
+    layout, names = flat_struct(
+        "struct probe_data_event", DATA_HEADER_SIZE, only=("header.conn.pid", "bytes", "flags")
+    )
+    assert names == ("header.conn.pid", "bytes", "flags")
+    assert layout.unpack_from(bytes(ffi.buffer(record))) == (42, -1, lib.PROBE_DATA_TLS)
+    # Positional unpacking relies on the order: a wrong one is refused.
+    with pytest.raises(ValueError, match="not, in this order"):
+        flat_struct("struct probe_data_event", DATA_HEADER_SIZE, only=("bytes", "header.tid"))
+    with pytest.raises(ValueError, match="not, in this order"):
+        flat_struct("struct probe_data_event", DATA_HEADER_SIZE, only=("no_such_field",))
