@@ -16,7 +16,15 @@ from probe.kernel.events import Endpoint, Role
 from probe.protocol.model import HttpExchange
 from probe.trace.clock import MonotonicClock
 from probe.trace.resource import ResourceDetector
-from probe.trace.span import Attributes, Span, SpanEvent, SpanKind, StatusCode
+from probe.trace.span import (
+    UNSET_SPAN_ID,
+    UNSET_TRACE_ID,
+    Attributes,
+    Span,
+    SpanEvent,
+    SpanKind,
+    StatusCode,
+)
 
 KNOWN_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY"}
@@ -67,6 +75,7 @@ class SpanBuilder:
         )
 
     def build(self, exchange: HttpExchange) -> Span:
+        """The exchange's span, without its ids: SpanLinker gives them."""
         request, response = exchange.request, exchange.response
         kind = _KINDS.get(exchange.connection.role, SpanKind.INTERNAL)
         method = request.method if request.method in KNOWN_METHODS else OTHER
@@ -81,6 +90,8 @@ class SpanBuilder:
             self._clock.to_unix_ns(request.start_ns),
             self._clock.to_unix_ns(end_ns),
             self._resources.detect(exchange.connection.key.pid),
+            UNSET_TRACE_ID,  # the linker's to give: drawing ids here would be wasted
+            UNSET_SPAN_ID,
             attributes=self._attributes(exchange, kind, method),
             events=[
                 SpanEvent(

@@ -219,10 +219,12 @@ class SpanLinker:
             self._wake_servers(context)
 
     def span_ended(self, exchange: HttpExchange, span: Span) -> None:
-        """The exchange's span is built: give it its context, export it when final."""
+        """The exchange's span is built: give it its ids and context, export it
+        when final. Whatever ids it came with are replaced."""
         connection = exchange.connection
         if connection.role not in _LINKED_ROLES:
             self._stats[_LINK_COUNTERS[NONE]] += 1
+            span.trace_id, span.span_id = new_trace_id(), new_span_id()
             span.attributes[RULE_ATTRIBUTE] = NONE
             self._export(span)
             return

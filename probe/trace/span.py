@@ -63,6 +63,12 @@ def new_span_id() -> bytes:
     return (_ids.getrandbits(64) or 1).to_bytes(8, "big")
 
 
+# The ids of a span built before it is linked: all zero, which W3C and OTLP
+# hold invalid, so never taken for real ones. The linker gives the real ids.
+UNSET_TRACE_ID = bytes(16)
+UNSET_SPAN_ID = bytes(8)
+
+
 @dataclass(slots=True, init=False)
 class Span:
     name: str

@@ -16,7 +16,7 @@ from probe.protocol.model import ConnectionInfo, HttpExchange, HttpRequest, Http
 from probe.protocol.tracker import ConnectionTracker
 from probe.stats import Stats
 from probe.trace.linker import SpanLinker
-from probe.trace.span import Resource, Span, SpanKind
+from probe.trace.span import UNSET_SPAN_ID, UNSET_TRACE_ID, Resource, Span, SpanKind
 
 WAIT_NS = 1_000
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -76,7 +76,10 @@ class Host:
         exchange.response = HttpResponse("1.1", [], at, at, exchange.request.tid, status_code=200)
         kind = SpanKind.SERVER if exchange.connection.role == Role.SERVER else SpanKind.CLIENT
         resource = Resource({"process.pid": exchange.connection.key.pid})
-        span = Span("GET", kind, exchange.request.start_ns, at, resource)
+        # as SpanBuilder builds it: without ids
+        span = Span(
+            "GET", kind, exchange.request.start_ns, at, resource, UNSET_TRACE_ID, UNSET_SPAN_ID
+        )
         self.linker.span_ended(exchange, span)
         return span
 
@@ -115,6 +118,19 @@ def test_a_thread_per_request_chain_is_one_trace() -> None:
     ]
     assert host.rules() == {"links_same_host": 2, "links_thread": 1, "links_none": 1}
     assert len(host.linker) == 0
+
+
+def test_every_span_gets_fresh_ids_linked_or_not() -> None:
+    host = Host(wait_ns=0)
+    client, server = host.connect(1, 2, 80)
+    unknown = ConnectionInfo(ConnKey(3, next(_fds), 1), Role.UNKNOWN, None, None)
+    ends = [host.start(c, at=10) for c in (client, server, unknown, unknown)]
+    spans = [host.end(exchange, at=20) for exchange in ends]
+    assert len(host.exported) == 4
+    assert UNSET_TRACE_ID not in {span.trace_id for span in spans}
+    assert UNSET_SPAN_ID not in {span.span_id for span in spans}
+    assert len({span.span_id for span in spans}) == 4
+    assert spans[2].trace_id != spans[3].trace_id  # unlinked: a trace each
 
 
 def test_go_links_by_goroutine_and_never_by_thread() -> None:
