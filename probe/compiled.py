@@ -54,6 +54,7 @@ MODULES = (
     "probe.protocol.connection",
     "probe.protocol.tracker",
     "probe.trace.clock",
+    "probe.trace.resource",
     "probe.trace.span",
     "probe.trace.traceparent",
     "probe.trace.builder",
