@@ -10,7 +10,8 @@ client's local address, learnt after connect() returned) is decoded into a
 from __future__ import annotations
 
 import socket
-from typing import Final
+from collections.abc import Callable, Mapping
+from typing import Any, Final
 
 from probe.kernel.contract import DATA_HEADER_SIZE, ffi, flat_struct, lib
 from probe.kernel.events import (
@@ -153,3 +154,42 @@ def decode(raw: bytes) -> KernelEvent | None:
     if kind == _EVENT_EXEC:
         return ProcessExec(pid=pid, timestamp_ns=timestamp_ns, comm=_comm(comm))
     return None
+
+
+class RecordReader:
+    """libbpf's per-record callback, called through libbcc and ctypes.
+
+    The bulk of records are data on a connection with nothing to settle
+    first: decoded and batched here, compiled with the rest of the hot path.
+    Every other record goes to ``settle`` (EventSource's bookkeeping), which
+    batches what it keeps. Returns -1, which ends this read of the ring
+    buffer after the record, once ``batch`` holds ``max_batch`` events.
+    """
+
+    def __init__(
+        self,
+        max_batch: int,
+        ignored: Mapping[ConnKey, None],
+        awaiting_address: Mapping[ConnKey, ConnOpen],
+        settle: Callable[[KernelEvent], None],
+    ) -> None:
+        self.batch: list[KernelEvent] = []
+        self.records = 0  # read since the owner last took them
+        self.malformed = 0
+        self._max_batch = max_batch
+        self._ignored = ignored  # the owner's, which it keeps up to date
+        self._awaiting_address = awaiting_address
+        self._settle = settle
+
+    def __call__(self, _ctx: object, data: Any, size: int) -> int:
+        self.records += 1
+        event = decode(data[:size])  # a char pointer: its slice copies in C
+        if type(event) is DataEvent and not self._awaiting_address:
+            if event.key not in self._ignored:
+                self.batch.append(event)
+        elif event is None:
+            self.malformed += 1
+            return 0
+        else:
+            self._settle(event)
+        return -1 if len(self.batch) >= self._max_batch else 0

@@ -21,7 +21,7 @@ from typing import Any
 
 from probe.kernel import features, golang, memory, sockets, tls
 from probe.kernel.contract import BPF_DIR, MAX_CAPTURE, lib
-from probe.kernel.decode import AddressUpdate, decode
+from probe.kernel.decode import AddressUpdate, RecordReader
 from probe.kernel.discovery import BinaryDiscovery
 from probe.kernel.events import (
     ConnClose,
@@ -136,12 +136,12 @@ class EventSource:
         self.on_open = on_open
         self.notes: list[str] = []  # things done on the user's behalf, to print
         self._bpf: Any = None  # bcc's BPF object (bcc has no type information)
-        self._batch: list[KernelEvent] = []
-        self._records = 0  # read since the last poll returned
         # Client connections whose local address the kernel will send later.
         self._awaiting_address: dict[ConnKey, ConnOpen] = {}
         self._open_by_pid: dict[int, set[ConnKey]] = {}
         self._ignored: OrderedDict[ConnKey, None] = OrderedDict()
+        # The per-record callback: batches data records, hands the rest to _accept.
+        self._reader = RecordReader(MAX_BATCH, self._ignored, self._awaiting_address, self._accept)
         self._callback: Any = None  # kept referenced while libbcc may call it
         self._ring: Any = None  # libbcc's ring-buffer reader
         self._libbcc: Any = None  # bcc's ctypes view of libbcc, once bcc is imported
@@ -182,7 +182,7 @@ class EventSource:
             for name in self.options.excluded_comms:
                 # The kernel keeps 15 bytes of a name and a NUL.
                 table[table.Key(name.encode()[:15])] = ctypes.c_uint8(1)
-        self._callback = _RECORD_CALLBACK(self._on_record)
+        self._callback = _RECORD_CALLBACK(self._reader)
         self._libbcc = libbcc
         self._ring = libbcc.bpf_new_ringbuf(
             self._bpf[b"events"].map_fd,
@@ -232,12 +232,15 @@ class EventSource:
         if due is not None:
             timeout_ms = min(timeout_ms, math.ceil(due * 1000))
         self._libbcc.bpf_poll_ringbuf(self._ring, timeout_ms)
-        if len(self._batch) < MAX_BATCH:  # after a timeout, poll has read nothing
+        reader = self._reader
+        if len(reader.batch) < MAX_BATCH:  # after a timeout, poll has read nothing
             self._libbcc.bpf_consume_ringbuf(self._ring)
-        self.stats["events"] += self._records  # counted here, not per record
-        self._records = 0
+        self.stats["events"] += reader.records  # counted here, not per record
+        if reader.malformed:
+            self.stats["events_malformed"] += reader.malformed
+        reader.records = reader.malformed = 0
         self.discovery.tick()
-        batch, self._batch = self._batch, []
+        batch, reader.batch = reader.batch, []
         return batch
 
     def kernel_counter(self, counter: int) -> int:
@@ -255,29 +258,12 @@ class EventSource:
         is a map read per CPU: read them now and then, not per poll."""
         return {name: self.kernel_counter(slot) for slot, name in KERNEL_COUNTERS.items()}
 
-    def _on_record(self, _ctx: object, data: Any, size: int) -> int:
-        """libbpf's callback, per record; a negative return ends this consume
-        after the record (the rest wait in the ring buffer for the next poll)."""
-        self._records += 1
-        event = decode(data[:size])
-        if type(event) is DataEvent and not self._awaiting_address:
-            # The bulk of records, and nothing to settle first: what _accept
-            # does with a DataEvent then, without its chain of checks.
-            if event.key not in self._ignored:
-                self._batch.append(event)
-        elif event is None:
-            self.stats["events_malformed"] += 1
-            return 0
-        else:
-            self._accept(event)
-        return -1 if len(self._batch) >= MAX_BATCH else 0
-
     # -- per-connection bookkeeping ----------------------------------------
 
     def _accept(self, event: KernelEvent) -> None:
         if isinstance(event, ProcessExit):
             self._process_exited(event)
-            self._batch.append(event)
+            self._reader.batch.append(event)
             return
         discovery = self.discovery  # exists once started, before any record
         if isinstance(event, ProcessExec):
@@ -285,7 +271,7 @@ class EventSource:
             if discovery is not None:
                 discovery.scan_process(event.pid)
                 discovery.schedule(event.pid, _RESCAN_AFTER_EXEC_S)
-            self._batch.append(event)
+            self._reader.batch.append(event)
             return
         key = event.key
         if key in self._ignored:
@@ -317,7 +303,7 @@ class EventSource:
                 pids.discard(key)
                 if not pids:
                     del self._open_by_pid[key.pid]
-        self._batch.append(event)
+        self._reader.batch.append(event)
 
     def _open(self, event: ConnOpen) -> None:
         if event.local is None or event.peer is None:
@@ -343,7 +329,7 @@ class EventSource:
             return
         self._open_by_pid.setdefault(event.key.pid, set()).add(event.key)
         self.stats["connections_traced"] += 1
-        self._batch.append(event)
+        self._reader.batch.append(event)
 
     def _port_wanted(self, event: ConnOpen) -> bool:
         ports = {ep.port for ep in (event.local, event.peer) if ep is not None}

@@ -11,7 +11,7 @@ import socket
 import pytest
 
 from probe.kernel.contract import DATA_HEADER_SIZE, MAX_CAPTURE, ffi, flat_struct, lib
-from probe.kernel.decode import AddressUpdate, decode
+from probe.kernel.decode import AddressUpdate, RecordReader, decode
 from probe.kernel.events import (
     ConnClose,
     ConnKey,
@@ -229,3 +229,33 @@ def test_flat_struct_skips_what_it_is_not_asked_for() -> None:
         flat_struct("struct probe_data_event", DATA_HEADER_SIZE, only=("bytes", "header.tid"))
     with pytest.raises(ValueError, match="not, in this order"):
         flat_struct("struct probe_data_event", DATA_HEADER_SIZE, only=("no_such_field",))
+
+
+def _data_record(pid: int) -> bytes:
+    record = ffi.new("struct probe_data_event *")
+    _header(record, lib.PROBE_EVENT_DATA, pid=pid)
+    record.bytes = record.captured = 2
+    ffi.memmove(record.payload, b"hi", 2)
+    return bytes(ffi.buffer(record, DATA_HEADER_SIZE + 2))
+
+
+def test_the_record_reader_batches_data_and_hands_on_the_rest() -> None:
+    ignored = {ConnKey(6, 3, 99): None}
+    awaiting: dict = {}
+    settled: list = []
+    reader = RecordReader(3, ignored, awaiting, settled.append)
+    close = ffi.new("struct probe_conn_event *")
+    _header(close, lib.PROBE_EVENT_CLOSE)
+    records = [_data_record(7), _data_record(6), bytes(ffi.buffer(close)), b"\x01"]
+    assert [reader(None, raw, len(raw)) for raw in records] == [0, 0, 0, 0]
+    assert [event.key.pid for event in reader.batch] == [7]  # pid 6 is ignored
+    assert [type(event) for event in settled] == [ConnClose]
+    assert (reader.records, reader.malformed) == (4, 1)
+    # While a connection awaits its address, data is settled in order, not batched.
+    awaiting[ConnKey(5, 3, 99)] = None
+    assert reader(None, _data_record(7), DATA_HEADER_SIZE + 2) == 0
+    assert len(reader.batch) == 1 and type(settled[-1]) is DataEvent
+    # A full batch ends this read of the ring buffer.
+    reader.batch += [settled[-1]]
+    awaiting.clear()
+    assert reader(None, _data_record(7), DATA_HEADER_SIZE + 2) == -1
