@@ -164,14 +164,16 @@ def _attribute_fields(tag: bytes, attributes: Attributes) -> list[bytes]:
     ]
 
 
-# Cached pair values: hashable, and equal only when they encode alike. The type is
-# part of the cache key, since True == 1; floats are left out, since 0.0 == -0.0.
+# Values whose pairs are cached: hashable, and equal only when they encode alike
+# but for True == 1, which the cached type tells apart. Floats are left out,
+# since 0.0 == -0.0.
 _CACHED_TYPES = frozenset({str, int, bool})
 
 
 class _CachedAttributes:
     """Attributes as KeyValue fields of one tag, remembering the pairs it has encoded.
 
+    Looked up by key, then by value: no tuple is built and hashed per attribute.
     Bounded: when full it starts over, which costs one encoding per pair that
     is still in use; the ports, paths and addresses that never repeat are what
     fills it.
@@ -180,25 +182,34 @@ class _CachedAttributes:
     def __init__(self, tag: bytes, max_entries: int) -> None:
         self._tag = tag
         self._max_entries = max_entries
-        self._fields: dict[tuple[str, AttributeValue, type], bytes] = {}
+        # key -> value -> (the value's type, the KeyValue field)
+        self._fields: dict[str, dict[AttributeValue, tuple[type, bytes]]] = {}
+        self._entries = 0
         self._key_fields: dict[str, bytes] = {}  # KeyValue.key fields
 
     def append_fields(self, out: list[bytes], attributes: Attributes) -> None:
-        cache = self._fields
+        by_key = self._fields
         for key, value in attributes.items():
             value_type = type(value)
-            if value_type in _CACHED_TYPES:
-                cache_key = (key, value, value_type)
-                field = cache.get(cache_key)
-                if field is None:
-                    field = self._encode(key, value)
-                    if not isinstance(value, str) or len(value) <= MAX_CACHED_STRING:
-                        if len(cache) >= self._max_entries:
-                            cache.clear()
-                        cache[cache_key] = field
-            else:
-                field = self._encode(key, value)
+            if value_type not in _CACHED_TYPES:
+                out.append(self._encode(key, value))
+                continue
+            by_value = by_key.get(key)
+            if by_value is None:
+                by_value = by_key[key] = {}
+            cached = by_value.get(value)
+            if cached is not None and cached[0] is value_type:
+                out.append(cached[1])
+                continue
+            field = self._encode(key, value)
             out.append(field)
+            if cached is None and (not isinstance(value, str) or len(value) <= MAX_CACHED_STRING):
+                if self._entries >= self._max_entries:
+                    by_key.clear()
+                    self._entries = 0
+                    by_value = by_key[key] = {}
+                by_value[value] = (value_type, field)
+                self._entries += 1
 
     def _encode(self, key: str, value: AttributeValue) -> bytes:
         key_field = self._key_fields.get(key)
