@@ -65,8 +65,16 @@ struct syscall_args {
 	u64 addrlen; /* accept: pointer to the sockaddr's length */
 	s32 fd;
 	u8 syscall; /* enum probe_syscall, or one of the SYSCALL_* below */
-	u8 _pad[3];
+	u8 thread;  /* THREAD_* bits: the thread's state, kept across its syscalls */
+	u8 _pad[2];
 };
+/* Bits of syscall_args.thread, set by the uprobes, so that the exit of every
+ * syscall of every thread need not look in their per-thread maps (a hash
+ * lookup each) to find that it is not inside a TLS library or Go's syscall
+ * wrapper. A bit set when it need not be costs that lookup; one left unset
+ * never happens, since the uprobe sets it before the syscalls it covers. */
+#define THREAD_IN_TLS_CALL 1  /* between SSL_read/SSL_write's uprobe and uretprobe */
+#define THREAD_GO_SYSCALL 2   /* go_syscall holds this thread's announced fd */
 #define SYSCALL_CONNECT 100
 #define SYSCALL_ACCEPT 101
 #define SYSCALL_NONE 0 /* the thread's entry is free: its last syscall was taken */
@@ -76,17 +84,20 @@ struct syscall_args {
  * programs of every syscall the probe watches; freed with the thread. */
 BPF_TASK_STORAGE(inflight, struct syscall_args);
 
-static __always_inline struct syscall_args *thread_syscall(u32 tid, u64 flags)
+static __always_inline struct syscall_args *thread_syscall(u32 tid, bool create)
 {
 	return inflight.task_storage_get((struct task_struct *)bpf_get_current_task_btf(), 0,
-					 flags);
+					 create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
 }
 
 static __always_inline void save_syscall(u32 tid, const struct syscall_args *args)
 {
-	struct syscall_args *slot = thread_syscall(tid, BPF_LOCAL_STORAGE_GET_F_CREATE);
-	if (slot)
+	struct syscall_args *slot = thread_syscall(tid, true);
+	if (slot) {
+		u8 thread = slot->thread;
 		*slot = *args;
+		slot->thread = thread;
+	}
 }
 
 static __always_inline void forget_thread(u32 tid)
@@ -96,9 +107,15 @@ static __always_inline void forget_thread(u32 tid)
 #else
 BPF_TABLE("lru_hash", u32, struct syscall_args, inflight, PROBE_MAX_INFLIGHT);
 
-static __always_inline struct syscall_args *thread_syscall(u32 tid, u64 flags)
+static __always_inline struct syscall_args *thread_syscall(u32 tid, bool create)
 {
-	return inflight.lookup(&tid);
+	struct syscall_args *slot = inflight.lookup(&tid);
+	if (!slot && create) {
+		struct syscall_args fresh = {};
+		inflight.update(&tid, &fresh);
+		slot = inflight.lookup(&tid);
+	}
+	return slot;
 }
 
 /* A thread's entry stays in `inflight` from one syscall to the next and is
@@ -109,10 +126,13 @@ static __always_inline struct syscall_args *thread_syscall(u32 tid, u64 flags)
 static __always_inline void save_syscall(u32 tid, const struct syscall_args *args)
 {
 	struct syscall_args *slot = inflight.lookup(&tid);
-	if (slot)
+	if (slot) {
+		u8 thread = slot->thread;
 		*slot = *args;
-	else
+		slot->thread = thread;
+	} else {
 		inflight.update(&tid, args);
+	}
 }
 
 static __always_inline void forget_thread(u32 tid)
@@ -124,12 +144,27 @@ static __always_inline void forget_thread(u32 tid)
 /* The thread's saved syscall, if it is one of `first`..`last`; marks it taken. */
 static __always_inline bool take_syscall(u32 tid, u8 first, u8 last, struct syscall_args *call)
 {
-	struct syscall_args *slot = thread_syscall(tid, 0);
+	struct syscall_args *slot = thread_syscall(tid, false);
 	if (!slot || slot->syscall < first || slot->syscall > last)
 		return false;
 	*call = *slot;
 	slot->syscall = SYSCALL_NONE;
 	return true;
+}
+
+/* Sets or clears THREAD_* bits of the current thread. */
+static __always_inline void set_thread_bits(u32 tid, u8 bits)
+{
+	struct syscall_args *slot = thread_syscall(tid, true);
+	if (slot)
+		slot->thread |= bits;
+}
+
+static __always_inline void clear_thread_bits(u32 tid, u8 bits)
+{
+	struct syscall_args *slot = thread_syscall(tid, false);
+	if (slot)
+		slot->thread &= ~bits;
 }
 
 #ifdef PROBE_FILTER_PIDS

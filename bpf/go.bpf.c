@@ -108,6 +108,7 @@ static __always_inline u64 go_socket_goroutine(u32 pid, u32 tid, s32 fd)
 	u64 g = call->goroutine;
 	s32 announced = call->fd;
 	go_syscall.delete(&tid);
+	clear_thread_bits(tid, THREAD_GO_SYSCALL);
 	return announced == fd ? go_works_for(pid, g) : 0;
 }
 
@@ -120,6 +121,7 @@ int go_syscall_enter(struct pt_regs *ctx)
 		return 0;
 	struct go_syscall call = {.goroutine = ctx->r14, .fd = (s32)ctx->ax};
 	go_syscall.update(&tid, &call);
+	set_thread_bits(tid, THREAD_GO_SYSCALL);
 
 	/* Inside a crypto/tls call: this fd is the *Conn's socket. */
 	struct go_key key = go_key_of(pid, ctx->r14);

@@ -310,7 +310,7 @@ static __always_inline int data_returned(long ret, u8 direction)
 		return 0;
 
 	resolve_msghdr(&call);
-	struct tls_call *tls = tls_calls.lookup(&tid);
+	struct tls_call *tls = call.thread & THREAD_IN_TLS_CALL ? tls_calls.lookup(&tid) : 0;
 	if (tls && is_tls_socket(pid, &call, ret)) { /* inside SSL_read/SSL_write */
 		tls->fd = call.fd;
 		mark_tls_connection(pid, call.fd);
@@ -318,7 +318,8 @@ static __always_inline int data_returned(long ret, u8 direction)
 	struct probe_data_event *event = data_event(pid, tid, &call, ret, direction);
 	if (!event)
 		return 0;
-	event->goroutine = go_socket_goroutine(pid, tid, call.fd);
+	if (call.thread & THREAD_GO_SYSCALL)
+		event->goroutine = go_socket_goroutine(pid, tid, call.fd);
 	emit_data(event);
 	return 0;
 }

@@ -57,6 +57,7 @@ static __always_inline int ssl_enter(struct pt_regs *ctx, u8 syscall, u64 count_
 		tls_last_read.delete(&tid);
 	}
 	tls_calls.update(&tid, &call);
+	set_thread_bits(tid, THREAD_IN_TLS_CALL);
 	return 0;
 }
 
@@ -123,6 +124,7 @@ static __always_inline int ssl_return(struct pt_regs *ctx, u8 direction)
 		return 0;
 	struct tls_call call = *saved;
 	tls_calls.delete(&tid);
+	clear_thread_bits(tid, THREAD_IN_TLS_CALL);
 
 	/* The socket seen in this call, else the one known, else the guess. */
 	s32 fd = call.fd;
