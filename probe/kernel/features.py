@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,9 +98,10 @@ def mount_tracing() -> list[str]:
     return done
 
 
-def kernel_version() -> tuple[int, int]:
-    major, minor = (int(part) for part in platform.release().split(".")[:2])
-    return major, minor
+def kernel_version(release: str | None = None) -> tuple[int, int]:
+    """(major, minor) of this kernel's release ("6.18.44-fc", "6.1-rc3"); (0, 0) if unreadable."""
+    found = re.match(r"(\d+)\.(\d+)", platform.release() if release is None else release)
+    return (int(found[1]), int(found[2])) if found else (0, 0)
 
 
 def task_storage_available() -> bool:

@@ -26,3 +26,16 @@ def test_task_storage_needs_linux_5_12_and_btf(monkeypatch):
     assert not features.task_storage_available()
     monkeypatch.setattr(features, "kernel_version", lambda: (6, 1))
     assert features.task_storage_available() is features.BTF.exists()
+
+
+@pytest.mark.parametrize(
+    ("release", "version"),
+    [
+        ("6.18.44-fc-v657", (6, 18)),
+        ("6.1-rc3", (6, 1)),
+        ("5.4.0-150-generic", (5, 4)),
+        ("x", (0, 0)),
+    ],
+)
+def test_kernel_version(release, version):
+    assert features.kernel_version(release) == version
