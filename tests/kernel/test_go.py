@@ -58,8 +58,17 @@ class UpstreamHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+# The goroutine of a syscall is found through a bit in the thread's saved
+# syscall, kept in task storage where the kernel has it, else in a hash: the
+# module runs once each way, each with servers of its own, since the tests
+# count the connections a probe saw open.
+@pytest.fixture(scope="module", params=[True, False], ids=["task-storage", "hash"])
+def task_storage(request: pytest.FixtureRequest) -> bool:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
+def upstream(task_storage: bool) -> Iterator[Upstream]:
     server = Upstream()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -77,7 +86,7 @@ def relay(go_relay: Path, upstream: Upstream) -> Iterator[tuple[int, int]]:
 
 
 @pytest.fixture(scope="module")
-def tls_server(go_relay: Path) -> Iterator[tuple[int, int]]:
+def tls_server(go_relay: Path, task_storage: bool) -> Iterator[tuple[int, int]]:
     """(pid, port) of a relay serving HTTPS."""
     with serving(spawn([str(go_relay), "-tls"])) as server:
         yield server.pid, server.port
@@ -85,12 +94,17 @@ def tls_server(go_relay: Path) -> Iterator[tuple[int, int]]:
 
 @pytest.fixture(scope="module")
 def source(
-    relay: tuple[int, int], tls_server: tuple[int, int], upstream: Upstream, go_relay: Path
+    task_storage: bool,
+    relay: tuple[int, int],
+    tls_server: tuple[int, int],
+    upstream: Upstream,
+    go_relay: Path,
 ) -> Iterator[EventSource]:
-    """One probe for the module (its uprobes take seconds to remove), started
-    after the servers: it finds their binary running and probes it."""
+    """One probe at a time for the module (its uprobes take seconds to remove),
+    started after the servers: it finds their binary running and probes it."""
     ports = (relay[1], tls_server[1], upstream.server_port)
-    with EventSource(ProbeOptions(ports=ports), Stats()) as source:
+    options = ProbeOptions(ports=ports, task_storage=task_storage)
+    with EventSource(options, Stats()) as source:
         assert source.discovery is not None
         assert str(go_relay) in source.discovery.found()["go"]
         yield source
