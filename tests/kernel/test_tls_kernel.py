@@ -115,3 +115,32 @@ def test_a_process_killed_inside_ssl_read_leaves_nothing_behind(certificate) -> 
     assert last_reads & threads == set()
     assert server.pid not in conns
     assert stats["uprobe_attach_errors"] == 0
+
+
+@pytest.mark.parametrize("task_storage", [True, False], ids=["task-storage", "hash"])
+def test_openssl_plaintext_comes_with_its_socket(certificate, task_storage: bool) -> None:
+    # Python's ssl module reads and writes its socket inside SSL_read_ex and
+    # SSL_write_ex: the syscall made there names the SSL's socket. Its exit
+    # knows it is inside such a call by a bit in the thread's saved syscall,
+    # kept in task storage where the kernel has it, else in a hash.
+    server = spawn([sys.executable, str(PROGRAMS / "tls_pyserver.py"), *map(str, certificate)])
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    options = ProbeOptions(pids=(server.pid,), task_storage=task_storage)
+    with serving(server), EventSource(options, Stats()) as source:
+        with context.wrap_socket(socket.create_connection(("127.0.0.1", server.port))) as client:
+            client.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            while client.recv(65536):
+                pass
+        events = poll_until(
+            source,
+            lambda evs: any(
+                isinstance(e, DataEvent) and e.payload.startswith(b"HTTP/1.") for e in evs
+            ),
+        )
+    data = [e for e in events if isinstance(e, DataEvent)]
+    assert all(e.tls and e.key.pid == server.pid for e in data)  # no ciphertext
+    requests = [e for e in data if e.direction == Direction.INGRESS]
+    assert requests[0].payload.startswith(b"GET /hello HTTP/1.1\r\n")
+    assert len({e.key for e in data}) == 1  # the accepted socket, found inside the calls
