@@ -90,16 +90,6 @@ static __always_inline struct syscall_args *thread_syscall(u32 tid, bool create)
 					 create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
 }
 
-static __always_inline void save_syscall(u32 tid, const struct syscall_args *args)
-{
-	struct syscall_args *slot = thread_syscall(tid, true);
-	if (slot) {
-		u8 thread = slot->thread;
-		*slot = *args;
-		slot->thread = thread;
-	}
-}
-
 static __always_inline void forget_thread(u32 tid)
 {
 	/* the storage goes with the thread */
@@ -118,28 +108,27 @@ static __always_inline struct syscall_args *thread_syscall(u32 tid, bool create)
 	return slot;
 }
 
-/* A thread's entry stays in `inflight` from one syscall to the next and is
- * rewritten in place: an update or delete allocates, frees and relinks an
- * LRU element, which measured as most of a syscall entry program's run time.
- * Only the thread itself touches its entry, so no lock is needed; the entry
- * goes when the thread exits (forget_thread), or by LRU eviction. */
-static __always_inline void save_syscall(u32 tid, const struct syscall_args *args)
-{
-	struct syscall_args *slot = inflight.lookup(&tid);
-	if (slot) {
-		u8 thread = slot->thread;
-		*slot = *args;
-		slot->thread = thread;
-	} else {
-		inflight.update(&tid, args);
-	}
-}
-
 static __always_inline void forget_thread(u32 tid)
 {
 	inflight.delete(&tid);
 }
 #endif
+
+/* A thread's entry stays from one syscall to the next and is rewritten in
+ * place: in the hash, an update or delete allocates, frees and relinks an
+ * LRU element, which measured as most of a syscall entry program's run time.
+ * Only the thread itself touches its entry, so no lock is needed; the entry
+ * goes when the thread exits (forget_thread), or by LRU eviction. Its
+ * THREAD_* bits outlive the syscall. */
+static __always_inline void save_syscall(u32 tid, const struct syscall_args *args)
+{
+	struct syscall_args *slot = thread_syscall(tid, true);
+	if (slot) {
+		u8 thread = slot->thread;
+		*slot = *args;
+		slot->thread = thread;
+	}
+}
 
 /* The thread's saved syscall, if it is one of `first`..`last`; marks it taken. */
 static __always_inline bool take_syscall(u32 tid, u8 first, u8 last, struct syscall_args *call)
