@@ -143,8 +143,8 @@ class ConnectionTracker:
         connection = HttpConnection(info, self._emit, self._stats, on_request=self._on_request)
         self._connections[info.key] = connection
         self._by_pid.setdefault(info.key.pid, set()).add(info.key)
-        if info.role == Role.CLIENT and info.peer is not None:
-            end = (info.local, info.peer)
+        end = _client_end(info)
+        if end is not None:
             self._client_ends[end] = self._client_ends.get(end, 0) + 1
         elif info.role == Role.UNKNOWN:
             self._sniffed.add(info.key)
@@ -166,10 +166,10 @@ class ConnectionTracker:
             keys.discard(key)
             if not keys:
                 del self._by_pid[key.pid]
+        end = _client_end(info)
         if key in self._sniffed:  # never counted, whatever role it was found to have
             self._sniffed.discard(key)
-        elif info.role == Role.CLIENT and info.peer is not None:
-            end = (info.local, info.peer)
+        elif end is not None:
             left = self._client_ends[end] - 1
             if left:
                 self._client_ends[end] = left
@@ -179,3 +179,10 @@ class ConnectionTracker:
     def _emit(self, exchange: HttpExchange) -> None:
         self._stats["exchanges"] += 1
         self._on_exchange(exchange)
+
+
+def _client_end(info: ConnectionInfo) -> _ClientEnd | None:
+    """How an open CLIENT connection is counted in ``_client_ends``; None for others."""
+    if info.role != Role.CLIENT or info.peer is None:
+        return None
+    return (info.local, info.peer)
