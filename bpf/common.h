@@ -130,13 +130,17 @@ static __always_inline void save_syscall(u32 tid, const struct syscall_args *arg
 	}
 }
 
-/* The thread's saved syscall, if it is one of `first`..`last`; marks it taken. */
-static __always_inline bool take_syscall(u32 tid, u8 first, u8 last, struct syscall_args *call)
+/* The thread's saved syscall, if it is `syscall`; marks it taken. Every
+ * program passes its own syscall as a literal, and the copy carries that
+ * literal: the compiler then keeps only the code for that syscall's way of
+ * passing its buffer (plain, iovecs, msghdr), in each program. */
+static __always_inline bool take_syscall(u32 tid, u8 syscall, struct syscall_args *call)
 {
 	struct syscall_args *slot = thread_syscall(tid, false);
-	if (!slot || slot->syscall < first || slot->syscall > last)
+	if (!slot || slot->syscall != syscall)
 		return false;
 	*call = *slot;
+	call->syscall = syscall;
 	slot->syscall = SYSCALL_NONE;
 	return true;
 }

@@ -81,7 +81,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
 	u64 id = bpf_get_current_pid_tgid();
 	u32 pid = id >> 32, tid = (u32)id;
 	struct syscall_args call;
-	if (!take_syscall(tid, SYSCALL_CONNECT, SYSCALL_CONNECT, &call))
+	if (!take_syscall(tid, SYSCALL_CONNECT, &call))
 		return 0;
 
 	u64 *sock = connecting_sock.lookup(&tid);
@@ -120,7 +120,7 @@ static __always_inline void accept_returned(long ret)
 	u64 id = bpf_get_current_pid_tgid();
 	u32 pid = id >> 32, tid = (u32)id;
 	struct syscall_args call;
-	if (!take_syscall(tid, SYSCALL_ACCEPT, SYSCALL_ACCEPT, &call))
+	if (!take_syscall(tid, SYSCALL_ACCEPT, &call))
 		return;
 	if (ret < 0)
 		return;

@@ -301,12 +301,12 @@ static __always_inline void emit_data(struct probe_data_event *event)
 	*(volatile u64 *)&scratch->busy = 0;
 }
 
-static __always_inline int data_returned(long ret, u8 direction)
+static __always_inline int data_returned(long ret, u8 syscall, u8 direction)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	u32 pid = id >> 32, tid = (u32)id;
 	struct syscall_args call;
-	if (!take_syscall(tid, PROBE_SYS_READ, PROBE_SYS_SENDFILE, &call) || ret <= 0)
+	if (!take_syscall(tid, syscall, &call) || ret <= 0)
 		return 0;
 
 	resolve_msghdr(&call);
@@ -331,7 +331,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_read)
 
 TRACEPOINT_PROBE(syscalls, sys_exit_read)
 {
-	return data_returned(args->ret, PROBE_INGRESS);
+	return data_returned(args->ret, PROBE_SYS_READ, PROBE_INGRESS);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_write)
@@ -341,7 +341,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_write)
 
 TRACEPOINT_PROBE(syscalls, sys_exit_write)
 {
-	return data_returned(args->ret, PROBE_EGRESS);
+	return data_returned(args->ret, PROBE_SYS_WRITE, PROBE_EGRESS);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_readv)
@@ -351,7 +351,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_readv)
 
 TRACEPOINT_PROBE(syscalls, sys_exit_readv)
 {
-	return data_returned(args->ret, PROBE_INGRESS);
+	return data_returned(args->ret, PROBE_SYS_READV, PROBE_INGRESS);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_writev)
@@ -361,7 +361,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_writev)
 
 TRACEPOINT_PROBE(syscalls, sys_exit_writev)
 {
-	return data_returned(args->ret, PROBE_EGRESS);
+	return data_returned(args->ret, PROBE_SYS_WRITEV, PROBE_EGRESS);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom)
@@ -371,7 +371,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom)
 
 TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom)
 {
-	return data_returned(args->ret, PROBE_INGRESS);
+	return data_returned(args->ret, PROBE_SYS_RECVFROM, PROBE_INGRESS);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_sendto)
@@ -381,7 +381,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_sendto)
 
 TRACEPOINT_PROBE(syscalls, sys_exit_sendto)
 {
-	return data_returned(args->ret, PROBE_EGRESS);
+	return data_returned(args->ret, PROBE_SYS_SENDTO, PROBE_EGRESS);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg)
@@ -391,7 +391,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg)
 
 TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg)
 {
-	return data_returned(args->ret, PROBE_INGRESS);
+	return data_returned(args->ret, PROBE_SYS_RECVMSG, PROBE_INGRESS);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg)
@@ -401,7 +401,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg)
 
 TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg)
 {
-	return data_returned(args->ret, PROBE_EGRESS);
+	return data_returned(args->ret, PROBE_SYS_SENDMSG, PROBE_EGRESS);
 }
 
 /* sendfile moves body bytes the probe never sees: counted, not copied. */
@@ -412,5 +412,5 @@ TRACEPOINT_PROBE(syscalls, sys_enter_sendfile64)
 
 TRACEPOINT_PROBE(syscalls, sys_exit_sendfile64)
 {
-	return data_returned(args->ret, PROBE_EGRESS);
+	return data_returned(args->ret, PROBE_SYS_SENDFILE, PROBE_EGRESS);
 }

@@ -104,7 +104,8 @@ static __always_inline void send_plaintext(u32 pid, u32 tid, const struct tls_ca
 	args.enter_ns = call->enter_ns;
 	args.buf = call->buf;
 	args.fd = fd;
-	args.syscall = call->syscall;
+	/* A literal, as in take_syscall(): the library call's return is this program's. */
+	args.syscall = direction == PROBE_INGRESS ? PROBE_SYS_SSL_READ : PROBE_SYS_SSL_WRITE;
 	/* A connection open before the probe is picked up here if its
 	 * plaintext looks like HTTP (data_event sniffs it). */
 	struct probe_data_event *event = data_event(pid, tid, &args, moved, direction);
