@@ -128,7 +128,7 @@ static __always_inline void accept_returned(long ret)
 	struct probe_conn_event event = {};
 	if (call.buf) {
 		u16 family = 0;
-		bpf_probe_read_user(&family, sizeof(family), (const void *)call.buf);
+		read_user(&family, sizeof(family), (const void *)call.buf);
 		if (family != AF_INET && family != AF_INET6) {
 			/* A unix socket or similar: remember not to sniff it. */
 			struct probe_conn_key key = {.pid = pid, .fd = (s32)ret};

@@ -75,7 +75,7 @@ static __always_inline void resolve_msghdr(struct syscall_args *call)
 	if (call->syscall != PROBE_SYS_RECVMSG && call->syscall != PROBE_SYS_SENDMSG)
 		return;
 	struct user_msghdr msg = {};
-	bpf_probe_read_user(&msg, sizeof(msg), (const void *)call->buf);
+	read_user(&msg, sizeof(msg), (const void *)call->buf);
 	call->buf = (u64)msg.msg_iov;
 	call->len = msg.msg_iovlen;
 }
@@ -86,7 +86,7 @@ static __always_inline const void *first_byte(const struct syscall_args *call)
 	if (!is_vectored(call->syscall))
 		return (const void *)call->buf;
 	struct iovec first = {};
-	bpf_probe_read_user(&first, sizeof(first), (const void *)call->buf);
+	read_user(&first, sizeof(first), (const void *)call->buf);
 	return first.iov_base;
 }
 
@@ -96,7 +96,7 @@ static __always_inline const void *first_byte(const struct syscall_args *call)
 static __always_inline bool looks_like_http(const char *start)
 {
 	char head[PROBE_SNIFF_BYTES] = {};
-	if (bpf_probe_read_user(head, sizeof(head), start) != 0)
+	if (read_user(head, sizeof(head), start) != 0)
 		return false;
 	u32 word = WORD(head[0], head[1], head[2], head[3]);
 	switch (word) {
@@ -147,12 +147,12 @@ static __always_inline struct probe_conn_state *sniff_connection(struct probe_co
 static __always_inline void copy_user(char *payload, u32 offset, u64 len, const void *src)
 {
 	if (len >= PROBE_MAX_CAPTURE) {
-		bpf_probe_read_user(payload, PROBE_MAX_CAPTURE, src); /* offset is 0 */
+		read_user(payload, PROBE_MAX_CAPTURE, src); /* offset is 0 */
 		return;
 	}
 	OPAQUE(len);
 	OPAQUE(offset);
-	bpf_probe_read_user(payload + (offset & (PROBE_MAX_CAPTURE - 1)),
+	read_user(payload + (offset & (PROBE_MAX_CAPTURE - 1)),
 			    len & (PROBE_MAX_CAPTURE - 1), src);
 }
 
@@ -173,7 +173,7 @@ static __always_inline u32 copy_iovecs(char *payload, const struct iovec *iov, u
 	OPAQUE(array_size);
 	if (array_size > sizeof(vecs))
 		array_size = sizeof(vecs);
-	if (bpf_probe_read_user(vecs, array_size, iov) != 0)
+	if (read_user(vecs, array_size, iov) != 0)
 		return 0;
 	u32 copied = 0;
 #pragma unroll
@@ -203,11 +203,11 @@ static __always_inline u8 tls_verdict(const struct syscall_args *call, long ret)
 {
 	u8 head[3] = {};
 	const void *start = first_byte(call);
-	if (bpf_probe_read_user(head, 1, start) != 0 || head[0] < 20 || head[0] > 23)
+	if (read_user(head, 1, start) != 0 || head[0] < 20 || head[0] > 23)
 		return PROBE_TLS_PLAIN;
 	if (ret < (long)sizeof(head))
 		return PROBE_TLS_UNSEEN;
-	bpf_probe_read_user(head, sizeof(head), start);
+	read_user(head, sizeof(head), start);
 	return head[1] == 3 && head[2] <= 4 ? PROBE_TLS_CIPHER : PROBE_TLS_PLAIN;
 }
 

@@ -93,7 +93,7 @@ static __always_inline long bytes_moved(struct pt_regs *ctx, const struct tls_ca
 	if (ret <= 0 || !call->count_ptr)
 		return ret;
 	u64 moved = 0;
-	bpf_probe_read_user(&moved, sizeof(moved), (const void *)call->count_ptr);
+	read_user(&moved, sizeof(moved), (const void *)call->count_ptr);
 	return (long)moved;
 }
 
