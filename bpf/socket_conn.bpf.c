@@ -129,7 +129,7 @@ static __always_inline void accept_returned(long ret)
 	if (call.buf) {
 		u16 family = 0;
 		read_user(&family, sizeof(family), (const void *)call.buf);
-		if (family != AF_INET && family != AF_INET6) {
+		if (family != PROBE_AF_INET && family != PROBE_AF_INET6) {
 			/* A unix socket or similar: remember not to sniff it. */
 			struct probe_conn_key key = {.pid = pid, .fd = (s32)ret};
 			struct probe_conn_state state = {.generation = bpf_ktime_get_ns(),
@@ -183,7 +183,7 @@ static __always_inline void tracepoint_endpoints(struct tuple *tuple, u16 family
 	tuple->peer.family = family;
 	tuple->local.port = sport;
 	tuple->peer.port = dport;
-	if (family == AF_INET) {
+	if (family == PROBE_AF_INET) {
 		__builtin_memcpy(tuple->local.addr, saddr, 4);
 		__builtin_memcpy(tuple->peer.addr, daddr, 4);
 	} else {
@@ -194,7 +194,7 @@ static __always_inline void tracepoint_endpoints(struct tuple *tuple, u16 family
 
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
-	if (args->protocol != IPPROTO_TCP)
+	if (args->protocol != IP_PROTOCOL_TCP)
 		return 0;
 	u64 skaddr = (u64)args->skaddr;
 

@@ -74,10 +74,10 @@ static __always_inline void resolve_msghdr(struct syscall_args *call)
 {
 	if (call->syscall != PROBE_SYS_RECVMSG && call->syscall != PROBE_SYS_SENDMSG)
 		return;
-	struct user_msghdr msg = {};
+	struct abi_msghdr msg = {};
 	read_user(&msg, sizeof(msg), (const void *)call->buf);
-	call->buf = (u64)msg.msg_iov;
-	call->len = msg.msg_iovlen;
+	call->buf = (u64)msg.iov;
+	call->len = msg.iovlen;
 }
 
 /* Address of the first byte moved: the buffer, or the first iovec's base. */
