@@ -32,7 +32,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
-from probe.export.otlp import STATUS_DETAILS_KEY
+from probe.export.otlp_grpc import STATUS_DETAILS_KEY
 from tests.helpers import self_signed_certificate
 
 

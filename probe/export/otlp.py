@@ -1,7 +1,9 @@
-"""OTLP trace export over gRPC and over HTTP (http/protobuf).
+"""OTLP trace export over HTTP (http/protobuf, the default) and over gRPC.
 
 The two transports send the request bytes that `probe.export.otlp_wire`
-encodes (no protobuf message objects on the way out). Each transport's `send`
+encodes (no protobuf message objects on the way out). gRPC's lives in
+`probe.export.otlp_grpc`, imported only when it is asked for: the grpc
+package adds 18 MB to the process and starts threads of its own. Each transport's `send`
 sends one request once and classifies the answer as the OTLP specification says
 (success, partial success, retryable with the server's delay, permanent);
 retrying is the `BatchSpanProcessor`'s job. `export` is the plain
@@ -20,9 +22,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-import grpc
 from google.protobuf.message import DecodeError
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import status_pb2
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 import probe
@@ -38,7 +39,7 @@ USER_AGENT = f"probe/{probe.__version__}"
 # -- from the configuration ----
 
 
-def create_exporter(config: ProbeConfig) -> OtlpGrpcSpanExporter | OtlpHttpSpanExporter:
+def create_exporter(config: ProbeConfig) -> OtlpExporter:
     """The exporter ``config`` asks for."""
     options: dict[str, Any] = {
         "certificate_file": config.otlp_certificate,
@@ -48,6 +49,8 @@ def create_exporter(config: ProbeConfig) -> OtlpGrpcSpanExporter | OtlpHttpSpanE
     }
     if config.otlp_protocol == "http/protobuf":
         return OtlpHttpSpanExporter(config.otlp_endpoint, **options)
+    from probe.export.otlp_grpc import OtlpGrpcSpanExporter  # noqa: PLC0415 - see above
+
     return OtlpGrpcSpanExporter(config.otlp_endpoint, insecure=config.otlp_insecure, **options)
 
 
@@ -67,14 +70,14 @@ def create_processor(config: ProbeConfig, stats: Stats) -> BatchSpanProcessor:
 # -- the shared exporter face ----
 
 
-def _partial(response: ExportTraceServiceResponse) -> SendOutcome:
+def partial_outcome(response: ExportTraceServiceResponse) -> SendOutcome:
     partial = response.partial_success
     if partial.rejected_spans or partial.error_message:
         return SendOutcome(Outcome.PARTIAL, partial.rejected_spans, partial.error_message)
     return SUCCESS
 
 
-class _OtlpExporter:
+class OtlpExporter:
     """`SpanExporter` on top of a transport's `send`."""
 
     def __init__(self, timeout: float) -> None:
@@ -103,137 +106,13 @@ class _OtlpExporter:
         self._closed = True
 
 
-# -- gRPC ----
-
-# Retryable per the OTLP specification; RESOURCE_EXHAUSTED only with RetryInfo.
-_GRPC_RETRYABLE = frozenset(
-    {
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.OUT_OF_RANGE,
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DATA_LOSS,
-    }
-)
-# Where gRPC carries a google.rpc.Status with details such as RetryInfo.
-STATUS_DETAILS_KEY = "grpc-status-details-bin"
-EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
-
-
-class OtlpGrpcSpanExporter(_OtlpExporter):
-    """OTLP/gRPC: ``TraceService/Export`` on one long-lived channel."""
-
-    def __init__(
-        self,
-        endpoint: str = "http://localhost:4317",
-        *,
-        insecure: bool = False,
-        certificate_file: str | None = None,
-        headers: Mapping[str, str] | None = None,
-        compression: str | None = None,
-        timeout: float = 10.0,
-        max_reconnect_backoff_millis: int = 5000,
-    ) -> None:
-        """``endpoint`` is ``host:port`` or a URL; ``http://`` means plaintext and
-        ``https://`` TLS, overriding ``insecure``, as OTel SDKs do."""
-        super().__init__(timeout)
-        target, secure = _grpc_target(endpoint, insecure)
-        options = [
-            ("grpc.primary_user_agent", USER_AGENT),
-            # gRPC's own reconnect backoff grows to 2 minutes; keep it near ours so a
-            # collector that comes back is noticed soon.
-            ("grpc.max_reconnect_backoff_ms", max_reconnect_backoff_millis),
-            ("grpc.initial_reconnect_backoff_ms", min(1000, max_reconnect_backoff_millis)),
-        ]
-        channel_compression = _grpc_compression(compression)
-        if secure:
-            root = None
-            if certificate_file:
-                with open(certificate_file, "rb") as f:
-                    root = f.read()
-            credentials = grpc.ssl_channel_credentials(root_certificates=root)
-            self._channel = grpc.secure_channel(
-                target, credentials, options, compression=channel_compression
-            )
-        else:
-            self._channel = grpc.insecure_channel(target, options, compression=channel_compression)
-        # The request is already serialized: no request_serializer, gRPC sends the bytes.
-        self._export = self._channel.unary_unary(
-            EXPORT_METHOD,
-            request_serializer=None,
-            response_deserializer=ExportTraceServiceResponse.FromString,
-        )
-        self._metadata = tuple((k.lower(), v) for k, v in (headers or {}).items())
-
-    def send(self, request: bytes, timeout: float | None = None) -> SendOutcome:
-        try:
-            response = self._export(
-                request, timeout=timeout or self._timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as error:
-            return _grpc_outcome(error)
-        return _partial(response)
-
-    def shutdown(self) -> None:
-        super().shutdown()
-        self._channel.close()
-
-
-def _grpc_target(endpoint: str, insecure: bool) -> tuple[str, bool]:
-    """The channel target and whether to use TLS."""
-    if "://" not in endpoint:
-        return endpoint, not insecure
-    url = urlsplit(endpoint)
-    if url.scheme not in ("http", "https") or not url.netloc:
-        raise ValueError(f"bad OTLP/gRPC endpoint {endpoint!r}")
-    return url.netloc, url.scheme == "https"
-
-
-def _grpc_compression(compression: str | None) -> grpc.Compression:
-    if compression in (None, "none"):
-        return grpc.Compression.NoCompression
-    if compression == "gzip":
-        return grpc.Compression.Gzip
-    raise ValueError(f"unsupported compression {compression!r}")
-
-
-def _grpc_outcome(error: grpc.RpcError) -> SendOutcome:
-    call: Any = error  # a failed unary call is both an RpcError and a grpc.Call
-    code = call.code()
-    message = f"{code.name}: {call.details()}"
-    delay = _grpc_retry_delay(call.trailing_metadata() or ())
-    if code in _GRPC_RETRYABLE or (
-        code is grpc.StatusCode.RESOURCE_EXHAUSTED and delay is not None
-    ):
-        return SendOutcome(Outcome.RETRYABLE, message=message, retry_after=delay)
-    return SendOutcome(Outcome.PERMANENT, message=message)
-
-
-def _grpc_retry_delay(metadata: Sequence[tuple[str, Any]]) -> float | None:
-    """Seconds from a google.rpc.RetryInfo in the status details, if the server sent one."""
-    for key, value in metadata:
-        if key != STATUS_DETAILS_KEY:
-            continue
-        try:
-            status = status_pb2.Status.FromString(value)
-        except DecodeError:
-            return None
-        for detail in status.details:
-            if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                info = error_details_pb2.RetryInfo()
-                detail.Unpack(info)
-                return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
-    return None
-
-
 # -- HTTP ----
 
 _HTTP_RETRYABLE = frozenset({429, 502, 503, 504})
 _CONTENT_TYPE = "application/x-protobuf"
 
 
-class OtlpHttpSpanExporter(_OtlpExporter):
+class OtlpHttpSpanExporter(OtlpExporter):
     """OTLP/HTTP with binary protobuf bodies, on one kept-alive connection."""
 
     def __init__(
@@ -278,7 +157,7 @@ class OtlpHttpSpanExporter(_OtlpExporter):
             return SendOutcome(Outcome.RETRYABLE, message=f"{type(error).__name__}: {error}")
         if 200 <= status < 300:
             try:
-                return _partial(ExportTraceServiceResponse.FromString(data))
+                return partial_outcome(ExportTraceServiceResponse.FromString(data))
             except DecodeError:
                 return SUCCESS  # accepted; an answer we cannot read adds nothing
         message = f"HTTP {status} {reason}: {_error_text(data, response_headers)}"

@@ -22,7 +22,8 @@ from probe.export.batch import (
     backoff_delay,
     estimate_size,
 )
-from probe.export.otlp import OtlpGrpcSpanExporter, OtlpHttpSpanExporter
+from probe.export.otlp import OtlpHttpSpanExporter
+from probe.export.otlp_grpc import OtlpGrpcSpanExporter
 from probe.stats import Stats
 from probe.trace.span import Resource, Span, SpanKind
 from tests.otlp_receiver import GrpcReceiver, HttpReceiver, Reply, span_ids

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from probe.export.batch import BatchSpanProcessor, ExportStatus
-from probe.export.otlp import OtlpGrpcSpanExporter
+from probe.export.otlp_grpc import OtlpGrpcSpanExporter
 from probe.metrics import MetricsServer, resident_bytes
 from probe.stats import Stats
 from probe.trace.span import Resource, Span, SpanKind

@@ -7,6 +7,8 @@ test_otlp_wire.py; here, what the mapping means.
 from __future__ import annotations
 
 import email.utils
+import subprocess
+import sys
 import time
 
 import grpc
@@ -20,13 +22,8 @@ import probe
 from probe.config import load
 from probe.export.base import ExportResult
 from probe.export.batch import Outcome, SendOutcome
-from probe.export.otlp import (
-    OtlpGrpcSpanExporter,
-    OtlpHttpSpanExporter,
-    _grpc_target,
-    _retry_after,
-    create_processor,
-)
+from probe.export.otlp import OtlpHttpSpanExporter, _retry_after, create_processor
+from probe.export.otlp_grpc import OtlpGrpcSpanExporter, _grpc_target
 from probe.export.otlp_wire import TraceRequestEncoder
 from probe.stats import Stats
 from probe.trace.span import Resource, Span, SpanEvent, SpanKind, SpanLink, StatusCode
@@ -412,3 +409,23 @@ def test_tls_with_a_trusted_certificate(name, tmp_path):
         assert len(receiver.received) == 1
     finally:
         receiver.stop()
+
+
+# A fresh interpreter: the test session itself has imported grpc long before.
+_GRPC_IMPORTED_AFTER_EXPORTER = """
+import sys
+from probe.config import load
+from probe.export.otlp import create_exporter
+protocol = sys.argv[1]
+create_exporter(load({}, {"OTEL_EXPORTER_OTLP_PROTOCOL": protocol})).shutdown()
+print("grpc" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize(("protocol", "imported"), [("http/protobuf", False), ("grpc", True)])
+def test_grpc_is_imported_only_for_the_grpc_transport(protocol: str, imported: bool) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _GRPC_IMPORTED_AFTER_EXPORTER, protocol],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    assert done.stdout.strip() == str(imported)
