@@ -75,7 +75,9 @@ class Sink:
     def __init__(self) -> None:
         self.child = Child("sink", [sys.executable, "-m", "bench.sink"], cwd=REPO, stdin=True)
         _, line = self.child.wait_for(lambda text: text.startswith("port "), READY_TIMEOUT_S)
-        self.endpoint = f"http://127.0.0.1:{int(line.split()[1])}"
+        self.endpoint = f"http://127.0.0.1:{int(line.split()[1])}"  # OTLP/gRPC: the SDK's
+        _, line = self.child.wait_for(lambda text: text.startswith("http_port "), 10)
+        self.http_endpoint = f"http://127.0.0.1:{int(line.split()[1])}/v1/traces"
 
     def counts(self) -> dict[str, int]:
         self.child.send("counts\n")
@@ -177,7 +179,7 @@ def floor() -> Iterator[Traced]:
 @contextlib.contextmanager
 def probe(sink: Sink, trace_load_generator: bool) -> Iterator[Traced]:
     argv = [sys.executable, "-m", "probe", "run", "--metrics-address", "127.0.0.1:0"]
-    argv += ["--otlp-endpoint", sink.endpoint, "--otlp-protocol", "grpc"]
+    argv += ["--otlp-endpoint", sink.http_endpoint]  # over the default protocol, http/protobuf
     if not trace_load_generator:
         for name in load.LOAD_GENERATORS:
             argv += ["--exclude-comm", name]

@@ -1,9 +1,11 @@
-"""The benchmark's OTLP/gRPC receiver: it keeps nothing but counts of the
-spans it accepts, by the ``service.name`` of their resource and their kind,
-so completeness (spans exported / requests served) can be computed.
+"""The benchmark's OTLP receiver, over gRPC and over HTTP: it keeps nothing
+but counts of the spans it accepts, by the ``service.name`` of their resource
+and their kind, so completeness (spans exported / requests served) can be
+computed.
 
-Run as ``python -m bench.sink``: it listens on an ephemeral port of
-127.0.0.1, prints ``port N``, then answers each ``counts`` line on its
+Run as ``python -m bench.sink``: it listens on two ephemeral ports of
+127.0.0.1, prints ``port N`` (OTLP/gRPC) and ``http_port M`` (OTLP/HTTP, at
+``/v1/traces``), then answers each ``counts`` line on its
 standard input with one JSON line ``{"SERVICE/KIND": count, ...}``; it stops
 at the end of its input or on SIGTERM. Control goes over stdin rather than
 HTTP so that asking adds no HTTP traffic for the probe to trace.
@@ -16,6 +18,7 @@ import sys
 import threading
 from collections import Counter
 from concurrent import futures
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
@@ -61,18 +64,49 @@ class CountingSink(trace_service_pb2_grpc.TraceServiceServicer):
             return dict(self._counts)
 
 
+def http_server(sink: CountingSink) -> ThreadingHTTPServer:
+    """OTLP/HTTP (binary protobuf) at /v1/traces, kept-alive, into ``sink``."""
+    answer = ExportTraceServiceResponse().SerializeToString()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if self.path != "/v1/traces":
+                self.send_error(404)
+                return
+            sink.Export(ExportTraceServiceRequest.FromString(body), None)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            pass  # one line per export would flood the harness's pipe
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    return server
+
+
 def main() -> int:
     sink = CountingSink()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(sink, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
+    http = http_server(sink)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
     print(f"port {port}", flush=True)
+    print(f"http_port {http.server_address[1]}", flush=True)
     try:
         for line in sys.stdin:
             if line.strip() == "counts":
                 print(json.dumps(sink.snapshot(), sort_keys=True), flush=True)
     finally:
+        http.shutdown()
         server.stop(grace=None)
     return 0
 

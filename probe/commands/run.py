@@ -25,9 +25,9 @@ from probe.trace.resource import ResourceDetector
 SHUTDOWN_DEADLINE_MS = 10_000
 
 EXAMPLES = """examples:
-  probe run                                   # OTLP/gRPC to localhost:4317
-  OTEL_EXPORTER_OTLP_ENDPOINT=http://collector:4318 \\
-  OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf probe run
+  probe run                                   # OTLP/HTTP to localhost:4318/v1/traces
+  OTEL_EXPORTER_OTLP_ENDPOINT=http://collector:4317 \\
+  OTEL_EXPORTER_OTLP_PROTOCOL=grpc probe run
   probe run --config /etc/probe/probe.yaml -P 8080
 """
 

@@ -182,7 +182,7 @@ def test_collector_down_at_start_then_up_gets_every_span_once() -> None:
         for index in range(5):
             curl(f"http://127.0.0.1:{port}/{index}")
         time.sleep(1.5)  # export fails meanwhile; spans wait in the queue
-        receiver = GrpcReceiver(port=collector_port)
+        receiver = HttpReceiver(port=collector_port)
         try:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and len(span_ids(receiver.accepted)) < 10:
@@ -197,12 +197,12 @@ def test_collector_down_at_start_then_up_gets_every_span_once() -> None:
 
 @pytest.mark.parametrize("pattern", ["curl", "cu*"])  # in the kernel; in user space
 def test_an_excluded_process_gets_no_spans(pattern: str) -> None:
-    receiver = GrpcReceiver()
+    receiver = HttpReceiver()  # the default protocol
     port = free_port()
     try:
         with http_server(port), daemon(
             "-P", str(port), "--exclude-comm", pattern,
-            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+            OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=receiver.endpoint,
         ) as probe:  # fmt: skip
             for index in range(3):
                 curl(f"http://127.0.0.1:{port}/{index}")
@@ -221,12 +221,12 @@ def test_an_excluded_process_gets_no_spans(pattern: str) -> None:
 
 
 def test_sigterm_exports_queued_spans_before_exit() -> None:
-    receiver = GrpcReceiver()
+    receiver = HttpReceiver()  # the default protocol
     port = free_port()
     try:
         with http_server(port), daemon(
             "-P", str(port),
-            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+            OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=receiver.endpoint,
             OTEL_BSP_SCHEDULE_DELAY="600000",  # nothing leaves before the stop
         ) as probe:  # fmt: skip
             for index in range(3):
@@ -251,11 +251,11 @@ def _scrape(url: str) -> dict[str, float]:
 
 
 def test_metrics_on_localhost_only_and_counters_move() -> None:
-    receiver = GrpcReceiver()
+    receiver = HttpReceiver()  # the default protocol
     port = free_port()
     try:
         with http_server(port), daemon(
-            "-P", str(port), OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint
+            "-P", str(port), OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=receiver.endpoint
         ) as probe:  # fmt: skip
             url = probe.metrics_url()
             assert url.startswith("http://127.0.0.1:")

@@ -23,8 +23,8 @@ def config_file(tmp_path):
 def test_defaults():
     config = load({}, {}, None)
     assert config == ProbeConfig()
-    assert config.otlp_endpoint == "http://localhost:4317"
-    assert config.otlp_protocol == "grpc"
+    assert config.otlp_endpoint == "http://localhost:4318/v1/traces"
+    assert config.otlp_protocol == "http/protobuf"
     assert config.metrics_address == ("127.0.0.1", 9464)
     assert config.bsp_max_queue_size == 2048
     assert config.bsp_max_export_batch_size == 512
@@ -34,15 +34,19 @@ def test_defaults():
     assert config.redact_query is True
 
 
-def test_http_protocol_has_its_own_default_endpoint():
-    config = load({}, {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"})
-    assert config.otlp_endpoint == "http://localhost:4318/v1/traces"
+def test_grpc_protocol_has_its_own_default_endpoint():
+    config = load({}, {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})
+    assert config.otlp_endpoint == "http://localhost:4317"
 
 
 @pytest.mark.parametrize(
     ("environ", "expected"),
     [
-        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"}, "http://c:4317"),
+        (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+            "http://c:4317",
+        ),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, "http://c:4318/v1/traces"),
         (
             {
                 "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318/",
@@ -218,10 +222,11 @@ def test_flags_beat_environment_beat_file_beat_defaults(config_file):
 
 
 def test_generic_endpoint_variable_beats_the_file(config_file):
-    path = config_file("exporter: {endpoint: 'http://file:4317'}\n")
-    config = load({}, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://env:4317"}, path)
-    assert config.otlp_endpoint == "http://env:4317"
-    assert load({"otlp_endpoint": "flag:4317"}, {}, path).otlp_endpoint == "flag:4317"
+    path = config_file("exporter: {endpoint: 'http://file:4318/v1/traces'}\n")
+    config = load({}, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://env:4318"}, path)
+    assert config.otlp_endpoint == "http://env:4318/v1/traces"
+    flag = "http://flag:4318/v1/traces"
+    assert load({"otlp_endpoint": flag}, {}, path).otlp_endpoint == flag
 
 
 def test_flags_take_strings_or_typed_values():

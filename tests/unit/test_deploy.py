@@ -185,9 +185,9 @@ def check_probe_objects(objects: dict[str, list], namespace: str, tmp_path: Path
     env = {e.name: e for e in container.env}
     assert env["K8S_NODE_NAME"].value_from.field_ref.field_path == "spec.nodeName"
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"].value == (
-        "http://otel-collector.observability.svc.cluster.local:4317"
+        "http://otel-collector.observability.svc.cluster.local:4318"
     )
-    assert env["OTEL_EXPORTER_OTLP_PROTOCOL"].value == "grpc"
+    assert env["OTEL_EXPORTER_OTLP_PROTOCOL"].value == "http/protobuf"
     assert env["OTEL_RESOURCE_ATTRIBUTES"].value == "k8s.node.name=$(K8S_NODE_NAME)"
 
     # The same capabilities as the systemd unit, nothing more.
