@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from probe.export.processor import SpanProcessor
 from probe.kernel import sockets
@@ -76,6 +78,25 @@ class ProcessFilter:
         )
 
 
+def exporter_endpoints(endpoint: str) -> frozenset[Endpoint]:
+    """The addresses and port of an OTLP endpoint (a URL, or gRPC's bare
+    ``host:port``), resolved now; empty if it does not resolve.
+
+    Connections to them are not traced. On this host the collector's end of
+    each export would otherwise be an HTTP exchange like any other: a span
+    per export, exported in turn, and so on for as long as the probe runs."""
+    url = urlsplit(endpoint if "://" in endpoint else f"//{endpoint}")
+    if url.hostname is None:
+        return frozenset()
+    try:
+        port = url.port or (443 if url.scheme == "https" else 80)
+        found = socket.getaddrinfo(url.hostname, port, type=socket.SOCK_STREAM)
+    except (OSError, ValueError) as error:
+        log.info("%s does not resolve (%s): exports to it may be traced", endpoint, error)
+        return frozenset()
+    return frozenset(Endpoint(str(address[0]), port) for *_, address in found)
+
+
 def _addresses(pid: int, fd: int) -> tuple[Endpoint | None, Endpoint | None]:
     """For a connection whose open event was lost: ask /proc."""
     found = sockets.lookup(pid, fd)
@@ -96,14 +117,18 @@ class Pipeline:
         capture_headers: Sequence[str] = (),
         link_wait_ns: int = DEFAULT_WAIT_NS,
         on_tick: Sequence[Callable[[], None]] = (),
+        untraced_endpoints: Collection[Endpoint] = (),
     ) -> None:
-        """``on_tick`` callbacks run after every poll, e.g. to print traces whose wait is over."""
+        """``on_tick`` callbacks run after every poll, e.g. to print traces whose wait is
+        over; connections with either end at one of ``untraced_endpoints`` (the span
+        exporter's, `exporter_endpoints`) are not traced."""
         self.source = source
         self.processors = list(processors)
         self.on_tick = list(on_tick)
         self.stats = stats
         self.resources = resources or ResourceDetector()
         self.process_filter = process_filter or ProcessFilter()
+        self.untraced_endpoints = frozenset(untraced_endpoints)
         self.builder = SpanBuilder(
             self.resources,
             MonotonicClock(),
@@ -125,6 +150,9 @@ class Pipeline:
 
     def _on_open(self, event: ConnOpen) -> bool:
         """Describe the process while it is surely alive; filter by it."""
+        untraced = self.untraced_endpoints
+        if untraced and (event.local in untraced or event.peer in untraced):
+            return False
         resource = self.resources.detect(event.key.pid, event.comm)
         return not self.process_filter or self.process_filter.wants(resource)
 

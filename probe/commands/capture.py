@@ -19,7 +19,7 @@ from probe.export.processor import SimpleSpanProcessor, SpanProcessor
 from probe.export.tree import TraceGroupingProcessor, TreeExporter
 from probe.kernel.features import ProbeError
 from probe.kernel.loader import EventSource, ProbeOptions
-from probe.pipeline import Pipeline, ProcessFilter
+from probe.pipeline import Pipeline, ProcessFilter, exporter_endpoints
 from probe.stats import Stats
 from probe.trace.linker import DEFAULT_WAIT_NS
 from probe.trace.span import Span
@@ -236,6 +236,7 @@ def run(args: argparse.Namespace) -> int:
             process_filter=ProcessFilter(exclude_comm_patterns=tuple(args.exclude_comm)),
             link_wait_ns=link_wait_ns,
             on_tick=on_tick,
+            untraced_endpoints=exporter_endpoints(args.otlp_endpoint) if args.otlp_endpoint else (),
         )
         pipeline.run(lambda: stop() or budget.spent)
         pipeline.finish()

@@ -17,7 +17,7 @@ from probe.kernel.features import ProbeError
 from probe.kernel.loader import EventSource, ProbeOptions
 from probe.logs import configure
 from probe.metrics import MetricsServer
-from probe.pipeline import Pipeline, ProcessFilter
+from probe.pipeline import Pipeline, ProcessFilter, exporter_endpoints
 from probe.stats import Stats
 from probe.trace.kubernetes import PodMetadata
 from probe.trace.resource import ResourceDetector
@@ -188,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
             redact_query=config.redact_query,
             capture_headers=config.header_allowlist,
             link_wait_ns=args.link_wait_ms * 1_000_000,
+            untraced_endpoints=exporter_endpoints(config.otlp_endpoint),
         )
         # What start-up made (modules, bcc's tables, parsers, caches) lives as
         # long as the process: full collections need not walk it again.

@@ -220,6 +220,33 @@ def test_an_excluded_process_gets_no_spans(pattern: str) -> None:
     assert is_server == [True] * 3  # the server's three, none of curl's
 
 
+def test_its_own_exports_are_not_traced_at_the_receivers_end() -> None:
+    """Nothing filtered, and the receiver on this host: its end of each export would be
+    an HTTP exchange like any other, a span that the next export carries, and so on."""
+    receiver = HttpReceiver()  # in this process: traced like any other server
+    port = free_port()
+    try:
+        with http_server(port), daemon(
+            OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=receiver.endpoint,
+            OTEL_BSP_SCHEDULE_DELAY="100",
+        ) as probe:  # fmt: skip
+            curl(f"http://127.0.0.1:{port}/traced")
+            receiver.wait_for(1)
+            time.sleep(1.5)  # more exports: a span of the receiver's would arrive by now
+            assert probe.stop() == 0
+    finally:
+        receiver.stop()
+    paths = [
+        decode_attributes(span.attributes).get("url.path")
+        for request in receiver.accepted
+        for resource_spans in request.resource_spans
+        for scope in resource_spans.scope_spans
+        for span in scope.spans
+    ]
+    assert "/traced" in paths
+    assert "/v1/traces" not in paths
+
+
 def test_sigterm_exports_queued_spans_before_exit() -> None:
     receiver = HttpReceiver()  # the default protocol
     port = free_port()

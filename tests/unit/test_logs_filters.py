@@ -1,4 +1,5 @@
-"""The daemon's log rate limit and formats, and the user-space process filter."""
+"""The daemon's log rate limit and formats, the user-space process filter, and the
+exporter's endpoints that are never traced."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import io
 import json
 import logging
 
+import pytest
+
+from probe.kernel.events import Endpoint
 from probe.logs import RateLimitFilter, configure
-from probe.pipeline import ProcessFilter
+from probe.pipeline import ProcessFilter, exporter_endpoints
 from probe.trace.span import Resource
 
 
@@ -75,3 +79,18 @@ def test_process_filter() -> None:
     assert ProcessFilter(exclude_comm_patterns=("cu*",)).wants(nginx)
     # an exclusion wins over an inclusion
     assert not ProcessFilter(comm_patterns=("*",), exclude_comm_patterns=("nginx",)).wants(nginx)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "expected"),
+    [
+        ("http://127.0.0.1:4318/v1/traces", {Endpoint("127.0.0.1", 4318)}),
+        ("http://[::1]:4317", {Endpoint("::1", 4317)}),
+        ("127.0.0.1:4317", {Endpoint("127.0.0.1", 4317)}),  # gRPC's bare host:port
+        ("https://127.0.0.1/v1/traces", {Endpoint("127.0.0.1", 443)}),
+        ("http://127.0.0.1/v1/traces", {Endpoint("127.0.0.1", 80)}),
+        ("http://collector.invalid:4318/v1/traces", set()),  # does not resolve: nothing
+    ],
+)
+def test_exporter_endpoints(endpoint: str, expected: set[Endpoint]) -> None:
+    assert exporter_endpoints(endpoint) == expected
