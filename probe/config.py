@@ -68,7 +68,7 @@ import yaml
 
 # http/protobuf by default, as the OTLP exporter specification recommends;
 # here it also costs less: no threads of gRPC's own, and at 1,000 requests/s
-# 13.2-13.9 rather than 15.7-16.4 us of probe CPU per request.
+# 13.2-13.3 rather than 15.2-16.1 us of probe CPU per request (bench/README.md).
 DEFAULT_PROTOCOL = "http/protobuf"
 DEFAULT_GRPC_ENDPOINT = "http://localhost:4317"
 DEFAULT_HTTP_ENDPOINT = "http://localhost:4318/v1/traces"

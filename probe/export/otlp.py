@@ -3,10 +3,10 @@
 The two transports send the request bytes that `probe.export.otlp_wire`
 encodes (no protobuf message objects on the way out). gRPC's lives in
 `probe.export.otlp_grpc`, imported only when it is asked for: the grpc
-package adds 18 MB to the process and starts threads of its own. Each transport's `send`
-sends one request once and classifies the answer as the OTLP specification says
-(success, partial success, retryable with the server's delay, permanent);
-retrying is the `BatchSpanProcessor`'s job. `export` is the plain
+package adds 18 MB to the process and starts threads of its own. Each
+transport's `send` sends one request once and classifies the answer as the
+OTLP specification says (success, partial success, retryable with the
+server's delay, permanent); retrying is the `BatchSpanProcessor`'s job. `export` is the plain
 `SpanExporter` face: one attempt, partial success counted as success.
 `create_processor` builds the configured exporter behind a BatchSpanProcessor.
 """
