@@ -17,12 +17,13 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from probe.export.otlp import USER_AGENT
 from probe.export.processor import SpanProcessor
 from probe.kernel import sockets
 from probe.kernel.elf import is_go_binary
 from probe.kernel.events import ConnOpen, Endpoint, KernelEvent, ProcessExit
 from probe.kernel.loader import EventSource
-from probe.protocol.model import ConnectionInfo, HttpExchange
+from probe.protocol.model import ConnectionInfo, HttpExchange, HttpRequest
 from probe.protocol.tracker import ConnectionTracker
 from probe.stats import Stats
 from probe.trace.builder import SpanBuilder
@@ -97,6 +98,22 @@ def exporter_endpoints(endpoint: str) -> frozenset[Endpoint]:
     return frozenset(Endpoint(str(address[0]), port) for *_, address in found)
 
 
+# The User-Agent of every probe's exporter, whatever its version.
+_EXPORTER_AGENT = USER_AGENT.split("/", 1)[0] + "/"
+
+
+def is_own_export(request: HttpRequest) -> bool:
+    """An OTLP/HTTP export of a probe's, this one's or another node's, wherever it
+    arrives: a collector on this node reached at an address `exporter_endpoints` does
+    not know (a Service's, a hostPort), or this node's collector receiving from
+    others. Its span would be exported in turn, and received, without end. The
+    method is compared first: the header is looked up for POSTs only."""
+    if request.method != "POST":
+        return False
+    agent = request.header("user-agent")
+    return agent is not None and agent.startswith(_EXPORTER_AGENT)
+
+
 def _addresses(pid: int, fd: int) -> tuple[Endpoint | None, Endpoint | None]:
     """For a connection whose open event was lost: ask /proc."""
     found = sockets.lookup(pid, fd)
@@ -144,7 +161,7 @@ class Pipeline:
             client_end=self._has_client_end,
         )
         self.tracker = ConnectionTracker(
-            self._on_exchange, stats, resolve=_addresses, on_request=self.linker.request_started
+            self._on_exchange, stats, resolve=_addresses, on_request=self._request_started
         )
         source.on_open = self._on_open
 
@@ -159,7 +176,14 @@ class Pipeline:
     def _has_client_end(self, server: ConnectionInfo) -> bool:
         return self.tracker.has_client_end(server)
 
+    def _request_started(self, connection: ConnectionInfo, request: HttpRequest) -> None:
+        if not is_own_export(request):  # no context: its process's other calls are roots
+            self.linker.request_started(connection, request)
+
     def _on_exchange(self, exchange: HttpExchange) -> None:
+        if is_own_export(exchange.request):
+            self.stats["own_exports_untraced"] += 1
+            return
         span = self.builder.build(exchange)
         self.stats["spans_produced"] += 1
         self.linker.span_ended(exchange, span)

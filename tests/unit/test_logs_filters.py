@@ -1,5 +1,5 @@
-"""The daemon's log rate limit and formats, the user-space process filter, and the
-exporter's endpoints that are never traced."""
+"""The daemon's log rate limit and formats, the user-space process filter, and what of
+the probe's own exports is never traced: its endpoints, and requests that are exports."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 
 from probe.kernel.events import Endpoint
 from probe.logs import RateLimitFilter, configure
-from probe.pipeline import ProcessFilter, exporter_endpoints
+from probe.pipeline import ProcessFilter, exporter_endpoints, is_own_export
+from probe.protocol.model import HttpRequest
 from probe.trace.span import Resource
 
 
@@ -94,3 +95,22 @@ def test_process_filter() -> None:
 )
 def test_exporter_endpoints(endpoint: str, expected: set[Endpoint]) -> None:
     assert exporter_endpoints(endpoint) == expected
+
+
+@pytest.mark.parametrize(
+    ("method", "agent", "expected"),
+    [
+        ("POST", "probe/0.1.0", True),
+        ("POST", "probe/9.9.9", True),  # another node's probe, another version
+        ("GET", "probe/0.1.0", False),  # exports are POSTs
+        ("POST", "probe-e2e/1", False),
+        ("POST", "OTel-OTLP-Exporter-Python/1.27.0", False),
+        ("POST", None, False),
+    ],
+)
+def test_own_exports_are_known_by_method_and_user_agent(
+    method: str, agent: str | None, expected: bool
+) -> None:
+    headers = [("host", "collector:4318")] + ([("user-agent", agent)] if agent else [])
+    request = HttpRequest("1.1", headers, 1, 2, 3, method=method, target="/v1/traces")
+    assert is_own_export(request) is expected
