@@ -127,9 +127,7 @@ static __always_inline void accept_returned(long ret)
 
 	struct probe_conn_event event = {};
 	if (call.buf) {
-		u16 family = 0;
-		read_user(&family, sizeof(family), (const void *)call.buf);
-		if (family != PROBE_AF_INET && family != PROBE_AF_INET6) {
+		if (!read_sockaddr(&event.peer, (const void *)call.buf)) {
 			/* A unix socket or similar: remember not to sniff it. */
 			struct probe_conn_key key = {.pid = pid, .fd = (s32)ret};
 			struct probe_conn_state state = {.generation = bpf_ktime_get_ns(),
@@ -137,7 +135,6 @@ static __always_inline void accept_returned(long ret)
 			conns.update(&key, &state);
 			return;
 		}
-		read_sockaddr(&event.peer, (const void *)call.buf);
 		struct peer_key peer = {};
 		__builtin_memcpy(peer.addr, event.peer.addr, 16);
 		peer.port = event.peer.port;
