@@ -152,8 +152,8 @@ static __always_inline void copy_user(char *payload, u32 offset, u64 len, const 
 	}
 	OPAQUE(len);
 	OPAQUE(offset);
-	read_user(payload + (offset & (PROBE_MAX_CAPTURE - 1)),
-			    len & (PROBE_MAX_CAPTURE - 1), src);
+	read_user(payload + (offset & (PROBE_MAX_CAPTURE - 1)), len & (PROBE_MAX_CAPTURE - 1),
+		  src);
 }
 
 static __always_inline u32 copy_buffer(char *payload, const void *buf, long ret)
