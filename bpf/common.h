@@ -387,7 +387,7 @@ static __always_inline void mark_tls_connection(u32 pid, s32 fd)
 	struct probe_conn_key key = {.pid = pid, .fd = fd};
 	struct probe_conn_state *state = conns.lookup(&key);
 	if (state)
-		state->tls = PROBE_TLS_CIPHER;
+		state->protocol = PROBE_PROTOCOL_TLS;
 }
 
 #endif /* PROBE_COMMON_H */

@@ -19,6 +19,11 @@
 #define PROBE_MAX_IOVECS 8
 /* Bytes looked at to recognise HTTP on a connection the probe did not see open. */
 #define PROBE_SNIFF_BYTES 8
+/* Longest request method taken, in the kernel and by user space's parser
+ * (probe/protocol/http1.py): an uppercase letter, then up to 31 of
+ * [A-Z0-9_-]. A connection whose first bytes are neither such a method and a
+ * space, nor a status line, nor TLS, speaks another protocol. */
+#define PROBE_METHOD_MAX 32
 
 enum probe_event_type {
 	PROBE_EVENT_DATA = 1,  /* struct probe_data_event */
@@ -138,18 +143,21 @@ struct probe_conn_key {
 struct probe_conn_state {
 	__u64 generation;
 	__u8 role;    /* enum probe_role */
-	__u8 ignored; /* 1: a socket or file the probe decided not to trace */
-	__u8 tls;     /* enum probe_tls */
+	__u8 ignored;  /* 1: a socket or file the probe decided not to trace */
+	__u8 protocol; /* enum probe_protocol */
 	__u8 _pad[5];
 };
 
-/* probe_conn_state.tls. A TLS connection's bytes on the socket are
- * ciphertext: they are never sent; its plaintext comes from the uprobes on
- * the TLS library (bpf/tls.bpf.c, bpf/go.bpf.c) instead. */
-enum probe_tls {
-	PROBE_TLS_UNSEEN = 0, /* no bytes moved yet */
-	PROBE_TLS_PLAIN = 1,  /* its first bytes were not a TLS record */
-	PROBE_TLS_CIPHER = 2, /* first bytes a TLS record, or a TLS library used the socket */
+/* probe_conn_state.protocol: what the connection's first bytes say. Only
+ * HTTP's bytes on the socket are sent. A TLS connection's are ciphertext; its
+ * plaintext comes from the uprobes on the TLS library (bpf/tls.bpf.c,
+ * bpf/go.bpf.c) instead. Any other protocol's (a database's, a cache's, a
+ * broker's) would only be parsed to be thrown away, a record each. */
+enum probe_protocol {
+	PROBE_PROTOCOL_UNSEEN = 0, /* too few bytes moved yet to tell: not sent */
+	PROBE_PROTOCOL_HTTP = 1,   /* a request method and a space, or a status line */
+	PROBE_PROTOCOL_TLS = 2,    /* a TLS record, or a TLS library used the socket */
+	PROBE_PROTOCOL_OTHER = 3,  /* anything else */
 };
 
 /* Indexes of the per-CPU `counters` array that user space reports. */
@@ -158,7 +166,8 @@ enum probe_counter {
 	PROBE_COUNTER_TRUNCATED = 1,  /* an iovec walk stopped at PROBE_MAX_IOVECS */
 	PROBE_COUNTER_TLS_CIPHERTEXT = 2, /* socket I/O of a TLS connection, not sent */
 	PROBE_COUNTER_TLS_NO_SOCKET = 3,  /* TLS plaintext dropped: its socket was not known */
-	PROBE_COUNTER_MAX = 4,
+	PROBE_COUNTER_NOT_HTTP = 4,       /* socket I/O of a connection not (yet) seen to be HTTP */
+	PROBE_COUNTER_MAX = 5,
 };
 
 #endif /* PROBE_H */

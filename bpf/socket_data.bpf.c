@@ -3,11 +3,14 @@
  * socket_data.bpf.c: bytes moved on traced connections.
  *
  * Entry of every read/write-like syscall saves its arguments per thread;
- * its exit, if the fd is a traced connection, sends one PROBE_EVENT_DATA
- * record with timing, the byte count and the first PROBE_CAPTURE_BYTES of
- * payload (iovecs walked in order, at most PROBE_MAX_IOVECS). A connection
- * that was open before the probe started is picked up when its bytes look
- * like HTTP (sniff_connection); user space then resolves its addresses.
+ * its exit, if the fd is a traced connection that speaks HTTP, sends one
+ * PROBE_EVENT_DATA record with timing, the byte count and the first
+ * PROBE_CAPTURE_BYTES of payload (iovecs walked in order, at most
+ * PROBE_MAX_IOVECS). A connection's first bytes decide whether it speaks
+ * HTTP (protocol_verdict): a database's or a cache's connections cost no
+ * records. A connection that was open before the probe started is picked up
+ * when its bytes look like HTTP (sniff_connection); user space then resolves
+ * its addresses.
  */
 #include "common.h"
 
@@ -80,13 +83,18 @@ static __always_inline void resolve_msghdr(struct syscall_args *call)
 	call->len = msg.iovlen;
 }
 
-/* Address of the first byte moved: the buffer, or the first iovec's base. */
-static __always_inline const void *first_byte(const struct syscall_args *call)
+/* Where the bytes moved start, and how many of them lie there: the buffer,
+ * or the first iovec. */
+static __always_inline const void *first_segment(const struct syscall_args *call, long ret,
+						  u64 *len)
 {
+	*len = ret;
 	if (!is_vectored(call->syscall))
 		return (const void *)call->buf;
 	struct iovec first = {};
 	read_user(&first, sizeof(first), (const void *)call->buf);
+	if (first.iov_len < *len)
+		*len = first.iov_len;
 	return first.iov_base;
 }
 
@@ -120,12 +128,14 @@ static __always_inline struct probe_conn_state *sniff_connection(struct probe_co
 								  const struct syscall_args *call,
 								  long ret)
 {
-	if (ret < PROBE_SNIFF_BYTES || !looks_like_http(first_byte(call)))
+	u64 len;
+	if (ret < PROBE_SNIFF_BYTES || !looks_like_http(first_segment(call, ret, &len)))
 		return 0;
 	struct probe_conn_state state = {};
 	u64 now = bpf_ktime_get_ns();
 	state.generation = now;
 	state.role = PROBE_ROLE_UNKNOWN;
+	state.protocol = PROBE_PROTOCOL_HTTP;
 	state.ignored = !connection_wanted(0, 0);
 	conns.update(key, &state);
 	if (!state.ignored) {
@@ -194,21 +204,49 @@ static __always_inline u32 copy_iovecs(char *payload, const struct iovec *iov, u
 	return copied;
 }
 
-/* What a connection's first bytes say: PROBE_TLS_CIPHER for a TLS record's
- * header (content type 20..23: change_cipher_spec, alert, handshake,
- * application_data; then version 3.x, SSL 3 to TLS 1.3), PROBE_TLS_PLAIN
- * for anything else, PROBE_TLS_UNSEEN when too few bytes to tell (nginx
- * peeks at one byte of a new connection first). */
-static __always_inline u8 tls_verdict(const struct syscall_args *call, long ret)
+static __always_inline bool is_method_char(u8 c)
 {
-	u8 head[3] = {};
-	const void *start = first_byte(call);
-	if (read_user(head, 1, start) != 0 || head[0] < 20 || head[0] > 23)
-		return PROBE_TLS_PLAIN;
-	if (ret < (long)sizeof(head))
-		return PROBE_TLS_UNSEEN;
-	read_user(head, sizeof(head), start);
-	return head[1] == 3 && head[2] <= 4 ? PROBE_TLS_CIPHER : PROBE_TLS_PLAIN;
+	return (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '-';
+}
+
+/* What a connection's first bytes say (enum probe_protocol). A TLS record's
+ * header: content type 20..23 (change_cipher_spec, alert, handshake,
+ * application_data), then version 3.x, SSL 3 to TLS 1.3. HTTP: a method of
+ * at most PROBE_METHOD_MAX characters and a space, as user space parses it,
+ * or a status line. UNSEEN while the bytes so far could still be either
+ * (nginx peeks at one byte of a new TLS connection first). */
+static __always_inline u8 protocol_verdict(const struct syscall_args *call, long ret)
+{
+	u8 head[PROBE_METHOD_MAX + 1] = {};
+	u64 len;
+	const void *start = first_segment(call, ret, &len);
+	OPAQUE(len);
+	if (len > sizeof(head))
+		len = sizeof(head);
+	if (len == 0 || read_user(head, len, start) != 0)
+		return PROBE_PROTOCOL_UNSEEN;
+	u8 c = head[0];
+	if (c >= 20 && c <= 23) {
+		if (len < 3)
+			return PROBE_PROTOCOL_UNSEEN;
+		return head[1] == 3 && head[2] <= 4 ? PROBE_PROTOCOL_TLS : PROBE_PROTOCOL_OTHER;
+	}
+	if (len >= 5 && WORD(head[0], head[1], head[2], head[3]) == WORD('H', 'T', 'T', 'P') &&
+	    head[4] == '/')
+		return PROBE_PROTOCOL_HTTP; /* a response: the request went unseen */
+	if (c < 'A' || c > 'Z')
+		return PROBE_PROTOCOL_OTHER;
+#pragma unroll
+	for (int i = 1; i < sizeof(head); i++) {
+		if (i >= len)
+			return PROBE_PROTOCOL_UNSEEN; /* a method so far: the next bytes tell */
+		c = head[i];
+		if (c == ' ')
+			return PROBE_PROTOCOL_HTTP;
+		if (!is_method_char(c))
+			return PROBE_PROTOCOL_OTHER;
+	}
+	return PROBE_PROTOCOL_OTHER; /* longer than any method */
 }
 
 /* Is the fd of a syscall made inside SSL_read/SSL_write the SSL's socket?
@@ -220,22 +258,27 @@ static __always_inline bool is_tls_socket(u32 pid, const struct syscall_args *ca
 	struct probe_conn_state *state = conns.lookup(&key);
 	if (state)
 		return !state->ignored;
-	return call->syscall != PROBE_SYS_SENDFILE && tls_verdict(call, ret) == PROBE_TLS_CIPHER;
+	return call->syscall != PROBE_SYS_SENDFILE &&
+	       protocol_verdict(call, ret) == PROBE_PROTOCOL_TLS;
 }
 
-/* Is this syscall's data the ciphertext of a TLS connection, not to be sent?
- * Decided by the connection's first bytes, or by a TLS library having used
- * the socket (mark_tls_connection). Plaintext events from the libraries'
- * uprobes are never ciphertext. */
-static __always_inline bool is_ciphertext(struct probe_conn_state *state, u32 tid,
-					  const struct syscall_args *call, long ret, u8 direction)
+/* Is this syscall's data withheld from user space? Only HTTP's is sent, as
+ * the connection's first bytes decide (protocol_verdict), or a TLS library
+ * having used the socket (mark_tls_connection). Plaintext events from the
+ * libraries' uprobes are never withheld. */
+static __always_inline bool withheld(struct probe_conn_state *state, u32 tid,
+				     const struct syscall_args *call, long ret, u8 direction)
 {
 	if (call->syscall >= PROBE_SYS_SSL_READ)
 		return false;
-	if (state->tls == PROBE_TLS_UNSEEN)
-		state->tls = tls_verdict(call, ret);
-	if (state->tls == PROBE_TLS_PLAIN)
+	if (state->protocol == PROBE_PROTOCOL_UNSEEN)
+		state->protocol = protocol_verdict(call, ret);
+	if (state->protocol == PROBE_PROTOCOL_HTTP)
 		return false;
+	if (state->protocol != PROBE_PROTOCOL_TLS) {
+		count(PROBE_COUNTER_NOT_HTTP);
+		return true;
+	}
 	if (direction == PROBE_INGRESS && !tls_calls.lookup(&tid)) {
 		s32 fd = call->fd;
 		tls_last_read.update(&tid, &fd);
@@ -261,7 +304,7 @@ static __always_inline struct probe_data_event *data_event(u32 pid, u32 tid,
 	struct probe_conn_state *state = conns.lookup(&key);
 	if (!state && call->syscall != PROBE_SYS_SENDFILE)
 		state = sniff_connection(&key, tid, call, ret);
-	if (!state || state->ignored || is_ciphertext(state, tid, call, ret, direction))
+	if (!state || state->ignored || withheld(state, tid, call, ret, direction))
 		return 0;
 
 	struct data_scratch *scratch = take_scratch();

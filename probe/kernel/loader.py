@@ -49,6 +49,7 @@ KERNEL_COUNTERS = {
     lib.PROBE_COUNTER_TRUNCATED: "iovec_walks_truncated",
     lib.PROBE_COUNTER_TLS_CIPHERTEXT: "tls_ciphertext_dropped",
     lib.PROBE_COUNTER_TLS_NO_SOCKET: "tls_plaintext_without_socket",
+    lib.PROBE_COUNTER_NOT_HTTP: "not_http_withheld",
 }
 
 # libbcc's ring-buffer callback: (context, record address, record size) -> 0.

@@ -9,8 +9,10 @@ python peers.py client PORT SIZE [linger]
                                    read until the server is done; with
                                    linger, close only when stdin closes
 python peers.py udp PORT           connect a UDP socket and send a datagram
-python peers.py chatter PORT COUNT  one connection to itself: COUNT sends of
-                                   10 bytes, each received before the next
+python peers.py chatter PORT COUNT [HEX]
+                                   one connection to itself: COUNT sends of
+                                   the bytes HEX gives (default: 10 bytes of
+                                   HTTP), each received before the next
 python peers.py holder PORT SECONDS accept one connection without an address
                                    buffer (as libuv does), hold it SECONDS,
                                    close
@@ -60,7 +62,7 @@ def udp(port: int) -> None:
         sock.send(b"GET / HTTP/1.1\r\n\r\n")
 
 
-def chatter(port: int, count: int) -> None:
+def chatter(port: int, count: int, message: bytes = b"GET /chat ") -> None:
     with (
         socket.create_server(("127.0.0.1", port)) as listener,
         socket.create_connection(("127.0.0.1", port)) as out,
@@ -68,8 +70,10 @@ def chatter(port: int, count: int) -> None:
         conn, _ = listener.accept()
         with conn:
             for _ in range(count):
-                out.send(b"0123456789")
-                conn.recv(10)
+                out.sendall(message)
+                received = 0
+                while received < len(message):
+                    received += len(conn.recv(len(message) - received))
 
 
 def holder(port: int, seconds: float) -> None:
@@ -91,7 +95,7 @@ if __name__ == "__main__":
     elif mode == "client":
         client(port, int(sys.argv[3]), linger=sys.argv[4:] == ["linger"])
     elif mode == "chatter":
-        chatter(port, int(sys.argv[3]))
+        chatter(port, int(sys.argv[3]), *(bytes.fromhex(arg) for arg in sys.argv[4:5]))
     elif mode == "holder":
         holder(port, float(sys.argv[3]))
     else:

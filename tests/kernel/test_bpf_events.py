@@ -203,3 +203,45 @@ def test_a_backlog_is_handed_on_in_bounded_batches(monkeypatch: pytest.MonkeyPat
     for direction in Direction:
         moved = [e for e in data if e.direction == direction]
         assert sum(e.size for e in moved) == 10 * sends, direction
+
+
+# A connection's first bytes -> whether they are HTTP's, as user space parses it.
+FIRST_BYTES = {
+    b"GET /chat ": True,
+    b"M-SEARCH * HTTP/1.1\r\n\r\n": True,
+    b"A" * 32 + b" / HTTP/1.1\r\n\r\n": True,  # the longest method taken
+    b"HTTP/1.1 200 OK\r\n\r\n": True,  # a response, its request unseen
+    b"A" * 33 + b" / HTTP/1.1\r\n\r\n": False,
+    b"*1\r\n$4\r\nPING\r\n": False,  # Redis
+    b"\x00\x00\x00\x08\x04\xd2\x16\x2f": False,  # PostgreSQL's SSLRequest
+    b"PING\r\n": False,  # a word, but no method: no space after it
+}
+
+
+def test_only_connections_that_start_with_http_send_their_bytes() -> None:
+    """Another protocol's connection sends no data records, only its OPEN and
+    CLOSE (so user space forgets it); each syscall withheld is counted."""
+    port, sends = free_port(), 3
+    first_bytes_by_pid: dict[int, bytes] = {}
+    with EventSource(ProbeOptions(ports=(port,)), Stats()) as source:
+        for first_bytes in FIRST_BYTES:
+            chatter = subprocess.Popen(
+                [sys.executable, str(PEERS), "chatter", str(port), str(sends), first_bytes.hex()]
+            )
+            assert chatter.wait(20) == 0
+            first_bytes_by_pid[chatter.pid] = first_bytes
+        closes = 2 * len(FIRST_BYTES)  # each chatter's client end and server end
+        events = collect(source, lambda evs: sum(isinstance(e, ConnClose) for e in evs) >= closes)
+        withheld = source.kernel_counters()["not_http_withheld"]
+
+    for pid, first_bytes in first_bytes_by_pid.items():
+        mine = [e for e in events if getattr(e, "key", None) and e.key.pid == pid]
+        kinds = [type(e) for e in mine]
+        assert kinds.count(ConnOpen) == 2 and kinds.count(ConnClose) == 2, (first_bytes, kinds)
+        data = [e for e in mine if isinstance(e, DataEvent)]
+        if FIRST_BYTES[first_bytes]:
+            assert [e.payload for e in data] == [first_bytes] * 2 * sends, first_bytes
+        else:
+            assert data == [], first_bytes
+    others = sum(not http for http in FIRST_BYTES.values())
+    assert withheld == others * 2 * sends  # a send and a receive each time
