@@ -42,8 +42,8 @@ CONFIGS = (NONE, FLOOR, PROBE, SDK)
 CONFIG_ABOUT = {
     NONE: "no tracing",
     FLOOR: "the probe's tracepoints with BPF programs that return at once",
-    PROBE: "probe run, exporting OTLP/gRPC to a local sink; the load generator is excluded "
-    "(--exclude-comm) unless meta.load_generator_traced",
+    PROBE: "probe run, exporting OTLP over its default protocol (http/protobuf) to a local "
+    "sink; the load generator is excluded (--exclude-comm) unless meta.load_generator_traced",
     SDK: "the services traced in-process by the OpenTelemetry Python SDK (chain only)",
 }
 
