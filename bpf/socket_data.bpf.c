@@ -213,7 +213,8 @@ static __always_inline bool is_method_char(u8 c)
  * header: content type 20..23 (change_cipher_spec, alert, handshake,
  * application_data), then version 3.x, SSL 3 to TLS 1.3. HTTP: a method of
  * at most PROBE_METHOD_MAX characters and a space, as user space parses it,
- * or a status line. UNSEEN while the bytes so far could still be either
+ * or a status line; not HTTP/2's connection preface (PRI * HTTP/2.0), whose
+ * frames user space does not parse. UNSEEN while the bytes so far could still be either
  * (nginx peeks at one byte of a new TLS connection first). */
 static __always_inline u8 protocol_verdict(const struct syscall_args *call, long ret)
 {
@@ -236,6 +237,9 @@ static __always_inline u8 protocol_verdict(const struct syscall_args *call, long
 		return PROBE_PROTOCOL_HTTP; /* a response: the request went unseen */
 	if (c < 'A' || c > 'Z')
 		return PROBE_PROTOCOL_OTHER;
+	if (len >= 8 && WORD(head[0], head[1], head[2], head[3]) == WORD('P', 'R', 'I', ' ') &&
+	    WORD(head[4], head[5], head[6], head[7]) == WORD('*', ' ', 'H', 'T'))
+		return PROBE_PROTOCOL_OTHER; /* HTTP/2's preface: its frames are not parsed */
 #pragma unroll
 	for (int i = 1; i < sizeof(head); i++) {
 		if (i >= len)

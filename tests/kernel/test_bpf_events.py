@@ -215,6 +215,7 @@ FIRST_BYTES = {
     b"*1\r\n$4\r\nPING\r\n": False,  # Redis
     b"\x00\x00\x00\x08\x04\xd2\x16\x2f": False,  # PostgreSQL's SSLRequest
     b"PING\r\n": False,  # a word, but no method: no space after it
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n": False,  # HTTP/2 (gRPC in clear), not parsed
 }
 
 
