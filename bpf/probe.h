@@ -143,16 +143,18 @@ struct probe_conn_key {
 struct probe_conn_state {
 	__u64 generation;
 	__u8 role;    /* enum probe_role */
-	__u8 ignored;  /* 1: a socket or file the probe decided not to trace */
-	__u8 protocol; /* enum probe_protocol */
-	__u8 _pad[5];
+	__u8 ignored;   /* 1: a socket or file the probe decided not to trace */
+	__u8 protocol;  /* enum probe_protocol: of the bytes on the socket */
+	__u8 plaintext; /* enum probe_protocol: of the bytes a TLS library moved */
+	__u8 _pad[4];
 };
 
 /* probe_conn_state.protocol: what the connection's first bytes say. Only
  * HTTP's bytes on the socket are sent. A TLS connection's are ciphertext; its
  * plaintext comes from the uprobes on the TLS library (bpf/tls.bpf.c,
- * bpf/go.bpf.c) instead. Any other protocol's (a database's, a cache's, a
- * broker's) would only be parsed to be thrown away, a record each. */
+ * bpf/go.bpf.c) instead, and is sent if it, in turn, is HTTP's
+ * (probe_conn_state.plaintext). Any other protocol's (a database's, a
+ * cache's, a broker's) would only be parsed to be thrown away, a record each. */
 enum probe_protocol {
 	PROBE_PROTOCOL_UNSEEN = 0, /* too few bytes moved yet to tell: not sent */
 	PROBE_PROTOCOL_HTTP = 1,   /* a request method and a space, or a status line */

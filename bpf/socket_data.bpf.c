@@ -135,7 +135,12 @@ static __always_inline struct probe_conn_state *sniff_connection(struct probe_co
 	u64 now = bpf_ktime_get_ns();
 	state.generation = now;
 	state.role = PROBE_ROLE_UNKNOWN;
-	state.protocol = PROBE_PROTOCOL_HTTP;
+	if (call->syscall >= PROBE_SYS_SSL_READ) { /* plaintext, at a TLS library */
+		state.protocol = PROBE_PROTOCOL_TLS;
+		state.plaintext = PROBE_PROTOCOL_HTTP;
+	} else {
+		state.protocol = PROBE_PROTOCOL_HTTP;
+	}
 	state.ignored = !connection_wanted(0, 0);
 	conns.update(key, &state);
 	if (!state.ignored) {
@@ -266,15 +271,21 @@ static __always_inline bool is_tls_socket(u32 pid, const struct syscall_args *ca
 	       protocol_verdict(call, ret) == PROBE_PROTOCOL_TLS;
 }
 
-/* Is this syscall's data withheld from user space? Only HTTP's is sent, as
- * the connection's first bytes decide (protocol_verdict), or a TLS library
- * having used the socket (mark_tls_connection). Plaintext events from the
- * libraries' uprobes are never withheld. */
+/* Is this call's data withheld from user space? Only HTTP's is sent, as the
+ * connection's first bytes decide (protocol_verdict), or a TLS library
+ * having used the socket (mark_tls_connection); at a TLS library, as the
+ * first plaintext decides. */
 static __always_inline bool withheld(struct probe_conn_state *state, u32 tid,
 				     const struct syscall_args *call, long ret, u8 direction)
 {
-	if (call->syscall >= PROBE_SYS_SSL_READ)
-		return false;
+	if (call->syscall >= PROBE_SYS_SSL_READ) {
+		if (state->plaintext == PROBE_PROTOCOL_UNSEEN)
+			state->plaintext = protocol_verdict(call, ret);
+		if (state->plaintext == PROBE_PROTOCOL_HTTP)
+			return false;
+		count(PROBE_COUNTER_NOT_HTTP);
+		return true;
+	}
 	if (state->protocol == PROBE_PROTOCOL_UNSEEN)
 		state->protocol = protocol_verdict(call, ret);
 	if (state->protocol == PROBE_PROTOCOL_HTTP)

@@ -13,6 +13,10 @@ python peers.py chatter PORT COUNT [HEX]
                                    one connection to itself: COUNT sends of
                                    the bytes HEX gives (default: 10 bytes of
                                    HTTP), each received before the next
+python peers.py tls_chatter PORT COUNT HEX CERT KEY
+                                   the same over TLS (Python's ssl: the
+                                   system's OpenSSL), the server end in a
+                                   thread
 python peers.py holder PORT SECONDS accept one connection without an address
                                    buffer (as libuv does), hold it SECONDS,
                                    close
@@ -25,7 +29,9 @@ from __future__ import annotations
 import ctypes
 import os
 import socket
+import ssl
 import sys
+import threading
 import time
 
 PR_SET_NAME = 15
@@ -76,6 +82,31 @@ def chatter(port: int, count: int, message: bytes = b"GET /chat ") -> None:
                     received += len(conn.recv(len(message) - received))
 
 
+def tls_chatter(port: int, count: int, message: bytes, cert: str, key: str) -> None:
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(cert, key)
+    client_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_context.check_hostname = False
+    client_context.verify_mode = ssl.CERT_NONE
+
+    def echo(listener: socket.socket) -> None:
+        conn, _ = listener.accept()
+        with server_context.wrap_socket(conn, server_side=True) as tls:
+            while data := tls.recv(65536):
+                tls.sendall(data)
+
+    with socket.create_server(("127.0.0.1", port)) as listener:
+        server = threading.Thread(target=echo, args=(listener,))
+        server.start()
+        with client_context.wrap_socket(socket.create_connection(("127.0.0.1", port))) as tls:
+            for _ in range(count):
+                tls.sendall(message)
+                received = 0
+                while received < len(message):
+                    received += len(tls.recv(len(message) - received))
+        server.join()
+
+
 def holder(port: int, seconds: float) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     with socket.create_server(("127.0.0.1", port)) as listener:
@@ -96,6 +127,8 @@ if __name__ == "__main__":
         client(port, int(sys.argv[3]), linger=sys.argv[4:] == ["linger"])
     elif mode == "chatter":
         chatter(port, int(sys.argv[3]), *(bytes.fromhex(arg) for arg in sys.argv[4:5]))
+    elif mode == "tls_chatter":
+        tls_chatter(port, int(sys.argv[3]), bytes.fromhex(sys.argv[4]), *sys.argv[5:7])
     elif mode == "holder":
         holder(port, float(sys.argv[3]))
     else:

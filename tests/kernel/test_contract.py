@@ -68,6 +68,7 @@ def test_struct_sizes(struct: str, size: int) -> None:
         ("struct probe_conn_state", "role", 8),
         ("struct probe_conn_state", "ignored", 9),
         ("struct probe_conn_state", "protocol", 10),
+        ("struct probe_conn_state", "plaintext", 11),
     ],
 )
 def test_field_offsets(struct: str, field: str, offset: int) -> None:

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from probe.kernel.events import DataEvent, Direction, KernelEvent, ProcessExit
+from probe.kernel.events import ConnClose, DataEvent, Direction, KernelEvent, ProcessExit
 from probe.kernel.loader import EventSource, ProbeOptions
 from probe.stats import Stats
-from tests.helpers import PROGRAMS, serving, spawn
+from tests.helpers import PROGRAMS, free_port, serving, spawn
 
+PEERS = Path(__file__).with_name("peers.py")
 pytestmark = pytest.mark.usefixtures("tracing_ready")
 
 
@@ -144,3 +145,30 @@ def test_openssl_plaintext_comes_with_its_socket(certificate, task_storage: bool
     requests = [e for e in data if e.direction == Direction.INGRESS]
     assert requests[0].payload.startswith(b"GET /hello HTTP/1.1\r\n")
     assert len({e.key for e in data}) == 1  # the accepted socket, found inside the calls
+
+
+def test_plaintext_of_another_protocol_over_tls_is_withheld(certificate) -> None:
+    """Plaintext is sent only if it starts with HTTP: another protocol over
+    TLS (a database's, say) costs no records, and its ciphertext none either."""
+    port, sends = free_port(), 3
+    http, other = b"GET /tls ", b"*1\r\n$4\r\nPING\r\n"  # the second is Redis
+    pids = {}
+    with EventSource(ProbeOptions(ports=(port,)), Stats()) as source:
+        for first_bytes in (http, other):
+            chatter = subprocess.Popen(
+                [sys.executable, str(PEERS), "tls_chatter", str(port), str(sends)]
+                + [first_bytes.hex(), *map(str, certificate)]
+            )
+            assert chatter.wait(20) == 0
+            pids[first_bytes] = chatter.pid
+        # Each chatter's client end and server end.
+        events = poll_until(source, lambda evs: sum(isinstance(e, ConnClose) for e in evs) >= 4)
+        counters = source.kernel_counters()
+    data = [e for e in events if isinstance(e, DataEvent)]
+    # Each message: the client's SSL_write, the server's SSL_read and
+    # SSL_write (its echo), the client's SSL_read.
+    sent = [(e.payload, e.tls) for e in data if e.key.pid == pids[http]]
+    assert sent == [(http, True)] * 4 * sends
+    assert [e for e in data if e.key.pid == pids[other]] == []
+    assert counters["not_http_withheld"] == 4 * sends
+    assert counters["tls_ciphertext_dropped"] > 0
