@@ -19,11 +19,6 @@
 #define PROBE_MAX_IOVECS 8
 /* Bytes looked at to recognise HTTP on a connection the probe did not see open. */
 #define PROBE_SNIFF_BYTES 8
-/* Longest request method taken, in the kernel and by user space's parser
- * (probe/protocol/http1.py): an uppercase letter, then up to 31 of
- * [A-Z0-9_-]. A connection whose first bytes are neither such a method and a
- * space, nor a status line, nor TLS, speaks another protocol. */
-#define PROBE_METHOD_MAX 32
 
 enum probe_event_type {
 	PROBE_EVENT_DATA = 1,  /* struct probe_data_event */

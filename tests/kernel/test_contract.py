@@ -23,7 +23,6 @@ from probe.kernel.events import (
     ProcessExit,
     Role,
 )
-from probe.protocol.http1 import looks_like_request
 
 
 @pytest.mark.parametrize(
@@ -261,12 +260,3 @@ def test_the_record_reader_batches_data_and_hands_on_the_rest() -> None:
     reader.batch += [settled[-1]]
     awaiting.clear()
     assert reader(None, _data_record(7), DATA_HEADER_SIZE + 2) == -1
-
-
-def test_user_space_takes_the_methods_the_kernel_takes() -> None:
-    # The kernel sends a connection's bytes only if they start with a method of
-    # at most PROBE_METHOD_MAX characters (bpf/socket_data.bpf.c): user space
-    # must take every one of them, and the kernel every one user space takes.
-    longest = (b"M-SEARCH_2" * lib.PROBE_METHOD_MAX)[: lib.PROBE_METHOD_MAX]
-    assert looks_like_request(longest + b" / HTTP/1.1") is True
-    assert looks_like_request(longest + b"C / HTTP/1.1") is False
