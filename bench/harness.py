@@ -48,6 +48,7 @@ from bench.workloads import (
     config_order,
     measured_with,
 )
+from probe.compiled import MODULES
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -63,7 +64,9 @@ SETTLE_POLL_S = 0.3
 # last part-filled batch still on its way is not taken for the end.
 SETTLE_CALM_READS = math.ceil(int(SPAN_ENV["OTEL_BSP_SCHEDULE_DELAY"]) / 1000 / SETTLE_POLL_S) + 1
 IDLE_CPU = 0.1  # share of a core below which the probe counts as idle
-PROFILE_RATE_HZ = 100
+# With --gil, only samples of a working thread are kept: the probe works a
+# tenth of the time at 5,000 requests/s, so 100 Hz left about 30 samples.
+PROFILE_RATE_HZ = 500
 
 T = TypeVar("T")
 R = TypeVar("R", load.Saturation, load.FixedRate)
@@ -359,7 +362,9 @@ class Bench:
             cpu_before = observe.cpu_seconds(traced.child.pid)
             argv = [py_spy, "record", "--pid", str(traced.child.pid), "--format", "raw"]
             argv += ["--duration", f"{seconds:g}", "--rate", str(PROFILE_RATE_HZ)]
-            argv += ["--nolineno", "--nonblocking", "--output", str(output)]
+            # --native: the compiled hot path's own frames, not one opaque
+            # call into it; --gil: only a thread holding the GIL is working.
+            argv += ["--native", "--gil", "--nolineno", "--output", str(output)]
             with Child("py-spy", argv) as spy:
                 load.fixed_rate(self.servers.url(workload, PROBE), rate, seconds, False, self._log)
                 try:
@@ -369,14 +374,14 @@ class Bench:
             cpu = observe.cpu_seconds(traced.child.pid) - cpu_before
         if not output.exists():
             return {"skipped": "py-spy wrote no profile: " + " ".join(spy.tail)}
-        profile = parse.parse_collapsed(output.read_text())
+        profile = parse.parse_collapsed(output.read_text(), parse.compiled_sources(MODULES))
         return {
             "workload": workload.name,
             "rate": rate,
             "seconds": seconds,
             "samples": profile.samples,
-            # From the CPU clock: py-spy leaves out samples of threads it sees idle
-            # (in epoll, or waiting for the GIL), so its count is no CPU measure.
+            # From the CPU clock: py-spy leaves out samples of threads without
+            # the GIL (in epoll, or waiting for it), so its count is no CPU measure.
             "probe_cpu_cores": round(cpu / seconds, 3),
             "top_own": [
                 {"frame": frame, "share": round(share, 4)}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 _TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -145,8 +146,33 @@ class Profile:
         return [(frame, count / self.samples) for frame, count in counts.most_common(n)]
 
 
-def parse_collapsed(text: str) -> Profile:
-    """py-spy's ``--format raw`` output: ``frame;frame;...;leaf COUNT`` per line."""
+# A function mypyc compiled, as py-spy --native names it: its C name,
+# CPyDef_<module>___<function> or CPyDef_<module>___<Class>___<method> (CPyPy_
+# for the wrapper Python calls), in the C file of the compiled group.
+_COMPILED_FRAME = re.compile(r"CPy(?:Def|Py)_([a-z0-9_]+?)___(\w+) \(__native_\w*\.c\)")
+
+
+def compiled_sources(modules: Sequence[str]) -> dict[str, str]:
+    """mypyc's short module names -> source paths, for ``readable_frame``:
+    ``probe.protocol.http1`` is ``http1``, ``probe/protocol/http1.py``."""
+    return {module.rpartition(".")[2]: module.replace(".", "/") + ".py" for module in modules}
+
+
+def readable_frame(frame: str, sources: Mapping[str, str]) -> str:
+    """A compiled function's frame named as py-spy names an interpreted one,
+    ``MessageStream._idle (probe/protocol/http1.py)``; any other as it is."""
+    found = _COMPILED_FRAME.fullmatch(frame)
+    if found is None or found[1] not in sources:
+        return frame
+    owner, _, function = found[2].partition("___")
+    name = f"{owner}.{function}" if function else owner
+    return f"{name} ({sources[found[1]]})"
+
+
+def parse_collapsed(text: str, compiled: Mapping[str, str] | None = None) -> Profile:
+    """py-spy's ``--format raw`` output: ``frame;frame;...;leaf COUNT`` per line.
+    With ``compiled`` (`compiled_sources`), compiled functions' frames are
+    named as interpreted ones are."""
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     samples = 0
@@ -155,6 +181,8 @@ def parse_collapsed(text: str) -> Profile:
         if not stack or not count.isdigit():
             continue
         frames = stack.split(";")
+        if compiled:
+            frames = [readable_frame(frame, compiled) for frame in frames]
         samples += int(count)
         own[frames[-1]] += int(count)
         for frame in set(frames):

@@ -247,7 +247,10 @@ def summary(report: Mapping, targets: Iterable[Mapping]) -> str:
             f"({profile.get('samples')} samples; the probe used "
             f"{profile.get('probe_cpu_cores', 0):.2f} cores):"
         )
-        for entry in profile["top_own"][:8]:
+        for entry in profile["top_own"][:5]:
+            lines.append(f"  {entry['share']:6.1%}  {entry['frame']}")
+        lines.append("  the probe's functions, with what they call:")
+        for entry in profile.get("top_inclusive", [])[:10]:
             lines.append(f"  {entry['share']:6.1%}  {entry['frame']}")
     elif profile.get("skipped"):
         lines.append(f"py-spy: skipped ({profile['skipped']})")

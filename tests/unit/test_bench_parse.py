@@ -153,6 +153,37 @@ def test_collapsed_profile_own_and_inclusive() -> None:
     ]
 
 
+# py-spy --native: a compiled function's frames are its C names; the first
+# line's leaf is the C runtime's, not a function of the probe's.
+PY_SPY_NATIVE = f"""\
+{MAIN};CPyPy_pipeline___Pipeline___run (__native_hotpath.c);\
+CPyDef_pipeline___Pipeline___run (__native_hotpath.c);\
+CPyDef_http1___MessageStream____idle (__native_hotpath.c);Py_DECREF (object.h) 3
+{MAIN};CPyPy_pipeline___Pipeline___run (__native_hotpath.c);\
+CPyDef_pipeline___Pipeline___run (__native_hotpath.c);\
+CPyDef_batch____attributes_size (__native_hotpath.c) 1
+{MAIN};CPyDef_other___f (__native_other.c) 1
+"""
+
+
+def test_compiled_frames_are_named_as_interpreted_ones() -> None:
+    sources = parse.compiled_sources(
+        ["probe.pipeline", "probe.protocol.http1", "probe.export.batch"]
+    )
+    profile = parse.parse_collapsed(PY_SPY_NATIVE, sources)
+    assert profile.inclusive["Pipeline.run (probe/pipeline.py)"] == 4  # once a sample
+    assert profile.inclusive["MessageStream._idle (probe/protocol/http1.py)"] == 3
+    assert profile.own["Py_DECREF (object.h)"] == 3
+    assert profile.own["_attributes_size (probe/export/batch.py)"] == 1
+    # A module that was not compiled here keeps its C name.
+    assert profile.own["CPyDef_other___f (__native_other.c)"] == 1
+
+
+def test_compiled_frames_keep_their_c_names_without_sources() -> None:
+    profile = parse.parse_collapsed(PY_SPY_NATIVE)
+    assert profile.own["CPyDef_batch____attributes_size (__native_hotpath.c)"] == 1
+
+
 def test_empty_profile_has_no_top() -> None:
     profile = parse.parse_collapsed("")
     assert (profile.samples, profile.top(profile.own, 5)) == (0, [])
