@@ -163,7 +163,7 @@ enum probe_counter {
 	PROBE_COUNTER_TRUNCATED = 1,  /* an iovec walk stopped at PROBE_MAX_IOVECS */
 	PROBE_COUNTER_TLS_CIPHERTEXT = 2, /* socket I/O of a TLS connection, not sent */
 	PROBE_COUNTER_TLS_NO_SOCKET = 3,  /* TLS plaintext dropped: its socket was not known */
-	PROBE_COUNTER_NOT_HTTP = 4,       /* socket I/O of a connection not (yet) seen to be HTTP */
+	PROBE_COUNTER_NOT_HTTP = 4,       /* I/O, or TLS plaintext, not (yet) seen to be HTTP */
 	PROBE_COUNTER_MAX = 5,
 };
 

@@ -250,7 +250,7 @@ static __always_inline u8 protocol_verdict(const struct syscall_args *call, long
 		return PROBE_PROTOCOL_HTTP; /* a response: the request went unseen */
 	if (len == sizeof(head) && first == WORD('P', 'R', 'I', ' ') &&
 	    WORD(head[4], head[5], head[6], head[7]) == WORD('*', ' ', 'H', 'T'))
-		return PROBE_PROTOCOL_OTHER;
+		return PROBE_PROTOCOL_OTHER; /* HTTP/2 */
 #pragma unroll
 	for (int i = 1; i < sizeof(head); i++) {
 		if (i >= len)
