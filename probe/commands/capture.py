@@ -151,6 +151,12 @@ def print_summary(stats: Stats, stream: TextIO = sys.stderr) -> None:
         f"parse errors: {stats['parse_errors']}, spans: {stats['spans_produced']}",
         file=stream,
     )
+    # Calls on connections whose first bytes were not HTTP's: no events at all.
+    print(
+        f"not HTTP withheld: {stats['not_http_withheld']}, "
+        f"TLS ciphertext withheld: {stats['tls_ciphertext_dropped']}",
+        file=stream,
+    )
     counts = [
         f"{rule.replace('_', ' ')} {stats[f'links_{rule}']}"
         for rule in ("thread", "goroutine", "traceparent", "same_host", "inferred", "none")
