@@ -151,7 +151,7 @@ struct probe_conn_state {
  * (probe_conn_state.plaintext). Any other protocol's (a database's, a
  * cache's, a broker's) would only be parsed to be thrown away, a record each. */
 enum probe_protocol {
-	PROBE_PROTOCOL_UNSEEN = 0, /* too few bytes moved yet to tell: not sent */
+	PROBE_PROTOCOL_UNSEEN = 0, /* nothing, or 1-2 bytes of a TLS record, moved yet: not sent */
 	PROBE_PROTOCOL_HTTP = 1,   /* a request method and a space, or a status line */
 	PROBE_PROTOCOL_TLS = 2,    /* a TLS record, or a TLS library used the socket */
 	PROBE_PROTOCOL_OTHER = 3,  /* anything else */

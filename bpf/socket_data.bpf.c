@@ -221,12 +221,14 @@ static __always_inline bool is_method_char(u8 c)
 
 /* What a connection's first bytes say (enum probe_protocol). A TLS record's
  * header: content type 20..23 (change_cipher_spec, alert, handshake,
- * application_data), then version 3.x, SSL 3 to TLS 1.3. HTTP: a status
- * line, or a method (an uppercase letter, then [A-Z0-9_-]) and a space; a
- * method as long as the bytes looked at is taken too, for user space's parser
- * to judge. Not HTTP/2's connection preface (PRI * HTTP/2.0), whose frames
- * user space does not parse. UNSEEN while the bytes so far could still be
- * either (nginx peeks at one byte of a new TLS connection first). */
+ * application_data), then version 3.x, SSL 3 to TLS 1.3; UNSEEN while fewer
+ * than 3 bytes of one were moved (nginx peeks at one byte of a new TLS
+ * connection first). HTTP: a status line, or a method (an uppercase letter,
+ * then [A-Z0-9_-]) and a space. Method characters with no space among the
+ * bytes looked at are taken too, for user space's parser to judge: a longer
+ * method, or a request read a few bytes at a time (the next call's bytes do
+ * not start the message, and would be judged wrongly). Not HTTP/2's
+ * connection preface (PRI * HTTP/2.0), whose frames user space does not parse. */
 static __always_inline u8 protocol_verdict(const struct syscall_args *call, long ret)
 {
 	u8 head[VERDICT_BYTES] = {};
@@ -251,14 +253,12 @@ static __always_inline u8 protocol_verdict(const struct syscall_args *call, long
 	if (len == sizeof(head) && first == WORD('P', 'R', 'I', ' ') &&
 	    WORD(head[4], head[5], head[6], head[7]) == WORD('*', ' ', 'H', 'T'))
 		return PROBE_PROTOCOL_OTHER; /* HTTP/2 */
+	/* A method: its characters up to a space, or to the last byte looked at. */
 #pragma unroll
 	for (int i = 1; i < sizeof(head); i++) {
-		if (i >= len)
-			return PROBE_PROTOCOL_UNSEEN; /* a method so far: the next bytes tell */
-		c = head[i];
-		if (c == ' ')
-			return PROBE_PROTOCOL_HTTP;
-		if (!is_method_char(c))
+		if (i >= len || head[i] == ' ')
+			break;
+		if (!is_method_char(head[i]))
 			return PROBE_PROTOCOL_OTHER;
 	}
 	return PROBE_PROTOCOL_HTTP;

@@ -9,10 +9,11 @@ python peers.py client PORT SIZE [linger]
                                    read until the server is done; with
                                    linger, close only when stdin closes
 python peers.py udp PORT           connect a UDP socket and send a datagram
-python peers.py chatter PORT COUNT [HEX]
+python peers.py chatter PORT COUNT [HEX [bytewise]]
                                    one connection to itself: COUNT sends of
                                    the bytes HEX gives (default: 10 bytes of
-                                   HTTP), each received before the next
+                                   HTTP), each received before the next (with
+                                   bytewise, a byte per recv)
 python peers.py tls_chatter PORT COUNT HEX CERT KEY
                                    the same over TLS (Python's ssl: the
                                    system's OpenSSL), the server end in a
@@ -68,7 +69,7 @@ def udp(port: int) -> None:
         sock.send(b"GET / HTTP/1.1\r\n\r\n")
 
 
-def chatter(port: int, count: int, message: bytes = b"GET /chat ") -> None:
+def chatter(port: int, count: int, message: bytes = b"GET /chat ", bytewise: bool = False) -> None:
     with (
         socket.create_server(("127.0.0.1", port)) as listener,
         socket.create_connection(("127.0.0.1", port)) as out,
@@ -79,7 +80,7 @@ def chatter(port: int, count: int, message: bytes = b"GET /chat ") -> None:
                 out.sendall(message)
                 received = 0
                 while received < len(message):
-                    received += len(conn.recv(len(message) - received))
+                    received += len(conn.recv(1 if bytewise else len(message) - received))
 
 
 def tls_chatter(port: int, count: int, message: bytes, cert: str, key: str) -> None:
@@ -126,7 +127,8 @@ if __name__ == "__main__":
     elif mode == "client":
         client(port, int(sys.argv[3]), linger=sys.argv[4:] == ["linger"])
     elif mode == "chatter":
-        chatter(port, int(sys.argv[3]), *(bytes.fromhex(arg) for arg in sys.argv[4:5]))
+        message = [bytes.fromhex(arg) for arg in sys.argv[4:5]]
+        chatter(port, int(sys.argv[3]), *message, bytewise=sys.argv[5:] == ["bytewise"])
     elif mode == "tls_chatter":
         tls_chatter(port, int(sys.argv[3]), bytes.fromhex(sys.argv[4]), *sys.argv[5:7])
     elif mode == "holder":

@@ -247,3 +247,17 @@ def test_only_connections_that_start_with_http_send_their_bytes() -> None:
             assert data == [], first_bytes
     others = sum(not http for http in FIRST_BYTES.values())
     assert withheld == others * 2 * sends  # a send and a receive each time
+
+
+def test_a_request_read_a_byte_at_a_time_is_sent() -> None:
+    """The verdict rests on one call's bytes: a server that reads a byte at a
+    time shows it "G", then "E": method characters, taken as HTTP's."""
+    port, sends, request = free_port(), 2, b"GET /chat "
+    with EventSource(ProbeOptions(ports=(port,)), Stats()) as source:
+        argv = [sys.executable, str(PEERS), "chatter", str(port), str(sends), request.hex()]
+        chatter = subprocess.Popen([*argv, "bytewise"])
+        assert chatter.wait(20) == 0
+        events = collect(source, lambda evs: sum(isinstance(e, ConnClose) for e in evs) >= 2)
+    [server] = [e.key for e in events if isinstance(e, ConnOpen) and e.role == Role.SERVER]
+    received = [e.payload for e in events if isinstance(e, DataEvent) and e.key == server]
+    assert received == [bytes([byte]) for byte in request] * sends
