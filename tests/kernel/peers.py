@@ -69,6 +69,13 @@ def udp(port: int) -> None:
         sock.send(b"GET / HTTP/1.1\r\n\r\n")
 
 
+def receive(sock: socket.socket, size: int, most: int = 65536) -> None:
+    """Receive exactly ``size`` bytes, at most ``most`` per call."""
+    received = 0
+    while received < size:
+        received += len(sock.recv(min(most, size - received)))
+
+
 def chatter(port: int, count: int, message: bytes = b"GET /chat ", bytewise: bool = False) -> None:
     with (
         socket.create_server(("127.0.0.1", port)) as listener,
@@ -78,9 +85,7 @@ def chatter(port: int, count: int, message: bytes = b"GET /chat ", bytewise: boo
         with conn:
             for _ in range(count):
                 out.sendall(message)
-                received = 0
-                while received < len(message):
-                    received += len(conn.recv(1 if bytewise else len(message) - received))
+                receive(conn, len(message), 1 if bytewise else len(message))
 
 
 def tls_chatter(port: int, count: int, message: bytes, cert: str, key: str) -> None:
@@ -102,9 +107,7 @@ def tls_chatter(port: int, count: int, message: bytes, cert: str, key: str) -> N
         with client_context.wrap_socket(socket.create_connection(("127.0.0.1", port))) as tls:
             for _ in range(count):
                 tls.sendall(message)
-                received = 0
-                while received < len(message):
-                    received += len(tls.recv(len(message) - received))
+                receive(tls, len(message))
         server.join()
 
 
