@@ -284,19 +284,13 @@ static __always_inline bool is_tls_socket(u32 pid, const struct syscall_args *ca
 static __always_inline bool withheld(struct probe_conn_state *state, u32 tid,
 				     const struct syscall_args *call, long ret, u8 direction)
 {
-	if (call->syscall >= PROBE_SYS_SSL_READ) {
-		if (state->plaintext == PROBE_PROTOCOL_UNSEEN)
-			state->plaintext = protocol_verdict(call, ret);
-		if (state->plaintext == PROBE_PROTOCOL_HTTP)
-			return false;
-		count(PROBE_COUNTER_NOT_HTTP);
-		return true;
-	}
-	if (state->protocol == PROBE_PROTOCOL_UNSEEN)
-		state->protocol = protocol_verdict(call, ret);
-	if (state->protocol == PROBE_PROTOCOL_HTTP)
+	bool at_library = call->syscall >= PROBE_SYS_SSL_READ;
+	u8 *protocol = at_library ? &state->plaintext : &state->protocol;
+	if (*protocol == PROBE_PROTOCOL_UNSEEN)
+		*protocol = protocol_verdict(call, ret);
+	if (*protocol == PROBE_PROTOCOL_HTTP)
 		return false;
-	if (state->protocol != PROBE_PROTOCOL_TLS) {
+	if (at_library || *protocol != PROBE_PROTOCOL_TLS) {
 		count(PROBE_COUNTER_NOT_HTTP);
 		return true;
 	}
