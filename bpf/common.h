@@ -105,13 +105,17 @@ struct syscall_args {
 	u8 thread;  /* THREAD_* bits: the thread's state, kept across its syscalls */
 	u8 _pad[2];
 };
-/* Bits of syscall_args.thread, set by the uprobes, so that the exit of every
- * syscall of every thread need not look in their per-thread maps (a hash
- * lookup each) to find that it is not inside a TLS library or Go's syscall
- * wrapper. A bit set when it need not be costs that lookup; one left unset
- * never happens, since the uprobe sets it before the syscalls it covers. */
+/* Bits of syscall_args.thread: what is known of the thread, so that a syscall
+ * need not look it up again. The first two are set by the uprobes, so that
+ * the exit of every syscall of every thread need not look in their
+ * per-thread maps (a hash lookup each) to find that it is not inside a TLS
+ * library or Go's syscall wrapper. A bit set when it need not be costs that
+ * lookup; one left unset never happens, since the uprobe sets it before the
+ * syscalls it covers. The last two are thread_excluded()'s. */
 #define THREAD_IN_TLS_CALL 1  /* between SSL_read/SSL_write's uprobe and uretprobe */
 #define THREAD_GO_SYSCALL 2   /* go_syscall holds this thread's announced fd */
+#define THREAD_JUDGED 4       /* THREAD_EXCLUDED is up to date */
+#define THREAD_EXCLUDED 8     /* the thread's name is one never traced */
 #define SYSCALL_CONNECT 100
 #define SYSCALL_ACCEPT 101
 #define SYSCALL_NONE 0 /* the thread's entry is free: its last syscall was taken */
@@ -157,14 +161,18 @@ static __always_inline void forget_thread(u32 tid)
  * Only the thread itself touches its entry, so no lock is needed; the entry
  * goes when the thread exits (forget_thread), or by LRU eviction. Its
  * THREAD_* bits outlive the syscall. */
+static __always_inline void save_into(struct syscall_args *slot, const struct syscall_args *args)
+{
+	u8 thread = slot->thread;
+	*slot = *args;
+	slot->thread = thread;
+}
+
 static __always_inline void save_syscall(u32 tid, const struct syscall_args *args)
 {
 	struct syscall_args *slot = thread_syscall(tid, true);
-	if (slot) {
-		u8 thread = slot->thread;
-		*slot = *args;
-		slot->thread = thread;
-	}
+	if (slot)
+		save_into(slot, args);
 }
 
 /* The thread's saved syscall, if it is `syscall`; marks it taken. Every
@@ -230,16 +238,51 @@ static __always_inline bool process_wanted(u32 pid)
 	return true;
 }
 
+#ifdef PROBE_EXCLUDE_COMMS
+/* Judges the current thread by its name, now; remembers the verdict in its
+ * entry (thread_excluded()). */
+static __always_inline bool judge_thread(struct syscall_args *slot)
+{
+	struct probe_comm comm = {};
+	bpf_get_current_comm(&comm.name, sizeof(comm.name));
+	bool excluded = excluded_comms.lookup(&comm) != 0;
+	slot->thread = (slot->thread & ~THREAD_EXCLUDED) | THREAD_JUDGED |
+		       (excluded ? THREAD_EXCLUDED : 0);
+	return excluded;
+}
+#endif
+
+/* Is the thread's name one never traced? Its data syscalls are then not
+ * looked at, whoever opened the connection: a load generator's or a
+ * collector's reads and writes cost a bit test, not a connection lookup. The
+ * name is judged at the thread's first data syscall, and again after an exec
+ * and at each connect and accept (connection_wanted). A thread renamed in
+ * between (prctl) keeps its verdict until then; one judged before user space
+ * filled `excluded_comms` is looked at, as without the verdict, until then. */
+static __always_inline bool thread_excluded(struct syscall_args *slot)
+{
+#ifdef PROBE_EXCLUDE_COMMS
+	if (!(slot->thread & THREAD_JUDGED))
+		judge_thread(slot);
+	return slot->thread & THREAD_EXCLUDED;
+#else
+	return false;
+#endif
+}
+
 /* Filters decided once per connection, when it is first seen. The names are
  * the current thread's, which for most programs is the process's; user space
  * checks the process's own name again when the connection's OPEN arrives. */
-static __always_inline bool connection_wanted(u16 local_port, u16 peer_port)
+static __always_inline bool connection_wanted(u32 tid, u16 local_port, u16 peer_port)
 {
-#if defined(PROBE_FILTER_COMM) || defined(PROBE_EXCLUDE_COMMS)
-	struct probe_comm comm = {};
-	bpf_get_current_comm(&comm.name, sizeof(comm.name));
+#ifdef PROBE_EXCLUDE_COMMS
+	struct syscall_args *slot = thread_syscall(tid, true);
+	if (slot && judge_thread(slot))
+		return false;
 #endif
 #ifdef PROBE_FILTER_COMM
+	struct probe_comm comm = {};
+	bpf_get_current_comm(&comm.name, sizeof(comm.name));
 	char wanted[16] = PROBE_FILTER_COMM;
 #pragma unroll
 	for (int i = 0; i < 16; i++) {
@@ -248,10 +291,6 @@ static __always_inline bool connection_wanted(u16 local_port, u16 peer_port)
 		if (comm.name[i] == 0)
 			break;
 	}
-#endif
-#ifdef PROBE_EXCLUDE_COMMS
-	if (excluded_comms.lookup(&comm))
-		return false;
 #endif
 #ifdef PROBE_FILTER_PORTS
 	/* A port of 0 is not known yet (accept without an address): let user

@@ -60,7 +60,7 @@ static __always_inline void open_connection(u32 pid, u32 tid, s32 fd, u8 role,
 	u64 now = bpf_ktime_get_ns();
 	state.generation = now;
 	state.role = role;
-	state.ignored = !connection_wanted(event->local.port, event->peer.port);
+	state.ignored = !connection_wanted(tid, event->local.port, event->peer.port);
 	conns.update(&key, &state);
 	if (state.ignored)
 		return;
@@ -277,6 +277,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	u32 pid = id >> 32;
+	clear_thread_bits((u32)id, THREAD_JUDGED); /* a new name */
 	if (!process_wanted(pid))
 		return 0;
 	struct probe_conn_event event = {};

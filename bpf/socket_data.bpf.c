@@ -44,16 +44,20 @@ static __always_inline struct data_scratch *take_scratch(void)
 	return 0;
 }
 
-/* Saves a data syscall's arguments at its entry. Only a write's entry time is
- * taken: a read's entry says nothing of when its bytes arrived (it may have
- * blocked), so an ingress event is timed by its return alone, and the clock,
- * at about 30 ns a read here, is not read for the reads of every process. */
+/* Saves a data syscall's arguments at its entry, unless its thread's name is
+ * excluded (thread_excluded). Only a write's entry time is taken: a read's
+ * entry says nothing of when its bytes arrived (it may have blocked), so an
+ * ingress event is timed by its return alone, and the clock, at about 30 ns
+ * a read here, is not read for the reads of every process. */
 static __always_inline int save_data_args(s32 fd, const void *buf, u64 len, u8 syscall,
 					  u8 direction)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	u32 tid = (u32)id;
 	if (!process_wanted(id >> 32))
+		return 0;
+	struct syscall_args *slot = thread_syscall(tid, true);
+	if (!slot || thread_excluded(slot))
 		return 0;
 	struct syscall_args args = {};
 	if (direction == PROBE_EGRESS)
@@ -62,7 +66,7 @@ static __always_inline int save_data_args(s32 fd, const void *buf, u64 len, u8 s
 	args.buf = (u64)buf;
 	args.len = len;
 	args.syscall = syscall;
-	save_syscall(tid, &args);
+	save_into(slot, &args);
 	return 0;
 }
 
@@ -141,7 +145,7 @@ static __always_inline struct probe_conn_state *sniff_connection(struct probe_co
 	} else {
 		state.protocol = PROBE_PROTOCOL_HTTP;
 	}
-	state.ignored = !connection_wanted(0, 0);
+	state.ignored = !connection_wanted(tid, 0, 0);
 	conns.update(key, &state);
 	if (!state.ignored) {
 		struct probe_conn_event event = {};

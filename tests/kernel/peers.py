@@ -18,6 +18,10 @@ python peers.py tls_chatter PORT COUNT HEX CERT KEY
                                    the same over TLS (Python's ssl: the
                                    system's OpenSSL), the server end in a
                                    thread
+python peers.py relay PORT NAME    one connection to itself: the main thread
+                                   sends GET /a, a thread named NAME sends
+                                   GET /b on it, then takes another name and
+                                   sends GET /c on a connection of its own
 python peers.py holder PORT SECONDS accept one connection without an address
                                    buffer (as libuv does), hold it SECONDS,
                                    close
@@ -111,6 +115,36 @@ def tls_chatter(port: int, count: int, message: bytes, cert: str, key: str) -> N
         server.join()
 
 
+def rename_thread(name: str) -> None:
+    """The calling thread's name (comm), alone: a process's threads each have one."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, name.encode(), 0, 0, 0)
+
+
+def relay(port: int, name: str) -> None:
+    def named_thread(out: socket.socket, served: socket.socket) -> None:
+        rename_thread(name)
+        out.sendall(b"GET /b ")
+        receive(served, 7)
+        rename_thread("peer-relay")
+        with socket.create_connection(("127.0.0.1", port)) as second:
+            conn, _ = listener.accept()
+            with conn:
+                second.sendall(b"GET /c ")
+                receive(conn, 7)
+
+    with (
+        socket.create_server(("127.0.0.1", port)) as listener,
+        socket.create_connection(("127.0.0.1", port)) as out,
+    ):
+        served, _ = listener.accept()
+        with served:
+            out.sendall(b"GET /a ")
+            receive(served, 7)
+            thread = threading.Thread(target=named_thread, args=(out, served))
+            thread.start()
+            thread.join()
+
+
 def holder(port: int, seconds: float) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     with socket.create_server(("127.0.0.1", port)) as listener:
@@ -123,7 +157,7 @@ def holder(port: int, seconds: float) -> None:
 
 if __name__ == "__main__":
     if name := os.environ.get("PEER_COMM"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, name.encode(), 0, 0, 0)
+        rename_thread(name)
     mode, port = sys.argv[1], int(sys.argv[2])
     if mode == "server":
         server(port, sys.argv[3])
@@ -134,6 +168,8 @@ if __name__ == "__main__":
         chatter(port, int(sys.argv[3]), *message, bytewise=sys.argv[5:] == ["bytewise"])
     elif mode == "tls_chatter":
         tls_chatter(port, int(sys.argv[3]), bytes.fromhex(sys.argv[4]), *sys.argv[5:7])
+    elif mode == "relay":
+        relay(port, sys.argv[3])
     elif mode == "holder":
         holder(port, float(sys.argv[3]))
     else:

@@ -146,6 +146,23 @@ def test_an_excluded_process_name_is_never_traced(body_file: Path) -> None:
     assert client_pid not in {e.key.pid for e in keyed}
 
 
+def test_a_thread_with_an_excluded_name_is_not_traced_until_it_changes_name() -> None:
+    # Whoever opened the connection: the kernel judges the thread by its name
+    # at its first data syscall, and again when it next connects or accepts.
+    port = free_port()
+    options = ProbeOptions(ports=(port,), excluded_comms=("peer-excluded",))
+    with EventSource(options, Stats()) as source:
+        relay = subprocess.Popen([sys.executable, str(PEERS), "relay", str(port), "peer-excluded"])
+        assert relay.wait(10) == 0
+        events = collect(source, lambda evs: sum(isinstance(e, ConnClose) for e in evs) >= 4)
+    sent = [
+        e.payload
+        for e in events
+        if isinstance(e, DataEvent) and e.key.pid == relay.pid and e.direction == Direction.EGRESS
+    ]
+    assert sent == [b"GET /a ", b"GET /c "]
+
+
 def test_pid_filter_and_capture_size(body_file: Path) -> None:
     port = free_port()
     server = subprocess.Popen(
