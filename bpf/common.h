@@ -351,24 +351,30 @@ static __always_inline void emit(void *record, u64 size)
  * address; they are still traced if they carry HTTP). */
 static __always_inline u16 read_sockaddr(struct probe_endpoint *ep, const void *uaddr)
 {
-	u16 family = 0;
-	if (!uaddr || read_user(&family, sizeof(family), uaddr) != 0)
+	/* One read of an IPv6 address's size, family included: a user-memory read
+	 * costs 100-150 ns here, whatever its size. Only an IPv4 address that ends
+	 * less than 12 bytes before an unmapped page needs a second, shorter read. */
+	union {
+		u16 family;
+		struct abi_sockaddr_in in;
+		struct abi_sockaddr_in6 in6;
+	} sa = {};
+	if (!uaddr)
 		return 0;
-	if (family == PROBE_AF_INET) {
-		struct abi_sockaddr_in sin = {};
-		read_user(&sin, sizeof(sin), uaddr);
-		__builtin_memcpy(ep->addr, sin.addr, 4);
-		ep->port = ntohs(sin.port);
-	} else if (family == PROBE_AF_INET6) {
-		struct abi_sockaddr_in6 sin6 = {};
-		read_user(&sin6, sizeof(sin6), uaddr);
-		__builtin_memcpy(ep->addr, sin6.addr, 16);
-		ep->port = ntohs(sin6.port);
+	bool whole = read_user(&sa, sizeof(sa.in6), uaddr) == 0;
+	if (!whole && read_user(&sa, sizeof(sa.in), uaddr) != 0)
+		return 0;
+	if (sa.family == PROBE_AF_INET) {
+		__builtin_memcpy(ep->addr, sa.in.addr, 4);
+		ep->port = ntohs(sa.in.port);
+	} else if (sa.family == PROBE_AF_INET6 && whole) {
+		__builtin_memcpy(ep->addr, sa.in6.addr, 16);
+		ep->port = ntohs(sa.in6.port);
 	} else {
 		return 0;
 	}
-	ep->family = family;
-	return family;
+	ep->family = sa.family;
+	return sa.family;
 }
 
 static __always_inline void fill_header(struct probe_event_header *header, u32 type, u32 tid,

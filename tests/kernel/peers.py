@@ -22,6 +22,9 @@ python peers.py relay PORT NAME    one connection to itself: the main thread
                                    sends GET /a, a thread named NAME sends
                                    GET /b on it, then takes another name and
                                    sends GET /c on a connection of its own
+python peers.py edge_connect PORT  connect with the address in the last 16
+                                   bytes before an unreadable page, send
+                                   GET / and close
 python peers.py holder PORT SECONDS accept one connection without an address
                                    buffer (as libuv does), hold it SECONDS,
                                    close
@@ -32,14 +35,17 @@ With PEER_COMM set, the program first takes that process name (as in ps).
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import socket
 import ssl
+import struct
 import sys
 import threading
 import time
 
 PR_SET_NAME = 15
+PROT_NONE = 0  # mmap has no name for it before Python 3.13
 
 
 def server(port: int, path: str) -> None:
@@ -145,6 +151,20 @@ def relay(port: int, name: str) -> None:
             thread.join()
 
 
+def edge_connect(port: int) -> None:
+    page = mmap.PAGESIZE
+    pages = mmap.mmap(-1, 2 * page)
+    start = ctypes.addressof(ctypes.c_char.from_buffer(pages))
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mprotect(ctypes.c_void_p(start + page), page, PROT_NONE) == 0
+    address = socket.inet_aton("127.0.0.1")
+    pages[page - 16 : page] = struct.pack("=HH4s8x", socket.AF_INET, socket.htons(port), address)
+    with socket.socket() as sock:
+        rc = libc.connect(sock.fileno(), ctypes.c_void_p(start + page - 16), 16)
+        assert rc == 0, os.strerror(ctypes.get_errno())
+        sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+
+
 def holder(port: int, seconds: float) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     with socket.create_server(("127.0.0.1", port)) as listener:
@@ -170,6 +190,8 @@ if __name__ == "__main__":
         tls_chatter(port, int(sys.argv[3]), bytes.fromhex(sys.argv[4]), *sys.argv[5:7])
     elif mode == "relay":
         relay(port, sys.argv[3])
+    elif mode == "edge_connect":
+        edge_connect(port)
     elif mode == "holder":
         holder(port, float(sys.argv[3]))
     else:

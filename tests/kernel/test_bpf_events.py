@@ -133,6 +133,25 @@ def test_an_accept_without_address_wakes_the_reader_while_the_socket_is_open() -
     assert (opened.local, opened.peer) == (Endpoint("127.0.0.1", port), client_end)
 
 
+def test_a_connect_address_just_before_an_unreadable_page_is_read() -> None:
+    # The kernel reads an IPv6 address's size at once; an IPv4 address that
+    # ends near an unmapped page is read again on its own.
+    port = free_port()
+    with (
+        socket.create_server(("127.0.0.1", port)) as listener,
+        EventSource(ProbeOptions(ports=(port,)), Stats()) as source,
+    ):
+        listener.settimeout(10)
+        client = subprocess.Popen([sys.executable, str(PEERS), "edge_connect", str(port)])
+        served, _ = listener.accept()
+        assert client.wait(10) == 0
+        served.close()
+        events = collect(source, lambda evs: any(isinstance(e, ConnClose) for e in evs))
+    [opened] = [e for e in events if isinstance(e, ConnOpen)]
+    assert (opened.key.pid, opened.role) == (client.pid, Role.CLIENT)
+    assert opened.peer == Endpoint("127.0.0.1", port)
+
+
 def test_an_excluded_process_name_is_never_traced(body_file: Path) -> None:
     port = free_port()
     options = ProbeOptions(ports=(port,), excluded_comms=("peer-client", "wrk"))
