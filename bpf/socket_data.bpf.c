@@ -47,8 +47,8 @@ static __always_inline struct data_scratch *take_scratch(void)
 /* Saves a data syscall's arguments at its entry, unless its thread's name is
  * excluded (thread_excluded). Only a write's entry time is taken: a read's
  * entry says nothing of when its bytes arrived (it may have blocked), so an
- * ingress event is timed by its return alone, and the clock, at about 30 ns
- * a read here, is not read for the reads of every process. */
+ * ingress event is timed by its return alone, and the clock, 30-65 ns a
+ * call here, is not read for the reads of every process. */
 static __always_inline int save_data_args(s32 fd, const void *buf, u64 len, u8 syscall,
 					  u8 direction)
 {
