@@ -268,6 +268,7 @@ class EventSource:
             return
         discovery = self.discovery  # exists once started, before any record
         if isinstance(event, ProcessExec):
+            self._close_on_exec(event)
             self._connected_pids.discard(event.pid)
             if discovery is not None:
                 discovery.scan_process(event.pid)
@@ -339,12 +340,34 @@ class EventSource:
         # lose a span; its HTTP is still parsed, only its addresses are missing.
         return not ports or not ports.isdisjoint(self.options.ports)
 
-    def ignore(self, key: ConnKey) -> None:
-        """Stop tracing a connection, in the kernel too."""
-        self.stats["connections_ignored"] += 1
+    def _close_on_exec(self, event: ProcessExec) -> None:
+        """End the connections that an exec closed (close-on-exec, as Python's
+        sockets are by default): the kernel saw no close(), and their
+        descriptors may already be the new image's files, whose bytes would
+        be taken for the connection's. A socket the new image kept goes on."""
+        keys = self._open_by_pid.get(event.pid)
+        if not keys:
+            return
+        closed = [key for key in keys if not sockets.is_socket(key.pid, key.fd)]
+        for key in closed:
+            keys.discard(key)
+            self._drop_records(key)  # those the kernel sent before its entry goes
+            self._reader.batch.append(ConnClose(key, event.pid, event.timestamp_ns))
+        if not keys:
+            del self._open_by_pid[event.pid]
+        if self._bpf is not None and closed:
+            self._delete_kernel_connections(closed)
+
+    def _drop_records(self, key: ConnKey) -> None:
+        """Records of this connection still to be read are dropped on reading."""
         self._ignored[key] = None
         if len(self._ignored) > _IGNORED_MEMORY:
             self._ignored.popitem(last=False)
+
+    def ignore(self, key: ConnKey) -> None:
+        """Stop tracing a connection, in the kernel too."""
+        self.stats["connections_ignored"] += 1
+        self._drop_records(key)
         if self._bpf is None:
             return
         conns = self._bpf[b"conns"]
@@ -368,10 +391,14 @@ class EventSource:
             self._delete_kernel_connections(keys)
 
     def _delete_kernel_connections(self, keys: Iterable[ConnKey]) -> None:
+        """Only the entries still of these connections: a descriptor's number
+        may already be a new connection's."""
         conns = self._bpf[b"conns"]
         for key in keys:
+            conn_key = conns.Key(key.pid, key.fd)
             with contextlib.suppress(KeyError):
-                del conns[conns.Key(key.pid, key.fd)]
+                if conns[conn_key].generation == key.generation:
+                    del conns[conn_key]
 
 
 def _load(bpf_class: Any, cflags: list[str]) -> Any:

@@ -53,16 +53,29 @@ def _endpoint(field: str, ipv6: bool) -> Endpoint:
     return Endpoint(address, int(hex_port, 16))
 
 
-def lookup(pid: int, fd: int, proc: Path = Path("/proc")) -> SocketInfo:
-    """Resolve one descriptor of one process; never raises."""
+def _socket_inode(pid: int, fd: int, proc: Path) -> str | None:
+    """The inode of the socket that descriptor ``fd`` of ``pid`` is; "" when it
+    is not a socket, None when the descriptor (or the process) is gone."""
     try:
         target = os.readlink(proc / str(pid) / "fd" / str(fd))
     except OSError:
-        return SocketInfo(is_socket=False, gone=True)
+        return None
     match = _SOCKET_LINK.fullmatch(target)
-    if not match:
+    return match.group(1) if match else ""
+
+
+def is_socket(pid: int, fd: int, proc: Path = Path("/proc")) -> bool:
+    """Whether descriptor ``fd`` of ``pid`` is a socket now; never raises."""
+    return bool(_socket_inode(pid, fd, proc))
+
+
+def lookup(pid: int, fd: int, proc: Path = Path("/proc")) -> SocketInfo:
+    """Resolve one descriptor of one process; never raises."""
+    wanted = _socket_inode(pid, fd, proc)
+    if wanted is None:
+        return SocketInfo(is_socket=False, gone=True)
+    if not wanted:
         return SocketInfo(is_socket=False)
-    wanted = match.group(1)
     for name, ipv6 in (("tcp", False), ("tcp6", True)):
         try:
             lines = (proc / str(pid) / "net" / name).read_text().splitlines()[1:]

@@ -25,6 +25,10 @@ python peers.py relay PORT NAME    one connection to itself: the main thread
 python peers.py edge_connect PORT  connect with the address in the last 16
                                    bytes before an unreadable page, send
                                    GET / and close
+python peers.py exec_reader PORT FILE
+                                   connect on descriptor 9, close-on-exec as
+                                   Python's sockets are, send GET /before, then
+                                   exec a Python that reads FILE on descriptor 9
 python peers.py holder PORT SECONDS accept one connection without an address
                                    buffer (as libuv does), hold it SECONDS,
                                    close
@@ -165,6 +169,17 @@ def edge_connect(port: int) -> None:
         sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
 
 
+def exec_reader(port: int, path: str) -> None:
+    # Far above the descriptors the new image's start-up opens and closes.
+    with socket.socket() as sock:
+        os.dup2(sock.fileno(), 9, inheritable=False)
+    conn = socket.socket(fileno=9)  # held: collected, it would close 9
+    conn.connect(("127.0.0.1", port))
+    conn.sendall(b"GET /before ")
+    reader = f"import os; os.dup2(os.open({path!r}, os.O_RDONLY), 9); print(os.read(9, 100))"
+    os.execv(sys.executable, [sys.executable, "-I", "-S", "-c", reader])
+
+
 def holder(port: int, seconds: float) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     with socket.create_server(("127.0.0.1", port)) as listener:
@@ -192,6 +207,8 @@ if __name__ == "__main__":
         relay(port, sys.argv[3])
     elif mode == "edge_connect":
         edge_connect(port)
+    elif mode == "exec_reader":
+        exec_reader(port, sys.argv[3])
     elif mode == "holder":
         holder(port, float(sys.argv[3]))
     else:

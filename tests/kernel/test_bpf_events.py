@@ -152,6 +152,39 @@ def test_a_connect_address_just_before_an_unreadable_page_is_read() -> None:
     assert opened.peer == Endpoint("127.0.0.1", port)
 
 
+def test_a_connection_closed_by_an_exec_ends_there(tmp_path: Path) -> None:
+    # The exec closes the socket without a close() for the kernel to see; the
+    # new image then reads a file on the same descriptor number.
+    port = free_port()
+    text = tmp_path / "request.txt"
+    text.write_bytes(b"GET /from-file HTTP/1.1\r\n\r\n")
+    with (
+        socket.create_server(("127.0.0.1", port)) as listener,
+        EventSource(ProbeOptions(ports=(port,)), Stats()) as source,
+    ):
+        listener.settimeout(10)
+        launcher = subprocess.Popen(
+            [sys.executable, str(PEERS), "exec_reader", str(port), str(text)],
+            stdout=subprocess.PIPE,
+        )
+        served, _ = listener.accept()
+        output, _ = launcher.communicate(timeout=10)
+        served.close()
+        events = collect(
+            source,
+            lambda evs: any(isinstance(e, ProcessExit) and e.pid == launcher.pid for e in evs),
+        )
+    assert b"GET /from-file" in output  # the new image read its file on descriptor 9
+    [opened] = [e for e in events if isinstance(e, ConnOpen) and e.key.pid == launcher.pid]
+    payloads = [e.payload for e in events if isinstance(e, DataEvent) and e.key == opened.key]
+    assert payloads == [b"GET /before "]
+    closes = [e for e in events if isinstance(e, ConnClose) and e.key == opened.key]
+    [exit_ns] = [
+        e.timestamp_ns for e in events if isinstance(e, ProcessExit) and e.pid == launcher.pid
+    ]
+    assert len(closes) == 1 and closes[0].timestamp_ns < exit_ns  # at the exec, not the exit
+
+
 def test_an_excluded_process_name_is_never_traced(body_file: Path) -> None:
     port = free_port()
     options = ProbeOptions(ports=(port,), excluded_comms=("peer-client", "wrk"))
