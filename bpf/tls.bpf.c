@@ -43,6 +43,9 @@ static __always_inline int ssl_enter(struct pt_regs *ctx, u8 syscall, u64 count_
 	u32 tid = (u32)id;
 	if (!process_wanted(id >> 32))
 		return 0;
+	struct syscall_args *thread = thread_syscall(tid, true);
+	if (!thread || thread_excluded(thread))
+		return 0; /* its socket syscalls are not looked at, nor is its plaintext */
 	struct tls_call call = {};
 	call.ssl = PT_REGS_PARM1(ctx);
 	call.buf = PT_REGS_PARM2(ctx);
@@ -57,7 +60,7 @@ static __always_inline int ssl_enter(struct pt_regs *ctx, u8 syscall, u64 count_
 		tls_last_read.delete(&tid);
 	}
 	tls_calls.update(&tid, &call);
-	set_thread_bits(tid, THREAD_IN_TLS_CALL);
+	thread->thread |= THREAD_IN_TLS_CALL;
 	return 0;
 }
 

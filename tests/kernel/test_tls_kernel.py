@@ -4,6 +4,7 @@ behind. Needs root and bcc; skipped with the reason printed otherwise."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -16,7 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from probe.kernel.events import ConnClose, DataEvent, Direction, KernelEvent, ProcessExit
+from probe.kernel.events import (
+    ConnClose,
+    DataEvent,
+    Direction,
+    KernelEvent,
+    ProcessExec,
+    ProcessExit,
+)
 from probe.kernel.loader import EventSource, ProbeOptions
 from probe.stats import Stats
 from tests.helpers import PROGRAMS, free_port, serving, spawn
@@ -172,3 +180,26 @@ def test_plaintext_of_another_protocol_over_tls_is_withheld(certificate) -> None
     assert [e for e in data if e.key.pid == pids[other]] == []
     assert counters["not_http_withheld"] == 4 * sends
     assert counters["tls_ciphertext_dropped"] > 0
+
+
+def test_an_excluded_thread_costs_no_record_and_no_count_at_the_tls_library(certificate) -> None:
+    """Its socket syscalls are not looked at, so neither is its plaintext:
+    not counted as plaintext whose socket was not found."""
+    port = free_port()
+    with EventSource(
+        ProbeOptions(ports=(port,), excluded_comms=("peer-excluded",)), Stats()
+    ) as source:
+        chatter = subprocess.Popen(
+            [sys.executable, str(PEERS), "tls_chatter", str(port), "3"]
+            + [b"GET /tls ".hex(), *map(str, certificate)],
+            env={**os.environ, "PEER_COMM": "peer-excluded"},
+        )
+        assert chatter.wait(20) == 0
+        events = poll_until(
+            source,
+            lambda evs: any(isinstance(e, ProcessExit) and e.pid == chatter.pid for e in evs),
+        )
+        counters = source.kernel_counters()
+    assert [e for e in events if not isinstance(e, (ProcessExit, ProcessExec))] == []
+    assert counters["tls_plaintext_without_socket"] == 0
+    assert counters["tls_ciphertext_dropped"] == 0
