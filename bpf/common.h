@@ -270,6 +270,16 @@ static __always_inline bool thread_excluded(struct syscall_args *slot)
 #endif
 }
 
+/* The current thread's entry, if its syscalls are to be looked at: its
+ * process is wanted and its name is not excluded; 0 otherwise. */
+static __always_inline struct syscall_args *wanted_thread(u64 id)
+{
+	if (!process_wanted(id >> 32))
+		return 0;
+	struct syscall_args *slot = thread_syscall((u32)id, true);
+	return slot && !thread_excluded(slot) ? slot : 0;
+}
+
 /* Filters decided once per connection, when it is first seen. The names are
  * the current thread's, which for most programs is the process's; user space
  * checks the process's own name again when the connection's OPEN arrives. */

@@ -52,12 +52,8 @@ static __always_inline struct data_scratch *take_scratch(void)
 static __always_inline int save_data_args(s32 fd, const void *buf, u64 len, u8 syscall,
 					  u8 direction)
 {
-	u64 id = bpf_get_current_pid_tgid();
-	u32 tid = (u32)id;
-	if (!process_wanted(id >> 32))
-		return 0;
-	struct syscall_args *slot = thread_syscall(tid, true);
-	if (!slot || thread_excluded(slot))
+	struct syscall_args *slot = wanted_thread(bpf_get_current_pid_tgid());
+	if (!slot)
 		return 0;
 	struct syscall_args args = {};
 	if (direction == PROBE_EGRESS)

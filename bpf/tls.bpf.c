@@ -41,11 +41,10 @@ static __always_inline int ssl_enter(struct pt_regs *ctx, u8 syscall, u64 count_
 {
 	u64 id = bpf_get_current_pid_tgid();
 	u32 tid = (u32)id;
-	if (!process_wanted(id >> 32))
+	/* An excluded thread's socket syscalls are not looked at, nor is its plaintext. */
+	struct syscall_args *thread = wanted_thread(id);
+	if (!thread)
 		return 0;
-	struct syscall_args *thread = thread_syscall(tid, true);
-	if (!thread || thread_excluded(thread))
-		return 0; /* its socket syscalls are not looked at, nor is its plaintext */
 	struct tls_call call = {};
 	call.ssl = PT_REGS_PARM1(ctx);
 	call.buf = PT_REGS_PARM2(ctx);

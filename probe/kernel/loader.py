@@ -300,11 +300,7 @@ class EventSource:
             if key in self._ignored:
                 return
         if isinstance(event, ConnClose):
-            pids = self._open_by_pid.get(key.pid)
-            if pids is not None:
-                pids.discard(key)
-                if not pids:
-                    del self._open_by_pid[key.pid]
+            self._forget_open(key)
         self._reader.batch.append(event)
 
     def _open(self, event: ConnOpen) -> None:
@@ -345,18 +341,22 @@ class EventSource:
         sockets are by default): the kernel saw no close(), and their
         descriptors may already be the new image's files, whose bytes would
         be taken for the connection's. A socket the new image kept goes on."""
-        keys = self._open_by_pid.get(event.pid)
-        if not keys:
-            return
+        keys = self._open_by_pid.get(event.pid, ())
         closed = [key for key in keys if not sockets.is_socket(key.pid, key.fd)]
         for key in closed:
-            keys.discard(key)
+            self._forget_open(key)
             self._drop_records(key)  # those the kernel sent before its entry goes
             self._reader.batch.append(ConnClose(key, event.pid, event.timestamp_ns))
-        if not keys:
-            del self._open_by_pid[event.pid]
         if self._bpf is not None and closed:
             self._delete_kernel_connections(closed)
+
+    def _forget_open(self, key: ConnKey) -> None:
+        """The connection is closed: no longer one of its process's open ones."""
+        keys = self._open_by_pid.get(key.pid)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._open_by_pid[key.pid]
 
     def _drop_records(self, key: ConnKey) -> None:
         """Records of this connection still to be read are dropped on reading."""
