@@ -13,6 +13,7 @@ SPANS_EXPORTED = "probe_spans_exported_total"
 SPANS_DROPPED = "probe_spans_dropped_total"
 EVENTS = "probe_events_total"
 EVENTS_LOST = "probe_events_lost_total"
+EXCHANGES_SHED = "probe_exchanges_shed_total"
 
 
 def _delta(after: Mapping[str, float], before: Mapping[str, float], key: str) -> float:
@@ -43,9 +44,11 @@ def probe_figures(
 ) -> dict[str, float]:
     """From the probe's metrics and CPU time around a run: its CPU per
     request (µs; ``cpu_s_per_1000_requests`` is the same figure in the
-    issue's unit), kernel events read and lost, spans dropped."""
+    issue's unit), kernel events read and lost, exchanges shed over the
+    rate limit, spans dropped."""
     figures = {
         "events_lost": _delta(after, before, EVENTS_LOST),
+        "exchanges_shed": _delta(after, before, EXCHANGES_SHED),
         "spans_dropped": _delta(after, before, SPANS_DROPPED),
         "spans_produced": _delta(after, before, SPANS_PRODUCED),
         "spans_exported": _delta(after, before, SPANS_EXPORTED),

@@ -49,6 +49,7 @@ from bench.workloads import (
     measured_with,
 )
 from probe.compiled import MODULES
+from probe.config import DEFAULT_EXCHANGE_RATE
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -180,10 +181,12 @@ def floor() -> Iterator[Traced]:
 
 
 @contextlib.contextmanager
-def probe(sink: Sink, trace_load_generator: bool) -> Iterator[Traced]:
+def probe(sink: Sink, settings: Settings) -> Iterator[Traced]:
     argv = [sys.executable, "-m", "probe", "run", "--metrics-address", "127.0.0.1:0"]
     argv += ["--otlp-endpoint", sink.http_endpoint]  # over the default protocol, http/protobuf
-    if not trace_load_generator:
+    if settings.exchange_rate is not None:
+        argv += ["--max-exchange-rate", str(settings.exchange_rate)]
+    if not settings.trace_load_generator:
         for name in load.LOAD_GENERATORS:
             argv += ["--exclude-comm", name]
     with Child("probe", argv, env={**os.environ, **SPAN_ENV}, cwd=REPO) as child:
@@ -242,7 +245,7 @@ class Bench:
         workloads = [w for w in WORKLOADS if measured_with(w, config)]
         self.say(f"repeat {repeat + 1}/{self.settings.repeats}: {config}")
         if config == PROBE:
-            with probe(self.sink, self.settings.trace_load_generator) as traced:
+            with probe(self.sink, self.settings) as traced:
                 self.probe_figures["ready_s"][repeat] = traced.ready_s
                 for workload in workloads:
                     self.measure(workload, config, repeat, traced)
@@ -358,7 +361,7 @@ class Bench:
         rate = max(workload.rates)
         output = self.scratch / "py-spy.txt"
         self.say(f"profiling the probe with py-spy, {workload.name} at {rate}/s")
-        with probe(self.sink, self.settings.trace_load_generator) as traced:
+        with probe(self.sink, self.settings) as traced:
             cpu_before = observe.cpu_seconds(traced.child.pid)
             argv = [py_spy, "record", "--pid", str(traced.child.pid), "--format", "raw"]
             argv += ["--duration", f"{seconds:g}", "--rate", str(PROFILE_RATE_HZ)]
@@ -431,6 +434,10 @@ def run(settings: Settings) -> dict[str, object]:
         "kernel_seconds": settings.kernel_seconds,
         "wrk_connections": settings.connections,
         "load_generator_traced": settings.trace_load_generator,
+        # Over it the probe sheds exchanges in the kernel (see completeness at saturation).
+        "probe_exchange_rate": (
+            DEFAULT_EXCHANGE_RATE if settings.exchange_rate is None else settings.exchange_rate
+        ),
         "kernel": platform.release(),
         "cpus": os.cpu_count(),
         "tools": _tool_versions(),

@@ -216,6 +216,7 @@ def summary(report: Mapping, targets: Iterable[Mapping]) -> str:
                     f"    probe: cpu {_fmt(median(probe, 'cpu_us_per_request'), digits=1)} µs/req"
                     f"  completeness {_fmt(median(probe, 'completeness'), digits=3)}"
                     f"  events lost {_fmt(median(probe, 'events_lost'))}"
+                    f"  exchanges shed {_fmt(median(probe, 'exchanges_shed'))}"
                     f"  spans dropped {_fmt(median(probe, 'spans_dropped'))}"
                 )
             if phase == "kernel":

@@ -69,13 +69,16 @@ class Settings:
     quick: bool = False
     # The probe traces wrk and h2load too: two spans per request, not one.
     trace_load_generator: bool = False
+    # The probe's --max-exchange-rate; None: its default (probe.config).
+    exchange_rate: int | None = None
     time_limit_s: float = 900.0  # the whole benchmark, then it stops and cleans up
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str]) -> Settings:
         """Full by default; ``BENCH_QUICK=1`` for a smoke run of about a minute;
         ``BENCH_REPEATS`` and ``BENCH_SECONDS`` override either;
-        ``BENCH_TRACE_LOAD=1`` has the probe trace the load generator too."""
+        ``BENCH_TRACE_LOAD=1`` has the probe trace the load generator too;
+        ``BENCH_EXCHANGE_RATE`` sets the probe's exchange rate limit (0: none)."""
         settings = cls()
         if environ.get("BENCH_QUICK", "") not in ("", "0"):
             settings = replace(
@@ -89,6 +92,8 @@ class Settings:
             )
         if environ.get("BENCH_TRACE_LOAD", "") not in ("", "0"):
             settings = replace(settings, trace_load_generator=True)
+        if environ.get("BENCH_EXCHANGE_RATE"):
+            settings = replace(settings, exchange_rate=int(environ["BENCH_EXCHANGE_RATE"]))
         if environ.get("BENCH_REPEATS"):
             settings = replace(settings, repeats=int(environ["BENCH_REPEATS"]))
         if environ.get("BENCH_SECONDS"):

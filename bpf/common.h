@@ -13,6 +13,7 @@
  *   PROBE_FILTER_COMM    trace only processes whose comm equals this string
  *   PROBE_EXCLUDE_COMMS  never trace processes whose comm is in `excluded_comms`
  *   PROBE_TASK_STORAGE   keep syscalls in flight in task storage, not a hash
+ *   PROBE_EXCHANGE_RATE  exchanges sent per second at most (0: no limit)
  */
 #ifndef PROBE_COMMON_H
 #define PROBE_COMMON_H
@@ -64,6 +65,9 @@ struct abi_msghdr {
 
 #ifndef PROBE_CAPTURE_BYTES
 #define PROBE_CAPTURE_BYTES 4096
+#endif
+#ifndef PROBE_EXCHANGE_RATE
+#define PROBE_EXCHANGE_RATE 0
 #endif
 #ifndef PROBE_RINGBUF_PAGES
 #define PROBE_RINGBUF_PAGES 1024

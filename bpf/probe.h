@@ -141,7 +141,18 @@ struct probe_conn_state {
 	__u8 ignored;   /* 1: a socket or file the probe decided not to trace */
 	__u8 protocol;  /* enum probe_protocol: of the bytes on the socket */
 	__u8 plaintext; /* enum probe_protocol: of the bytes a TLS library moved */
-	__u8 _pad[4];
+	__u8 exchange;  /* enum probe_exchange_bits: kernel-only, 0 from user space */
+	__u8 _pad[3];
+};
+
+/* probe_conn_state.exchange: the direction bytes last moved, and whether the
+ * exchange they belong to is shed (over PROBE_EXCHANGE_RATE: none of its
+ * records are sent). An exchange starts where a request does: the first
+ * bytes a server reads, or a client writes, after bytes moved the other way. */
+enum probe_exchange_bits {
+	PROBE_EXCHANGE_MOVED_INGRESS = 1,
+	PROBE_EXCHANGE_MOVED_EGRESS = 2,
+	PROBE_EXCHANGE_SHED = 4,
 };
 
 /* probe_conn_state.protocol: what the connection's first bytes say. Only
@@ -164,7 +175,8 @@ enum probe_counter {
 	PROBE_COUNTER_TLS_CIPHERTEXT = 2, /* socket I/O of a TLS connection, not sent */
 	PROBE_COUNTER_TLS_NO_SOCKET = 3,  /* TLS plaintext dropped: its socket was not known */
 	PROBE_COUNTER_NOT_HTTP = 4,       /* I/O, or TLS plaintext, not (yet) seen to be HTTP */
-	PROBE_COUNTER_MAX = 5,
+	PROBE_COUNTER_SHED = 5,           /* an exchange over the rate limit: none of it sent */
+	PROBE_COUNTER_MAX = 6,
 };
 
 #endif /* PROBE_H */

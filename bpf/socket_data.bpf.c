@@ -302,6 +302,71 @@ static __always_inline bool withheld(struct probe_conn_state *state, u32 tid,
 	return true;
 }
 
+#if PROBE_EXCHANGE_RATE
+/* The rate limit is a token bucket, host-wide, counted in nanoseconds: time
+ * adds credit, an exchange costs a second's share of the rate, and a second's
+ * worth may gather, so a burst after a quiet spell is traced whole and a
+ * sustained excess is shed evenly. */
+#define EXCHANGE_COST_NS (1000000000LL / PROBE_EXCHANGE_RATE)
+#define EXCHANGE_BURST_NS 1000000000LL
+struct exchange_budget {
+	s64 refilled_ns; /* when credit was last added */
+	s64 credit_ns;
+};
+BPF_ARRAY(exchange_budget, struct exchange_budget, 1);
+
+/* Does an exchange starting now go over the rate? Two CPUs may both add the
+ * same moment's credit, or one overwrite the other's spending: a few
+ * exchanges more than the rate, never a lock on this path. */
+static __always_inline bool over_rate(u64 now)
+{
+	u32 zero = 0;
+	struct exchange_budget *budget = exchange_budget.lookup(&zero);
+	if (!budget)
+		return false;
+	s64 elapsed = (s64)now - budget->refilled_ns;
+	if (elapsed > 0) {
+		s64 credit = budget->credit_ns + elapsed;
+		budget->credit_ns = credit < EXCHANGE_BURST_NS ? credit : EXCHANGE_BURST_NS;
+		budget->refilled_ns = now;
+	}
+	if (budget->credit_ns < EXCHANGE_COST_NS) {
+		count(PROBE_COUNTER_SHED);
+		return true;
+	}
+	__sync_fetch_and_add(&budget->credit_ns, -EXCHANGE_COST_NS);
+	return false;
+}
+#endif
+
+/* Is this call part of an exchange shed for the rate limit (PROBE_EXCHANGE_RATE)?
+ * Only whole exchanges are shed, so that user space's parser never sees half
+ * of one: the verdict is taken as a request starts (probe_exchange_bits) and
+ * holds for every call until the next one starts. Over the limit, a request
+ * costs its syscalls' programs but no record, no copy, no user-space work:
+ * the probe's CPU stays bounded however busy the node. A connection whose
+ * role is unknown (open before the probe) is never shed: which side asks is
+ * not known. */
+static __always_inline bool shed(struct probe_conn_state *state, u8 direction, u64 now)
+{
+#if PROBE_EXCHANGE_RATE
+	u8 moved = direction == PROBE_INGRESS ? PROBE_EXCHANGE_MOVED_INGRESS
+					      : PROBE_EXCHANGE_MOVED_EGRESS;
+	u8 bits = state->exchange;
+	if (!(bits & moved)) { /* the first bytes this way since the other way's */
+		u8 asking = state->role == PROBE_ROLE_SERVER ? PROBE_INGRESS : PROBE_EGRESS;
+		bool starts = state->role != PROBE_ROLE_UNKNOWN && direction == asking;
+		if (starts)
+			bits = over_rate(now) ? PROBE_EXCHANGE_SHED : 0;
+		bits = (bits & PROBE_EXCHANGE_SHED) | moved;
+		state->exchange = bits;
+	}
+	return bits & PROBE_EXCHANGE_SHED;
+#else
+	return false;
+#endif
+}
+
 /* Defined in go.bpf.c: the goroutine that the read or write ending now on
  * this thread works for, if the thread is a Go program's; 0 otherwise. */
 static __always_inline u64 go_socket_goroutine(u32 pid, u32 tid, s32 fd);
@@ -321,13 +386,15 @@ static __always_inline struct probe_data_event *data_event(u32 pid, u32 tid,
 		state = sniff_connection(&key, tid, call, ret);
 	if (!state || state->ignored || withheld(state, tid, call, ret, direction))
 		return 0;
+	u64 exit_ns = bpf_ktime_get_ns();
+	if (shed(state, direction, exit_ns))
+		return 0;
 
 	struct data_scratch *scratch = take_scratch();
 	if (!scratch)
 		return 0;
 	struct probe_data_event *event = &scratch->event;
 	struct probe_conn_id conn = {.pid = pid, .fd = call->fd, .generation = state->generation};
-	u64 exit_ns = bpf_ktime_get_ns();
 	fill_header(&event->header, PROBE_EVENT_DATA, tid, &conn,
 		    direction == PROBE_INGRESS ? exit_ns : call->enter_ns);
 	event->exit_ns = exit_ns;

@@ -39,6 +39,9 @@ The YAML file (every key optional; the variables are in brackets)::
     nice: 10                           # 0-19: CPU priority below the traced programs' [PROBE_NICE]
     capture:
       size: 4096                       # payload bytes copied per syscall [PROBE_CAPTURE_SIZE]
+      max_exchange_rate: 10000         # exchanges traced per second, host-wide; the rest
+                                       # are shed in the kernel and counted; 0: no limit
+                                       # [PROBE_MAX_EXCHANGE_RATE]
       credentials: false               # keep Authorization, Cookie... [PROBE_CAPTURE_CREDENTIALS]
       redact_query: true               # blank query values in URLs [PROBE_REDACT_QUERY]
       header_allowlist: [user-agent]   # headers recorded as attributes [PROBE_HEADER_ALLOWLIST]
@@ -71,6 +74,11 @@ import yaml
 # 13.2-13.3 rather than 15.2-16.1 us of probe CPU per request (bench/README.md).
 DEFAULT_PROTOCOL = "http/protobuf"
 DEFAULT_GRPC_ENDPOINT = "http://localhost:4317"
+# Exchanges (request/response pairs) traced per second, host-wide, by default:
+# at 10-15 us of the probe's CPU each, about a tenth of a core. Beyond it the
+# kernel sheds whole exchanges and counts them (probe_exchanges_shed_total),
+# so the probe's cost stays bounded on a saturated node (bench/README.md).
+DEFAULT_EXCHANGE_RATE = 10_000
 DEFAULT_HTTP_ENDPOINT = "http://localhost:4318/v1/traces"
 _GENERIC_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
 
@@ -103,6 +111,7 @@ class ProbeConfig:
     # CPU time from the workload. 0 competes as an equal.
     nice: int = 10
     capture_size: int = 4096
+    max_exchange_rate: int = DEFAULT_EXCHANGE_RATE
     capture_credentials: bool = False
     redact_query: bool = True
     header_allowlist: tuple[str, ...] = ()
@@ -281,6 +290,9 @@ _SETTINGS = (
     _Setting("log_format", "log_format", _choice("text", "json"), ("PROBE_LOG_FORMAT",)),
     _Setting("nice", "nice", _int(0, 19), ("PROBE_NICE",)),
     _Setting("capture_size", "capture.size", _int(1), ("PROBE_CAPTURE_SIZE",)),
+    _Setting(
+        "max_exchange_rate", "capture.max_exchange_rate", _int(0), ("PROBE_MAX_EXCHANGE_RATE",)
+    ),
     _Setting("capture_credentials", "capture.credentials", _bool, ("PROBE_CAPTURE_CREDENTIALS",)),
     _Setting("redact_query", "capture.redact_query", _bool, ("PROBE_REDACT_QUERY",)),
     _Setting(

@@ -38,6 +38,7 @@ PREFIX = "probe_"
 COUNTERS = {
     "events": "Kernel events read from the ring buffer",
     "events_lost": "Kernel events lost before user space read them",
+    "exchanges_shed": "Exchanges over the exchange rate limit, shed whole in the kernel",
     "parse_errors": "HTTP messages that could not be parsed",
     "connections_opened": "Connections the probe started tracking",
     "spans_produced": "Spans built from HTTP exchanges",

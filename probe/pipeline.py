@@ -35,6 +35,9 @@ from probe.trace.span import Resource, Span
 log = logging.getLogger(__name__)
 
 KERNEL_COUNTERS_INTERVAL_S = 1.0
+# Shedding over the exchange rate limit goes on as long as the load does: it
+# is told at most this often.
+SHED_WARNING_INTERVAL_S = 60.0
 # How long a poll waits for the kernel's wakeup. Below the rate at which the
 # kernel wakes the reader (bpf/common.h, emit_record(): a share of the ring
 # buffer written, or a record that cannot wait), records are read this often:
@@ -164,6 +167,8 @@ class Pipeline:
             self._on_exchange, stats, resolve=_addresses, on_request=self._request_started
         )
         source.on_open = self._on_open
+        self._shed_told = 0  # exchanges_shed when shedding was last told
+        self._shed_told_at = -SHED_WARNING_INTERVAL_S
 
     def _on_open(self, event: ConnOpen) -> bool:
         """Describe the process while it is surely alive; filter by it."""
@@ -229,6 +234,18 @@ class Pipeline:
                 lost - self.stats["events_lost"],
                 lost,
             )
+        shed = counters["exchanges_shed"]
+        now = time.monotonic()
+        if shed > self._shed_told and now - self._shed_told_at >= SHED_WARNING_INTERVAL_S:
+            log.warning(
+                "over the limit of %d exchanges a second: %d exchanges shed in the kernel, "
+                "not traced (%d in all); --max-exchange-rate or capture.max_exchange_rate "
+                "raises it",
+                self.source.options.exchange_rate,
+                shed - self._shed_told,
+                shed,
+            )
+            self._shed_told, self._shed_told_at = shed, now
         for name, value in counters.items():  # totals: set, not added (Stats is a Counter)
             self.stats[name] = value
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import TextIO
 
-from probe.config import ConfigError, load
+from probe.config import DEFAULT_EXCHANGE_RATE, ConfigError, load
 from probe.export.console import ConsoleSpanExporter
 from probe.export.jsonl import JsonLinesSpanExporter
 from probe.export.otlp import create_processor
@@ -82,6 +82,18 @@ def add_link_wait_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_exchange_rate_argument(parser: argparse.ArgumentParser, default: int | None) -> None:
+    parser.add_argument(
+        "--max-exchange-rate",
+        dest="max_exchange_rate",
+        type=int,
+        default=default,
+        metavar="N",
+        help="trace at most N request/response exchanges a second, host-wide; the kernel "
+        f"sheds the rest whole and counts them (default {DEFAULT_EXCHANGE_RATE}; 0: no limit)",
+    )
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "capture",
@@ -104,6 +116,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="output format (default: table; tree: one waterfall per trace)",
     )
     add_link_wait_argument(parser)
+    add_exchange_rate_argument(parser, DEFAULT_EXCHANGE_RATE)
     parser.add_argument("--output", metavar="FILE", help="write spans here, not to stdout")
     parser.add_argument("--otlp-endpoint", metavar="URL",
                         help="also export spans over OTLP (protocol and the rest from OTEL_* "
@@ -114,6 +127,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def probe_options(args: argparse.Namespace) -> ProbeOptions:
     return ProbeOptions(
         capture_bytes=args.capture_bytes,
+        exchange_rate=args.max_exchange_rate,
         pids=tuple(args.pid),
         ports=tuple(args.port),
         comm=args.comm,
@@ -148,7 +162,8 @@ class StopFlag:
 def print_summary(stats: Stats, stream: TextIO = sys.stderr) -> None:
     print(
         f"events seen: {stats['events']}, events lost: {stats['events_lost']}, "
-        f"parse errors: {stats['parse_errors']}, spans: {stats['spans_produced']}",
+        f"parse errors: {stats['parse_errors']}, spans: {stats['spans_produced']}, "
+        f"exchanges shed: {stats['exchanges_shed']}",
         file=stream,
     )
     # Calls on connections whose first bytes were not HTTP's: no events at all.

@@ -10,7 +10,12 @@ import os
 import sys
 
 from probe import compiled
-from probe.commands.capture import StopFlag, add_link_wait_argument, plain_names
+from probe.commands.capture import (
+    StopFlag,
+    add_exchange_rate_argument,
+    add_link_wait_argument,
+    plain_names,
+)
 from probe.config import ConfigError, ProbeConfig, load
 from probe.export.otlp import create_processor
 from probe.kernel.features import ProbeError
@@ -95,6 +100,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--log-format", dest="log_format", choices=("text", "json"))
     parser.add_argument("--capture-bytes", dest="capture_size", type=int, metavar="N")
+    add_exchange_rate_argument(parser, default=None)  # the configuration's, unless given
     add_link_wait_argument(parser)
     parser.set_defaults(command=run)  # fmt: skip
 
@@ -103,6 +109,7 @@ def overrides(args: argparse.Namespace) -> dict[str, object]:
     names = (
         "pids", "ports", "comm_patterns", "exclude_comm_patterns", "exe_patterns", "container_ids",
         "otlp_endpoint", "otlp_protocol", "metrics_address", "log_format", "capture_size",
+        "max_exchange_rate",
     )  # fmt: skip
     return {name: getattr(args, name) for name in names}
 
@@ -114,6 +121,7 @@ def kernel_options(config: ProbeConfig) -> ProbeOptions:
     comm = plain[0] if len(config.comm_patterns) == 1 and plain else None
     return ProbeOptions(
         capture_bytes=config.capture_size,
+        exchange_rate=config.max_exchange_rate,
         pids=config.pids,
         ports=config.ports,
         comm=comm,

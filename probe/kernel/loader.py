@@ -50,6 +50,7 @@ KERNEL_COUNTERS = {
     lib.PROBE_COUNTER_TLS_CIPHERTEXT: "tls_ciphertext_dropped",
     lib.PROBE_COUNTER_TLS_NO_SOCKET: "tls_plaintext_without_socket",
     lib.PROBE_COUNTER_NOT_HTTP: "not_http_withheld",
+    lib.PROBE_COUNTER_SHED: "exchanges_shed",
 }
 
 # libbcc's ring-buffer callback: (context, record address, record size) -> 0.
@@ -80,6 +81,9 @@ class ProbeOptions:
     comm: str | None = None
     # Process names never traced, decided in the kernel as a connection opens.
     excluded_comms: tuple[str, ...] = ()
+    # Exchanges sent to user space per second at most, host-wide; those over
+    # it are shed whole in the kernel and counted. 0: no limit.
+    exchange_rate: int = 0
     ringbuf_pages: int = 1024  # 4 MiB with 4 KiB pages; must be a power of two
     # Syscalls in flight kept in task storage; None: where the kernel has it.
     task_storage: bool | None = None
@@ -98,6 +102,10 @@ class ProbeOptions:
             f"-DPROBE_RINGBUF_PAGES={self.ringbuf_pages}",
             f"-DPROBE_NR_CPUS={os.cpu_count() or 1}",
         ]
+        if self.exchange_rate < 0:
+            raise features.ProbeError(f"exchange rate {self.exchange_rate}: 0 or more, please.")
+        if self.exchange_rate:
+            flags.append(f"-DPROBE_EXCHANGE_RATE={self.exchange_rate}")
         if self.pids:
             flags.append("-DPROBE_FILTER_PIDS")
         if self.ports:

@@ -209,7 +209,8 @@ class ProbeCapture:
     def summary(self) -> dict[str, int]:
         """The counters of the summary the probe printed on stderr at exit."""
         counts = {}
-        for name in ("events_seen", "events_lost", "parse_errors", "spans", "not_http_withheld"):
+        names = ("events_seen", "events_lost", "parse_errors", "spans", "exchanges_shed")
+        for name in (*names, "not_http_withheld"):
             words = name.replace("_", r"[ _-]")
             match = re.search(rf"\b{words}\b\W{{0,3}}(\d+)", self.stderr, re.IGNORECASE) or (
                 re.search(rf"(\d+)\s+{words}\b", self.stderr, re.IGNORECASE)

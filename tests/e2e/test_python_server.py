@@ -78,6 +78,26 @@ def test_keep_alive_connection(pyserver, probe_capture, http_client):
     assert len(probe.spans) == 400
 
 
+def test_over_the_exchange_rate_spans_stay_whole(pyserver, probe_capture, http_client):
+    """At 10 exchanges a second, most of 200 requests sent back to back are
+    shed in the kernel: each span traced is one request with its own answer,
+    and what was shed is counted."""
+    paths = [f"/limited/{i}" for i in range(200)]
+    capture = ("-P", str(pyserver.port), "--max-exchange-rate", "10")
+    with probe_capture(*capture) as probe, http_client(pyserver) as client:
+        seen = {path: client.request("GET", path) for path in paths}
+    for span in probe.spans:
+        observed = seen[span["attributes"]["url.path"]]
+        if span["kind"] == "SERVER":
+            observed.check_server_span(span, pyserver)
+        else:
+            observed.check_client_span(span, pyserver)
+    summary = probe.summary()
+    assert summary["parse_errors"] == 0
+    assert 0 < len(probe.spans) < 400 and summary["exchanges_shed"] > 0
+    assert len(probe.spans) + summary["exchanges_shed"] == 400  # both ends of each request
+
+
 def test_pipelined_requests(pyserver, probe_capture):
     """Five requests in one write; the server answers them one by one."""
     paths = [f"/pipelined/{i}" for i in range(5)]

@@ -18,6 +18,10 @@ python peers.py tls_chatter PORT COUNT HEX CERT KEY
                                    the same over TLS (Python's ssl: the
                                    system's OpenSSL), the server end in a
                                    thread
+python peers.py conversation PORT COUNT
+                                   one connection to itself: COUNT requests
+                                   (GET /K), each written in two parts, each
+                                   answered in two parts, back to back
 python peers.py relay PORT NAME    one connection to itself: the main thread
                                    sends GET /a, a thread named NAME sends
                                    GET /b on it, then takes another name and
@@ -100,6 +104,25 @@ def chatter(port: int, count: int, message: bytes = b"GET /chat ", bytewise: boo
             for _ in range(count):
                 out.sendall(message)
                 receive(conn, len(message), 1 if bytewise else len(message))
+
+
+def conversation(port: int, count: int) -> None:
+    with (
+        socket.create_server(("127.0.0.1", port)) as listener,
+        socket.create_connection(("127.0.0.1", port)) as out,
+    ):
+        conn, _ = listener.accept()
+        with conn:
+            for k in range(count):
+                request = [b"GET /%d HTTP/1.1\r\n" % k, b"Host: peer\r\n\r\n"]
+                body = b"%d" % k
+                response = [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body), body]
+                for part in request:
+                    out.sendall(part)
+                receive(conn, sum(map(len, request)))
+                for part in response:
+                    conn.sendall(part)
+                receive(out, sum(map(len, response)))
 
 
 def tls_chatter(port: int, count: int, message: bytes, cert: str, key: str) -> None:
@@ -201,6 +224,8 @@ if __name__ == "__main__":
     elif mode == "chatter":
         message = [bytes.fromhex(arg) for arg in sys.argv[4:5]]
         chatter(port, int(sys.argv[3]), *message, bytewise=sys.argv[5:] == ["bytewise"])
+    elif mode == "conversation":
+        conversation(port, int(sys.argv[3]))
     elif mode == "tls_chatter":
         tls_chatter(port, int(sys.argv[3]), bytes.fromhex(sys.argv[4]), *sys.argv[5:7])
     elif mode == "relay":

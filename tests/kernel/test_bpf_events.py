@@ -330,3 +330,46 @@ def test_a_request_read_a_byte_at_a_time_is_sent() -> None:
     [server] = [e.key for e in events if isinstance(e, ConnOpen) and e.role == Role.SERVER]
     received = [e.payload for e in events if isinstance(e, DataEvent) and e.key == server]
     assert received == [bytes([byte]) for byte in request] * sends
+
+
+def _exchanges(events: list, key: object, asking: Direction) -> list[tuple[bytes, bytes]]:
+    """A connection's data as (request, response) pairs: each run of calls
+    one way, joined, paired with the run the other way after it."""
+    runs: list[tuple[Direction, bytes]] = []
+    for event in events:
+        if isinstance(event, DataEvent) and event.key == key:
+            if runs and runs[-1][0] == event.direction:
+                runs[-1] = (event.direction, runs[-1][1] + event.payload)
+            else:
+                runs.append((event.direction, event.payload))
+    assert runs and runs[0][0] == asking and len(runs) % 2 == 0, runs
+    return [(runs[i][1], runs[i + 1][1]) for i in range(0, len(runs), 2)]
+
+
+def test_over_the_exchange_rate_whole_exchanges_are_shed_and_counted() -> None:
+    """A rate of 5 a second, and 200 requests back to back on one connection
+    traced at both ends: the kernel sends a few exchanges whole and sheds the
+    rest whole, each request with its own response, and counts what it shed."""
+    port, count = free_port(), 200
+    with EventSource(ProbeOptions(ports=(port,), exchange_rate=5), Stats()) as source:
+        peer = subprocess.Popen([sys.executable, str(PEERS), "conversation", str(port), str(count)])
+        assert peer.wait(20) == 0
+        events = collect(source, lambda evs: sum(isinstance(e, ConnClose) for e in evs) >= 2)
+        shed = source.kernel_counters()["exchanges_shed"]
+        lost = source.lost_events()
+
+    opens = {e.role: e.key for e in events if isinstance(e, ConnOpen)}
+    traced = 0
+    for role, asking in ((Role.SERVER, Direction.INGRESS), (Role.CLIENT, Direction.EGRESS)):
+        for request, response in _exchanges(events, opens[role], asking):
+            k = int(request.split(b" ")[1][1:])
+            assert request == b"GET /%d HTTP/1.1\r\nHost: peer\r\n\r\n" % k, role
+            body = b"%d" % k
+            assert response == b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (
+                len(body),
+                body,
+            ), role
+            traced += 1
+    assert lost == 0
+    assert traced > 0 and shed > 0, (traced, shed)
+    assert traced + shed == 2 * count  # every exchange of either end, traced or shed

@@ -69,12 +69,14 @@ def test_probe_figures() -> None:
     after = {
         figures.EVENTS: 8100.0,
         figures.EVENTS_LOST: 5.0,
+        figures.EXCHANGES_SHED: 300.0,
         figures.SPANS_PRODUCED: 2010.0,
         figures.SPANS_EXPORTED: 2000.0,
         figures.SPANS_DROPPED: 10.0,
     }
     assert figures.probe_figures(before, after, cpu_seconds=0.05, requests=1000) == {
         "events_lost": 4.0,
+        "exchanges_shed": 300.0,
         "spans_dropped": 10.0,
         "spans_produced": 2000.0,
         "spans_exported": 1990.0,
@@ -104,6 +106,8 @@ def test_settings_from_environment() -> None:
     assert (quick.quick, quick.repeats, quick.seconds) == (True, 2, 1.0)
     assert not Settings().trace_load_generator
     assert Settings.from_environment({"BENCH_TRACE_LOAD": "1"}).trace_load_generator
+    assert Settings.from_environment({}).exchange_rate is None  # the probe's default
+    assert Settings.from_environment({"BENCH_EXCHANGE_RATE": "0"}).exchange_rate == 0
     with pytest.raises(ValueError):
         Settings.from_environment({"BENCH_REPEATS": "0"})
 

@@ -32,6 +32,7 @@ def test_defaults():
     assert config.bsp_export_timeout_ms == 30_000
     assert config.capture_credentials is False
     assert config.redact_query is True
+    assert config.max_exchange_rate == 10_000
 
 
 def test_grpc_protocol_has_its_own_default_endpoint():
@@ -161,6 +162,7 @@ log_format: json
 nice: 5
 capture:
   size: 1024
+  max_exchange_rate: 500
   credentials: true
   redact_query: false
   header_allowlist: [User-Agent, x-request-id]
@@ -193,6 +195,7 @@ def test_every_setting_from_the_file(config_file):
         log_format="json",
         nice=5,
         capture_size=1024,
+        max_exchange_rate=500,
         capture_credentials=True,
         redact_query=False,
         header_allowlist=("user-agent", "x-request-id"),
@@ -247,6 +250,7 @@ def test_probe_variables():
             "PROBE_EXCLUDE_COMM": "h2load, kube-probe*",
             "PROBE_HEADER_ALLOWLIST": "Accept",
             "PROBE_REDACT_QUERY": "false",
+            "PROBE_MAX_EXCHANGE_RATE": "0",
         },
     )
     assert config.metrics_address == ("127.0.0.1", 0)
@@ -256,6 +260,7 @@ def test_probe_variables():
     assert config.exclude_comm_patterns == ("h2load", "kube-probe*")
     assert config.header_allowlist == ("accept",)
     assert config.redact_query is False
+    assert config.max_exchange_rate == 0  # no limit
 
 
 def test_empty_variables_are_ignored():
@@ -295,6 +300,7 @@ def test_empty_variables_are_ignored():
         ),
         ({"PROBE_PORTS": "80,70000"}, "PROBE_PORTS: must be between 1 and 65535, got 70000"),
         ({"PROBE_NICE": "-5"}, "PROBE_NICE: must be between 0 and 19, got -5"),
+        ({"PROBE_MAX_EXCHANGE_RATE": "-1"}, "PROBE_MAX_EXCHANGE_RATE: must be at least 0"),
         (
             {"PROBE_METRICS_ADDRESS": "9464"},
             "PROBE_METRICS_ADDRESS: expected host:port, got '9464'",

@@ -28,6 +28,13 @@ def test_task_storage_needs_linux_5_12_and_btf(monkeypatch):
     assert features.task_storage_available() is features.BTF.exists()
 
 
+def test_the_exchange_rate_is_compiled_in_only_when_limited():
+    assert not any("EXCHANGE_RATE" in flag for flag in ProbeOptions().cflags())
+    assert "-DPROBE_EXCHANGE_RATE=2500" in ProbeOptions(exchange_rate=2500).cflags()
+    with pytest.raises(features.ProbeError, match="exchange rate -1"):
+        ProbeOptions(exchange_rate=-1).cflags()
+
+
 @pytest.mark.parametrize(
     ("release", "version"),
     [
