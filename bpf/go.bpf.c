@@ -278,7 +278,7 @@ static __always_inline int go_tls_return(struct pt_regs *ctx, u8 op)
 	if (!event)
 		return 0;
 	event->goroutine = go_works_for(pid, ctx->r14);
-	event->flags = PROBE_DATA_TLS;
+	event->flags |= PROBE_DATA_TLS;
 	emit_data(event);
 	return 0;
 }

@@ -62,6 +62,8 @@ enum probe_syscall {
 /* Bits of probe_data_event.flags. */
 enum probe_data_flags {
 	PROBE_DATA_TLS = 1, /* decrypted bytes from a TLS library's read or write */
+	PROBE_DATA_AFTER_SHED = 2, /* an exchange of this connection was shed before: user
+				    * space's count of its requests is not its other end's */
 };
 
 /* Address families as the kernel numbers them (AF_INET, AF_INET6). */
@@ -153,6 +155,7 @@ enum probe_exchange_bits {
 	PROBE_EXCHANGE_MOVED_INGRESS = 1,
 	PROBE_EXCHANGE_MOVED_EGRESS = 2,
 	PROBE_EXCHANGE_SHED = 4,
+	PROBE_EXCHANGE_SHED_BEFORE = 8, /* any exchange of the connection so far */
 };
 
 /* probe_conn_state.protocol: what the connection's first bytes say. Only

@@ -356,9 +356,13 @@ static __always_inline bool shed(struct probe_conn_state *state, u8 direction, u
 	if (!(bits & moved)) { /* the first bytes this way since the other way's */
 		u8 asking = state->role == PROBE_ROLE_SERVER ? PROBE_INGRESS : PROBE_EGRESS;
 		bool starts = state->role != PROBE_ROLE_UNKNOWN && direction == asking;
-		if (starts)
-			bits = over_rate(now) ? PROBE_EXCHANGE_SHED : 0;
-		bits = (bits & PROBE_EXCHANGE_SHED) | moved;
+		u8 kept = PROBE_EXCHANGE_SHED | PROBE_EXCHANGE_SHED_BEFORE;
+		if (starts) {
+			bits &= PROBE_EXCHANGE_SHED_BEFORE;
+			if (over_rate(now))
+				bits |= PROBE_EXCHANGE_SHED | PROBE_EXCHANGE_SHED_BEFORE;
+		}
+		bits = (bits & kept) | moved;
 		state->exchange = bits;
 	}
 	return bits & PROBE_EXCHANGE_SHED;
@@ -372,7 +376,8 @@ static __always_inline bool shed(struct probe_conn_state *state, u8 direction, u
 static __always_inline u64 go_socket_goroutine(u32 pid, u32 tid, s32 fd);
 
 /* The data event of a call that moved ret > 0 bytes on a traced connection,
- * built in a scratch slot with no goroutine and no flags; 0 when the fd is
+ * built in a scratch slot with no goroutine, flagged only after a shed
+ * exchange (PROBE_DATA_AFTER_SHED); 0 when the fd is
  * not traced. Also used for plaintext at TLS libraries, where `call`
  * describes the library call. Always send it with emit_data(), which gives
  * the slot back. */
@@ -402,7 +407,7 @@ static __always_inline struct probe_data_event *data_event(u32 pid, u32 tid,
 	event->direction = direction;
 	event->role = state->role;
 	event->syscall = call->syscall;
-	event->flags = 0;
+	event->flags = state->exchange & PROBE_EXCHANGE_SHED_BEFORE ? PROBE_DATA_AFTER_SHED : 0;
 	event->goroutine = 0;
 	if (call->syscall == PROBE_SYS_SENDFILE)
 		event->captured = 0;

@@ -113,7 +113,7 @@ static __always_inline void send_plaintext(u32 pid, u32 tid, const struct tls_ca
 	struct probe_data_event *event = data_event(pid, tid, &args, moved, direction);
 	if (!event)
 		return;
-	event->flags = PROBE_DATA_TLS;
+	event->flags |= PROBE_DATA_TLS;
 	mark_tls_connection(pid, fd);
 	emit_data(event);
 }

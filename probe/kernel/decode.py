@@ -86,6 +86,7 @@ _EVENT_CLOSE: Final = lib.PROBE_EVENT_CLOSE
 _EVENT_EXIT: Final = lib.PROBE_EVENT_EXIT
 _EVENT_EXEC: Final = lib.PROBE_EVENT_EXEC
 _DATA_TLS: Final = lib.PROBE_DATA_TLS
+_DATA_AFTER_SHED: Final = lib.PROBE_DATA_AFTER_SHED
 _DIRECTIONS = {member.value: member for member in Direction}
 _ROLES = {member.value: member for member in Role}
 
@@ -129,6 +130,7 @@ def decode(raw: bytes) -> KernelEvent | None:
             role=_ROLES.get(role, Role.UNKNOWN),
             goroutine=goroutine,
             tls=bool(flags & _DATA_TLS),
+            after_shed=bool(flags & _DATA_AFTER_SHED),
         )
     if len(raw) < _CONN.size:
         return None

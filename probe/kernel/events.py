@@ -71,6 +71,9 @@ class DataEvent:
     role: Role = Role.UNKNOWN  # as the kernel knows it (UNKNOWN: picked up mid-stream)
     goroutine: int = 0  # Go: the goroutine the I/O was done for; 0 elsewhere
     tls: bool = False  # plaintext from a TLS library rather than bytes on the socket
+    # An exchange of this connection was shed in the kernel (over the rate limit)
+    # before this call: the count of its requests is no longer its other end's.
+    after_shed: bool = False
 
     def __init__(  # written out for mypyc (probe/compiled.py)
         self,
@@ -84,6 +87,7 @@ class DataEvent:
         role: Role = Role.UNKNOWN,
         goroutine: int = 0,
         tls: bool = False,
+        after_shed: bool = False,
     ) -> None:
         self.key = key
         self.tid = tid
@@ -95,6 +99,7 @@ class DataEvent:
         self.role = role
         self.goroutine = goroutine
         self.tls = tls
+        self.after_shed = after_shed
 
 
 @dataclass(slots=True)

@@ -113,6 +113,8 @@ class HttpConnection:
         stream = self._requests if event.direction == self._request_direction else self._responses
         if event.tls:
             self.info.tls = True
+        if event.after_shed:
+            self.info.shed = True
         stream.feed(event.payload, event.size, first_ns, event.exit_ns, event.tid, event.goroutine)
 
     def close(self, reason: str) -> None:

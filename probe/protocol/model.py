@@ -18,6 +18,9 @@ class ConnectionInfo:
     local: Endpoint | None
     peer: Endpoint | None
     tls: bool = False  # the HTTP was read at a TLS library: url.scheme is https
+    # The kernel shed an exchange of it (over the rate limit): its requests' order
+    # no longer matches its other end's, so it pairs no requests by order.
+    shed: bool = False
 
 
 @dataclass(slots=True, init=False)

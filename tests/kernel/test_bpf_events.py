@@ -332,24 +332,29 @@ def test_a_request_read_a_byte_at_a_time_is_sent() -> None:
     assert received == [bytes([byte]) for byte in request] * sends
 
 
-def _exchanges(events: list, key: object, asking: Direction) -> list[tuple[bytes, bytes]]:
-    """A connection's data as (request, response) pairs: each run of calls
-    one way, joined, paired with the run the other way after it."""
-    runs: list[tuple[Direction, bytes]] = []
+def _exchanges(events: list, key: object, asking: Direction) -> list[tuple[bytes, bytes, set]]:
+    """A connection's data as (request, response, after_shed flags) triples:
+    each run of calls one way, joined, paired with the run the other way after it."""
+    runs: list[tuple[Direction, bytes, set]] = []
     for event in events:
         if isinstance(event, DataEvent) and event.key == key:
             if runs and runs[-1][0] == event.direction:
-                runs[-1] = (event.direction, runs[-1][1] + event.payload)
+                runs[-1][2].add(event.after_shed)
+                runs[-1] = (event.direction, runs[-1][1] + event.payload, runs[-1][2])
             else:
-                runs.append((event.direction, event.payload))
+                runs.append((event.direction, event.payload, {event.after_shed}))
     assert runs and runs[0][0] == asking and len(runs) % 2 == 0, runs
-    return [(runs[i][1], runs[i + 1][1]) for i in range(0, len(runs), 2)]
+    return [
+        (runs[i][1], runs[i + 1][1], runs[i][2] | runs[i + 1][2]) for i in range(0, len(runs), 2)
+    ]
 
 
 def test_over_the_exchange_rate_whole_exchanges_are_shed_and_counted() -> None:
     """A rate of 5 a second, and 200 requests back to back on one connection
     traced at both ends: the kernel sends a few exchanges whole and sheds the
-    rest whole, each request with its own response, and counts what it shed."""
+    rest whole, each request with its own response, and counts what it shed.
+    Each end's records after its first shed exchange say so: its count of
+    requests is no longer the other end's."""
     port, count = free_port(), 200
     with EventSource(ProbeOptions(ports=(port,), exchange_rate=5), Stats()) as source:
         peer = subprocess.Popen([sys.executable, str(PEERS), "conversation", str(port), str(count)])
@@ -361,7 +366,8 @@ def test_over_the_exchange_rate_whole_exchanges_are_shed_and_counted() -> None:
     opens = {e.role: e.key for e in events if isinstance(e, ConnOpen)}
     traced = 0
     for role, asking in ((Role.SERVER, Direction.INGRESS), (Role.CLIENT, Direction.EGRESS)):
-        for request, response in _exchanges(events, opens[role], asking):
+        seen = []
+        for request, response, after_shed in _exchanges(events, opens[role], asking):
             k = int(request.split(b" ")[1][1:])
             assert request == b"GET /%d HTTP/1.1\r\nHost: peer\r\n\r\n" % k, role
             body = b"%d" % k
@@ -369,7 +375,10 @@ def test_over_the_exchange_rate_whole_exchanges_are_shed_and_counted() -> None:
                 len(body),
                 body,
             ), role
-            traced += 1
+            seen.append((k, after_shed))
+        first_shed = min(set(range(count)) - {k for k, _ in seen})
+        assert all(flags == {k > first_shed} for k, flags in seen), (role, first_shed, seen)
+        traced += len(seen)
     assert lost == 0
     assert traced > 0 and shed > 0, (traced, shed)
     assert traced + shed == 2 * count  # every exchange of either end, traced or shed

@@ -241,6 +241,23 @@ def test_same_host_matches_requests_by_their_order_on_the_connection() -> None:
     assert len({c.trace_id for c in client_spans}) == 3
 
 
+def test_a_connection_that_shed_an_exchange_is_not_matched_by_order() -> None:
+    """The kernel shed the server end's first exchange (over the rate limit):
+    the second request is the first the server end parsed. By order it would
+    take the first request's client span as its parent: it is a root instead."""
+    host = Host()
+    out, into = host.connect(1, 2, 8080)
+    first = host.start(out, 1, sequence=0)
+    second = host.start(out, 11, sequence=1)
+    into.shed = True  # as its records say (DataEvent.after_shed)
+    served = host.start(into, 12, sequence=0)
+    server_span = host.end(served, 13)
+    assert host.exported == [server_span]  # at once: no wait for a client end
+    assert server_span.parent_span_id is None
+    client_spans = [host.end(first, 5), host.end(second, 14)]
+    assert server_span.trace_id not in {span.trace_id for span in client_spans}
+
+
 def test_a_server_reported_before_its_client_waits_and_so_does_its_subtree() -> None:
     host = Host()
     curl_a, a_in = host.connect(1, 2, 8080)
