@@ -21,7 +21,7 @@ from probe.export.otlp import USER_AGENT
 from probe.export.processor import SpanProcessor
 from probe.kernel import sockets
 from probe.kernel.elf import is_go_binary
-from probe.kernel.events import ConnOpen, Endpoint, KernelEvent, ProcessExit
+from probe.kernel.events import ConnOpen, Endpoint, KernelEvent, ProcessExec, ProcessExit
 from probe.kernel.loader import EventSource
 from probe.protocol.model import ConnectionInfo, HttpExchange, HttpRequest
 from probe.protocol.tracker import ConnectionTracker
@@ -175,7 +175,7 @@ class Pipeline:
         untraced = self.untraced_endpoints
         if untraced and (event.local in untraced or event.peer in untraced):
             return False
-        resource = self.resources.detect(event.key.pid, event.comm)
+        resource = self.resources.detect(event.key.pid, event.comm, event.image)
         return not self.process_filter or self.process_filter.wants(resource)
 
     def _has_client_end(self, server: ConnectionInfo) -> bool:
@@ -202,6 +202,8 @@ class Pipeline:
         if isinstance(event, ProcessExit):
             self.resources.forget(event.pid)
             self.linker.process_exited(event.pid)
+        elif isinstance(event, ProcessExec):
+            self.resources.executed(event.pid, event.image)
 
     def tick(self) -> None:
         """Time passed: spans and traces whose wait is over go out."""

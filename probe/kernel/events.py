@@ -55,6 +55,9 @@ class ConnOpen:
     local: Endpoint | None  # None when the kernel could not tell
     peer: Endpoint | None
     comm: str = ""  # the process's name when the kernel saw it
+    # Which image of its process it belongs to: the exec()s the process made
+    # before it opened, since it first opened a connection (EventSource counts them).
+    image: int = 0
 
 
 @dataclass(slots=True, init=False)
@@ -122,6 +125,7 @@ class ProcessExec:
     pid: int
     timestamp_ns: int
     comm: str = ""
+    image: int = 0  # the new image's number, as ConnOpen.image counts; 0 if not counted
 
 
 KernelEvent = ConnOpen | DataEvent | ConnClose | ProcessExit | ProcessExec

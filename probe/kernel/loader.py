@@ -157,6 +157,9 @@ class EventSource:
         # Finds the TLS libraries and Go programs to probe; exists once started.
         self.discovery: BinaryDiscovery | None = None
         self._connected_pids: set[int] = set()  # pids whose first connection was seen
+        # pid -> exec()s seen since it first opened a connection: records arrive in
+        # the order they were made, so each ConnOpen knows which image it is of.
+        self._images: dict[int, int] = {}
 
     # -- life cycle -------------------------------------------------------
 
@@ -277,6 +280,8 @@ class EventSource:
         discovery = self.discovery  # exists once started, before any record
         if isinstance(event, ProcessExec):
             self._close_on_exec(event)
+            if event.pid in self._connected_pids or event.pid in self._images:
+                event.image = self._images[event.pid] = self._images.get(event.pid, 0) + 1
             self._connected_pids.discard(event.pid)
             if discovery is not None:
                 discovery.scan_process(event.pid)
@@ -293,6 +298,7 @@ class EventSource:
                 self._open(pending)
             return
         if isinstance(event, ConnOpen):
+            event.image = self._images.get(key.pid, 0)
             if key.pid not in self._connected_pids:  # it may have loaded a TLS library
                 self._connected_pids.add(key.pid)
                 if discovery is not None:
@@ -390,6 +396,7 @@ class EventSource:
 
     def _process_exited(self, event: ProcessExit) -> None:
         self._connected_pids.discard(event.pid)
+        self._images.pop(event.pid, None)
         if self.discovery is not None:
             self.discovery.forget(event.pid)
         keys = self._open_by_pid.pop(event.pid, set())

@@ -21,6 +21,9 @@ class ConnectionInfo:
     # The kernel shed an exchange of it (over the rate limit): its requests' order
     # no longer matches its other end's, so it pairs no requests by order.
     shed: bool = False
+    # Which image of its process it belongs to (ConnOpen.image); None: the one
+    # running now (a connection picked up mid-stream).
+    image: int | None = None
 
 
 @dataclass(slots=True, init=False)

@@ -99,7 +99,11 @@ class ConnectionTracker:
             connection.feed(event)
         elif isinstance(event, ConnOpen):
             if event.key not in self._connections:
-                self._add(ConnectionInfo(event.key, event.role, event.local, event.peer))
+                self._add(
+                    ConnectionInfo(
+                        event.key, event.role, event.local, event.peer, image=event.image
+                    )
+                )
         elif isinstance(event, ConnClose):
             self._remove(event.key, CLOSED)
         elif isinstance(event, ProcessExit):

@@ -89,7 +89,7 @@ class SpanBuilder:
             kind,
             self._clock.to_unix_ns(request.start_ns),
             self._clock.to_unix_ns(end_ns),
-            self._resources.detect(exchange.connection.key.pid),
+            self._resources.detect(exchange.connection.key.pid, "", exchange.connection.image),
             UNSET_TRACE_ID,  # the linker's to give: drawing ids here would be wasted
             UNSET_SPAN_ID,
             attributes=self._attributes(exchange, kind, method),

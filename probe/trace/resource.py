@@ -1,8 +1,12 @@
 """Describes each traced process as an OpenTelemetry resource, read from /proc.
 
-A process keeps its resource for its whole life, so detection runs once per
-pid and is cached (bounded, least recently used first out) until the process
-exits and the caller calls `ResourceDetector.forget`. On Kubernetes, the pod's
+A process keeps its resource until it exec()s another program, so detection
+runs once per pid and image and is cached (bounded, least recently used
+first out) until the process exits and the caller calls
+`ResourceDetector.forget`. Images are numbered by the caller
+(`probe.kernel.events.ConnOpen.image`): a launcher that makes a call and then
+exec()s the real program keeps its own resource for its call, and the
+program gets its own. On Kubernetes, the pod's
 names come from `probe.trace.kubernetes.PodMetadata`.
 """
 
@@ -23,6 +27,8 @@ if TYPE_CHECKING:  # imported by the daemon only: it loads the kubernetes client
     from probe.trace.kubernetes import PodMetadata
 
 UNKNOWN_SERVICE = "unknown_service"
+# Cache keys: the pid in the low bits (Linux pids stay below 2**22), the image above.
+_IMAGE_SHIFT = 32
 
 # A container runtime names the process's cgroup after the container's 64-hex
 # id: "/docker/<id>", "docker-<id>.scope", "cri-containerd-<id>.scope",
@@ -58,14 +64,24 @@ class ResourceDetector:
         self._kubernetes = kubernetes
         self._max_entries = max_entries
         self._hostname = socket.gethostname() if hostname is None else hostname
+        # pid | image << _IMAGE_SHIFT -> its resource: one int key, the same as
+        # the pid for a process's first image
         self._cache: OrderedDict[int, Resource] = OrderedDict()
+        self._images: dict[int, int] = {}  # pid -> its image now, once it exec'd
 
-    def detect(self, pid: int, comm: str = "") -> Resource:
-        """The resource of ``pid``; ``comm``, the name the kernel saw, stands in
-        for the executable's name when /proc no longer has the process."""
-        resource = self._cache.get(pid)
+    def detect(self, pid: int, comm: str = "", image: int | None = None) -> Resource:
+        """The resource of ``pid`` as image number ``image`` (None: the image
+        it runs now); ``comm``, the name the kernel saw, stands in for the
+        executable's name when /proc no longer has the process.
+
+        An earlier image is described from /proc only if it was not cached
+        before the exec: /proc then shows the later one."""
+        if image is None:
+            image = self._images.get(pid, 0)
+        key = pid | image << _IMAGE_SHIFT
+        resource = self._cache.get(key)
         if resource is not None:
-            self._cache.move_to_end(pid)
+            self._cache.move_to_end(key)
             return resource
         attributes = self._read(pid, comm)
         resource = Resource(attributes)
@@ -75,14 +91,20 @@ class ResourceDetector:
         # be described with its pod's names shortly.
         pod_pending = "k8s.pod.uid" in attributes and "k8s.pod.name" not in attributes
         if "process.executable.name" in attributes and not (self._kubernetes and pod_pending):
-            self._cache[pid] = resource
+            self._cache[key] = resource
             if len(self._cache) > self._max_entries:
                 self._cache.popitem(last=False)
         return resource
 
+    def executed(self, pid: int, image: int) -> None:
+        """``pid`` exec()'d its image number ``image``: described afresh from now."""
+        if image:
+            self._images[pid] = image
+
     def forget(self, pid: int) -> None:
         """Drop what is cached for ``pid``: the process exited and its pid may be reused."""
-        self._cache.pop(pid, None)
+        for image in range(self._images.pop(pid, 0) + 1):
+            self._cache.pop(pid | image << _IMAGE_SHIFT, None)
 
     def _read(self, pid: int, comm: str = "") -> Attributes:
         base = self._proc / str(pid)

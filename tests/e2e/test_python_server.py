@@ -1,5 +1,6 @@
 """The Python server under harder traffic: big bodies and heads, chunking,
-keep-alive, pipelining, dropped answers, old connections, IPv6, concurrency.
+keep-alive, pipelining, dropped answers, old connections, IPv6, concurrency,
+a client that exec()s another program.
 
 Each test runs its own capture, filtered by its server's port.
 """
@@ -8,7 +9,10 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
+import time
 
 MIB = 1024 * 1024
 
@@ -241,3 +245,37 @@ def test_an_excluded_client_is_not_traced(pyserver, probe_capture, curl):
         server_span = probe.one("SERVER", f"/excluded/{index}", pyserver.pid)
         assert server_span["attributes"]["client.port"] == observed.local_port
         assert probe.select("CLIENT") == [], probe.describe()
+
+
+def test_a_program_exec_d_after_a_call_gets_its_own_resource(pyserver, probe_capture):
+    """A launcher (an entrypoint script, a secrets fetcher) makes a call, then
+    exec()s the real program, which calls too: each span carries the
+    executable that made the call, under the one pid."""
+    url = f"http://127.0.0.1:{pyserver.port}"
+    launcher = (
+        "import os, sys, urllib.request\n"
+        f"urllib.request.urlopen('{url}/before').read()\n"
+        "sys.stdin.readline()\n"
+        f"os.execvp('curl', ['curl', '-sS', '-o', '/dev/null', '{url}/after'])\n"
+    )
+    with probe_capture("-P", str(pyserver.port)) as probe:
+        process = subprocess.Popen(
+            [sys.executable, "-c", launcher], stdin=subprocess.PIPE, text=True
+        )
+        # The exec waits until the probe has described the launcher: a process
+        # is read from /proc as its records are, and would be the new image by then.
+        deadline = time.monotonic() + 30
+        while b"/before" not in _read(probe.output) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.communicate("go\n", timeout=30)
+        assert process.returncode == 0
+    before = probe.one("CLIENT", "/before", process.pid)
+    after = probe.one("CLIENT", "/after", process.pid)
+    assert before["resource"]["process.executable.path"] == os.path.realpath(sys.executable)
+    # only the name: curl is often gone by the time its records are read, and
+    # is then named as the kernel saw it, without a path or command line
+    assert after["resource"]["process.executable.name"] == "curl"
+
+
+def _read(path) -> bytes:
+    return path.read_bytes() if path.exists() else b""

@@ -197,3 +197,28 @@ def test_real_process_reads_as_expected():
         os.path.realpath(sys.executable)
     )
     assert attributes["process.command_line"] == " ".join(sys.orig_argv)
+
+
+def test_each_image_of_a_process_keeps_its_own_resource(tmp_path, detector):
+    """A launcher makes a call, then exec()s the real program: the launcher's
+    connections keep its resource, the program's get the program's."""
+    base = make_process(tmp_path, 110, exe="/usr/bin/vault-env", comm="vault-env")
+    launcher = detector.detect(110, image=0)
+    (base / "exe").unlink()
+    os.symlink("/usr/bin/shop", base / "exe")
+    (base / "environ").write_bytes(b"OTEL_SERVICE_NAME=shop\0")
+
+    assert detector.detect(110) is launcher  # not told of the exec yet
+    detector.executed(110, 1)
+    program = detector.detect(110)
+    assert program.attributes["service.name"] == "shop"
+    assert detector.detect(110, image=1) is program
+    assert detector.detect(110, image=0) is launcher
+    assert launcher.attributes["service.name"] == "vault-env"
+
+    detector.forget(110)  # every image goes
+    for child in base.iterdir():
+        child.unlink()
+    base.rmdir()
+    for image in (0, 1):
+        assert detector.detect(110, image=image).attributes["service.name"] == "unknown_service"
