@@ -154,6 +154,7 @@ struct probe_conn_state {
 enum probe_exchange_bits {
 	PROBE_EXCHANGE_MOVED_INGRESS = 1,
 	PROBE_EXCHANGE_MOVED_EGRESS = 2,
+	PROBE_EXCHANGE_MOVED = 3, /* either */
 	PROBE_EXCHANGE_SHED = 4,
 	PROBE_EXCHANGE_SHED_BEFORE = 8, /* any exchange of the connection so far */
 };

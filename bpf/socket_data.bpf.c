@@ -355,14 +355,12 @@ static __always_inline bool shed(struct probe_conn_state *state, u8 direction, u
 	u8 bits = state->exchange;
 	if (!(bits & moved)) { /* the first bytes this way since the other way's */
 		u8 asking = state->role == PROBE_ROLE_SERVER ? PROBE_INGRESS : PROBE_EGRESS;
-		bool starts = state->role != PROBE_ROLE_UNKNOWN && direction == asking;
-		u8 kept = PROBE_EXCHANGE_SHED | PROBE_EXCHANGE_SHED_BEFORE;
-		if (starts) {
-			bits &= PROBE_EXCHANGE_SHED_BEFORE;
+		if (state->role != PROBE_ROLE_UNKNOWN && direction == asking) {
+			bits &= ~PROBE_EXCHANGE_SHED; /* a new exchange, a new verdict */
 			if (over_rate(now))
 				bits |= PROBE_EXCHANGE_SHED | PROBE_EXCHANGE_SHED_BEFORE;
 		}
-		bits = (bits & kept) | moved;
+		bits = (bits & ~PROBE_EXCHANGE_MOVED) | moved;
 		state->exchange = bits;
 	}
 	return bits & PROBE_EXCHANGE_SHED;

@@ -56,7 +56,7 @@ class ConnOpen:
     peer: Endpoint | None
     comm: str = ""  # the process's name when the kernel saw it
     # Which image of its process it belongs to: the exec()s the process made
-    # before it opened, since it first opened a connection (EventSource counts them).
+    # before it opened, as far as the probe saw (EventSource counts them).
     image: int = 0
 
 
@@ -125,7 +125,7 @@ class ProcessExec:
     pid: int
     timestamp_ns: int
     comm: str = ""
-    image: int = 0  # the new image's number, as ConnOpen.image counts; 0 if not counted
+    image: int = 0  # the new image's number, as ConnOpen.image counts them
 
 
 KernelEvent = ConnOpen | DataEvent | ConnClose | ProcessExit | ProcessExec

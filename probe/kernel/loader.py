@@ -63,6 +63,7 @@ _RECORD_CALLBACK = ctypes.CFUNCTYPE(
 )
 
 _IGNORED_MEMORY = 4096  # recently ignored connections whose events are still in flight
+_MAX_PROCESSES = 65536  # whose exec()s are counted (EventSource._images)
 # ld.so maps a new image's libraries just after exec: look again a moment later.
 _RESCAN_AFTER_EXEC_S = 0.1
 # Records decoded per poll at most: a backlog (the ring buffer holds tens of
@@ -157,8 +158,8 @@ class EventSource:
         # Finds the TLS libraries and Go programs to probe; exists once started.
         self.discovery: BinaryDiscovery | None = None
         self._connected_pids: set[int] = set()  # pids whose first connection was seen
-        # pid -> exec()s seen since it first opened a connection: records arrive in
-        # the order they were made, so each ConnOpen knows which image it is of.
+        # pid -> exec()s seen, for the live processes that made one: records arrive
+        # in the order they were made, so each ConnOpen knows which image it is of.
         self._images: dict[int, int] = {}
 
     # -- life cycle -------------------------------------------------------
@@ -280,8 +281,9 @@ class EventSource:
         discovery = self.discovery  # exists once started, before any record
         if isinstance(event, ProcessExec):
             self._close_on_exec(event)
-            if event.pid in self._connected_pids or event.pid in self._images:
-                event.image = self._images[event.pid] = self._images.get(event.pid, 0) + 1
+            event.image = self._images[event.pid] = self._images.get(event.pid, 0) + 1
+            if len(self._images) > _MAX_PROCESSES:  # exits lost: the oldest go
+                del self._images[next(iter(self._images))]
             self._connected_pids.discard(event.pid)
             if discovery is not None:
                 discovery.scan_process(event.pid)

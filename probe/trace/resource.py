@@ -27,8 +27,23 @@ if TYPE_CHECKING:  # imported by the daemon only: it loads the kubernetes client
     from probe.trace.kubernetes import PodMetadata
 
 UNKNOWN_SERVICE = "unknown_service"
-# Cache keys: the pid in the low bits (Linux pids stay below 2**22), the image above.
-_IMAGE_SHIFT = 32
+# Images of one process kept described: an earlier image's connections mostly
+# end at the exec (close-on-exec), and a process rarely execs more than once.
+IMAGES_KEPT = 4
+
+
+class _Process:
+    """What is cached of one pid: each image's resource, and the image it runs now."""
+
+    def __init__(self, current: int) -> None:
+        self.current = current
+        self.resources: dict[int, Resource] = {}
+
+    def remember(self, image: int, resource: Resource) -> None:
+        self.resources[image] = resource
+        if len(self.resources) > IMAGES_KEPT:  # the earliest other image goes
+            del self.resources[min(i for i in self.resources if i != image)]
+
 
 # A container runtime names the process's cgroup after the container's 64-hex
 # id: "/docker/<id>", "docker-<id>.scope", "cri-containerd-<id>.scope",
@@ -64,10 +79,7 @@ class ResourceDetector:
         self._kubernetes = kubernetes
         self._max_entries = max_entries
         self._hostname = socket.gethostname() if hostname is None else hostname
-        # pid | image << _IMAGE_SHIFT -> its resource: one int key, the same as
-        # the pid for a process's first image
-        self._cache: OrderedDict[int, Resource] = OrderedDict()
-        self._images: dict[int, int] = {}  # pid -> its image now, once it exec'd
+        self._cache: OrderedDict[int, _Process] = OrderedDict()
 
     def detect(self, pid: int, comm: str = "", image: int | None = None) -> Resource:
         """The resource of ``pid`` as image number ``image`` (None: the image
@@ -76,13 +88,16 @@ class ResourceDetector:
 
         An earlier image is described from /proc only if it was not cached
         before the exec: /proc then shows the later one."""
-        if image is None:
-            image = self._images.get(pid, 0)
-        key = pid | image << _IMAGE_SHIFT
-        resource = self._cache.get(key)
-        if resource is not None:
-            self._cache.move_to_end(key)
-            return resource
+        process = self._cache.get(pid)
+        if process is not None:
+            if image is None:
+                image = process.current
+            elif image > process.current:
+                process.current = image
+            resource = process.resources.get(image)
+            if resource is not None:
+                self._cache.move_to_end(pid)
+                return resource
         attributes = self._read(pid, comm)
         resource = Resource(attributes)
         # Only a process still there to read is worth remembering; an exited
@@ -91,20 +106,22 @@ class ResourceDetector:
         # be described with its pod's names shortly.
         pod_pending = "k8s.pod.uid" in attributes and "k8s.pod.name" not in attributes
         if "process.executable.name" in attributes and not (self._kubernetes and pod_pending):
-            self._cache[key] = resource
-            if len(self._cache) > self._max_entries:
-                self._cache.popitem(last=False)
+            if process is None:
+                process = self._cache[pid] = _Process(image or 0)
+                if len(self._cache) > self._max_entries:
+                    self._cache.popitem(last=False)
+            process.remember(process.current if image is None else image, resource)
         return resource
 
     def executed(self, pid: int, image: int) -> None:
         """``pid`` exec()'d its image number ``image``: described afresh from now."""
-        if image:
-            self._images[pid] = image
+        process = self._cache.get(pid)
+        if process is not None:
+            process.current = image
 
     def forget(self, pid: int) -> None:
         """Drop what is cached for ``pid``: the process exited and its pid may be reused."""
-        for image in range(self._images.pop(pid, 0) + 1):
-            self._cache.pop(pid | image << _IMAGE_SHIFT, None)
+        self._cache.pop(pid, None)
 
     def _read(self, pid: int, comm: str = "") -> Attributes:
         base = self._proc / str(pid)

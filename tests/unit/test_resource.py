@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from probe.trace.resource import ResourceDetector
+from probe.trace.resource import IMAGES_KEPT, ResourceDetector
 
 HEX_ID = "3f1c" * 16  # 64 hex digits
 OTHER_HEX_ID = "a0b1" * 16
@@ -222,3 +222,15 @@ def test_each_image_of_a_process_keeps_its_own_resource(tmp_path, detector):
     base.rmdir()
     for image in (0, 1):
         assert detector.detect(110, image=image).attributes["service.name"] == "unknown_service"
+
+
+def test_a_process_keeps_a_few_images_described(tmp_path, detector):
+    make_process(tmp_path, 111)
+    first = [detector.detect(111, image=image) for image in range(IMAGES_KEPT)]
+    assert all(detector.detect(111, image=i) is first[i] for i in range(IMAGES_KEPT))
+    latest = detector.detect(111, image=IMAGES_KEPT)  # one more: the earliest goes
+    assert detector.detect(111, image=1) is first[1]
+    again = detector.detect(111, image=0)
+    assert again is not first[0]
+    assert detector.detect(111, image=0) is again  # described again, and kept
+    assert detector.detect(111) is latest  # the latest image seen runs now
