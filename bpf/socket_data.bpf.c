@@ -315,27 +315,23 @@ struct exchange_budget {
 };
 BPF_ARRAY(exchange_budget, struct exchange_budget, 1);
 
-/* Does an exchange starting now go over the rate? Two CPUs may both add the
- * same moment's credit, or one overwrite the other's spending: a few
- * exchanges more than the rate, never a lock on this path. */
-static __always_inline bool over_rate(u64 now)
+/* The bucket, its credit added for the time since it was last: 0 if missing.
+ * Two CPUs may both add the same moment's credit, or one overwrite the
+ * other's spending: a few exchanges more than the rate, never a lock on
+ * this path. */
+static __always_inline struct exchange_budget *refilled_budget(u64 now)
 {
 	u32 zero = 0;
 	struct exchange_budget *budget = exchange_budget.lookup(&zero);
 	if (!budget)
-		return false;
+		return 0;
 	s64 elapsed = (s64)now - budget->refilled_ns;
 	if (elapsed > 0) {
 		s64 credit = budget->credit_ns + elapsed;
 		budget->credit_ns = credit < EXCHANGE_BURST_NS ? credit : EXCHANGE_BURST_NS;
 		budget->refilled_ns = now;
 	}
-	if (budget->credit_ns < EXCHANGE_COST_NS) {
-		count(PROBE_COUNTER_SHED);
-		return true;
-	}
-	__sync_fetch_and_add(&budget->credit_ns, -EXCHANGE_COST_NS);
-	return false;
+	return budget;
 }
 #endif
 
@@ -347,7 +343,8 @@ static __always_inline bool over_rate(u64 now)
  * the probe's CPU stays bounded however busy the node. A connection whose
  * role is unknown (open before the probe) is never shed: which side asks is
  * not known. */
-static __always_inline bool shed(struct probe_conn_state *state, u8 direction, u64 now)
+static __always_inline bool shed(struct probe_conn_state *state,
+				 const struct syscall_args *call, long ret, u8 direction, u64 now)
 {
 #if PROBE_EXCHANGE_RATE
 	u8 moved = direction == PROBE_INGRESS ? PROBE_EXCHANGE_MOVED_INGRESS
@@ -355,9 +352,26 @@ static __always_inline bool shed(struct probe_conn_state *state, u8 direction, u
 	u8 bits = state->exchange;
 	if (!(bits & moved)) { /* the first bytes this way since the other way's */
 		u8 asking = state->role == PROBE_ROLE_SERVER ? PROBE_INGRESS : PROBE_EGRESS;
-		if (state->role != PROBE_ROLE_UNKNOWN && direction == asking) {
-			bits &= ~PROBE_EXCHANGE_SHED; /* a new exchange, a new verdict */
-			if (over_rate(now))
+		struct exchange_budget *budget = 0;
+		if (state->role != PROBE_ROLE_UNKNOWN && direction == asking)
+			budget = refilled_budget(now);
+		if (budget) {
+			bool was_shed = bits & PROBE_EXCHANGE_SHED;
+			bool over = budget->credit_ns < EXCHANGE_COST_NS;
+			/* Where the verdict would change, bytes that do not start a
+			 * request go on with the exchange before them, as a body sent
+			 * after "100 Continue" does. Looked at there only: the verdict
+			 * rarely changes, and a read of user memory costs 100-150 ns;
+			 * elsewhere such a body takes or sheds as an exchange would. */
+			u64 len;
+			if (over != was_shed && !looks_like_http(first_segment(call, ret, &len)))
+				over = was_shed;
+			else if (over)
+				count(PROBE_COUNTER_SHED);
+			else
+				__sync_fetch_and_add(&budget->credit_ns, -EXCHANGE_COST_NS);
+			bits &= ~PROBE_EXCHANGE_SHED;
+			if (over)
 				bits |= PROBE_EXCHANGE_SHED | PROBE_EXCHANGE_SHED_BEFORE;
 		}
 		bits = (bits & ~PROBE_EXCHANGE_MOVED) | moved;
@@ -390,7 +404,7 @@ static __always_inline struct probe_data_event *data_event(u32 pid, u32 tid,
 	if (!state || state->ignored || withheld(state, tid, call, ret, direction))
 		return 0;
 	u64 exit_ns = bpf_ktime_get_ns();
-	if (shed(state, direction, exit_ns))
+	if (shed(state, call, ret, direction, exit_ns))
 		return 0;
 
 	struct data_scratch *scratch = take_scratch();

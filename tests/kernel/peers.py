@@ -22,6 +22,10 @@ python peers.py conversation PORT COUNT
                                    one connection to itself: COUNT requests
                                    (GET /K), each written in two parts, each
                                    answered in two parts, back to back
+python peers.py continued PORT COUNT
+                                   the same, each request a head with Expect:
+                                   100-continue, then its body once the
+                                   server has answered 100 Continue
 python peers.py relay PORT NAME    one connection to itself: the main thread
                                    sends GET /a, a thread named NAME sends
                                    GET /b on it, then takes another name and
@@ -125,6 +129,29 @@ def conversation(port: int, count: int) -> None:
                 receive(out, sum(map(len, response)))
 
 
+def continued(port: int, count: int) -> None:
+    with (
+        socket.create_server(("127.0.0.1", port)) as listener,
+        socket.create_connection(("127.0.0.1", port)) as out,
+    ):
+        conn, _ = listener.accept()
+        with conn:
+            for k in range(count):
+                body = b"body-%d" % k
+                head = b"POST /%d HTTP/1.1\r\nContent-Length: %d\r\n" % (k, len(body))
+                head += b"Expect: 100-continue\r\n\r\n"
+                proceed = b"HTTP/1.1 100 Continue\r\n\r\n"
+                response = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%d" % (len(b"%d" % k), k)
+                for sender, receiver, message in (
+                    (out, conn, head),
+                    (conn, out, proceed),
+                    (out, conn, body),
+                    (conn, out, response),
+                ):
+                    sender.sendall(message)
+                    receive(receiver, len(message))
+
+
 def tls_chatter(port: int, count: int, message: bytes, cert: str, key: str) -> None:
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_context.load_cert_chain(cert, key)
@@ -226,6 +253,8 @@ if __name__ == "__main__":
         chatter(port, int(sys.argv[3]), *message, bytewise=sys.argv[5:] == ["bytewise"])
     elif mode == "conversation":
         conversation(port, int(sys.argv[3]))
+    elif mode == "continued":
+        continued(port, int(sys.argv[3]))
     elif mode == "tls_chatter":
         tls_chatter(port, int(sys.argv[3]), bytes.fromhex(sys.argv[4]), *sys.argv[5:7])
     elif mode == "relay":

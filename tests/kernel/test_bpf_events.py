@@ -382,3 +382,40 @@ def test_over_the_exchange_rate_whole_exchanges_are_shed_and_counted() -> None:
     assert lost == 0
     assert traced > 0 and shed > 0, (traced, shed)
     assert traced + shed == 2 * count  # every exchange of either end, traced or shed
+
+
+def _runs(events: list, key: object) -> list[bytes]:
+    """A connection's data as runs of calls one way, each joined."""
+    runs: list[tuple[Direction, bytes]] = []
+    for event in events:
+        if isinstance(event, DataEvent) and event.key == key:
+            if runs and runs[-1][0] == event.direction:
+                runs[-1] = (event.direction, runs[-1][1] + event.payload)
+            else:
+                runs.append((event.direction, event.payload))
+    return [payload for _, payload in runs]
+
+
+def test_a_body_sent_after_100_continue_goes_with_its_head() -> None:
+    """Over the rate, the body of a request sent after "100 Continue" starts
+    bytes the asking way again, as a new request would: it keeps its head's
+    verdict, so user space gets head, 100, body and response, or none."""
+    port, count = free_port(), 200
+    with EventSource(ProbeOptions(ports=(port,), exchange_rate=5), Stats()) as source:
+        peer = subprocess.Popen([sys.executable, str(PEERS), "continued", str(port), str(count)])
+        assert peer.wait(20) == 0
+        events = collect(source, lambda evs: sum(isinstance(e, ConnClose) for e in evs) >= 2)
+        shed = source.kernel_counters()["exchanges_shed"]
+
+    opens = {e.role: e.key for e in events if isinstance(e, ConnOpen)}
+    for role in (Role.SERVER, Role.CLIENT):
+        runs = _runs(events, opens[role])
+        assert runs and len(runs) % 4 == 0, (role, runs)
+        for i in range(0, len(runs), 4):
+            head, proceed, body, response = runs[i : i + 4]
+            k = int(head.split(b" ")[1][1:])
+            assert head.startswith(b"POST /%d HTTP/1.1\r\n" % k), (role, runs[i : i + 4])
+            assert proceed == b"HTTP/1.1 100 Continue\r\n\r\n", (role, runs[i : i + 4])
+            assert body == b"body-%d" % k, (role, runs[i : i + 4])
+            assert response.endswith(b"\r\n\r\n%d" % k), (role, runs[i : i + 4])
+    assert shed > 0
