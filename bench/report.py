@@ -167,6 +167,15 @@ def _fmt_summary(summary: Mapping | None, digits: int = 2) -> str:
     return f"{mid} [{low}-{high}]"
 
 
+def _exchange_limit(rate: object) -> str:
+    """The probe's exchange rate limit, which its saturation figures depend on."""
+    if not isinstance(rate, int):
+        return ""
+    if rate == 0:
+        return ", with no exchange rate limit"
+    return f", and sheds exchanges over {rate:,} a second (see completeness at saturation)"
+
+
 def summary(report: Mapping, targets: Iterable[Mapping]) -> str:
     """A few lines per workload, then the targets, for people."""
     lines = []
@@ -181,6 +190,7 @@ def summary(report: Mapping, targets: Iterable[Mapping]) -> str:
             if meta.get("load_generator_traced")
             else "leaves the load generator untraced"
         )
+        + _exchange_limit(meta.get("probe_exchange_rate"))
     )
     for workload, phases in report["workloads"].items():
         lines.append(f"{workload}:")

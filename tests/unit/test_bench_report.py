@@ -186,3 +186,18 @@ def test_summary_names_every_verdict() -> None:
     text = report.summary(document, verdicts)
     assert text.count("\n  [") == len(verdicts)
     assert "[not measured] probe RSS steady <= 100 MB" in text
+
+
+def test_summary_says_which_exchange_limit_the_probe_ran_with() -> None:
+    document = _document()
+
+    def first_line() -> str:
+        return report.summary(document, []).splitlines()[0]
+
+    assert "exchange" not in first_line()  # a document from before the limit
+    document["meta"]["probe_exchange_rate"] = 10_000
+    assert first_line().endswith(
+        ", and sheds exchanges over 10,000 a second (see completeness at saturation)"
+    )
+    document["meta"]["probe_exchange_rate"] = 0
+    assert first_line().endswith(", with no exchange rate limit")
