@@ -46,6 +46,7 @@ With PEER_COMM set, the program first takes that process name (as in ps).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -55,6 +56,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 PR_SET_NAME = 15
 PROT_NONE = 0  # mmap has no name for it before Python 3.13
@@ -98,58 +100,58 @@ def receive(sock: socket.socket, size: int, most: int = 65536) -> None:
         received += len(sock.recv(min(most, size - received)))
 
 
-def chatter(port: int, count: int, message: bytes = b"GET /chat ", bytewise: bool = False) -> None:
+@contextlib.contextmanager
+def connection_to_itself(port: int) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """One TCP connection on loopback, both ends in this process: (client's, server's)."""
     with (
         socket.create_server(("127.0.0.1", port)) as listener,
         socket.create_connection(("127.0.0.1", port)) as out,
     ):
         conn, _ = listener.accept()
         with conn:
-            for _ in range(count):
-                out.sendall(message)
-                receive(conn, len(message), 1 if bytewise else len(message))
+            yield out, conn
+
+
+def take_turns(turns: list[tuple[socket.socket, socket.socket, list[bytes]]]) -> None:
+    """Each turn: the sender writes its parts one by one, then the receiver reads them all."""
+    for sender, receiver, parts in turns:
+        for part in parts:
+            sender.sendall(part)
+        receive(receiver, sum(map(len, parts)))
+
+
+def chatter(port: int, count: int, message: bytes = b"GET /chat ", bytewise: bool = False) -> None:
+    with connection_to_itself(port) as (out, conn):
+        for _ in range(count):
+            out.sendall(message)
+            receive(conn, len(message), 1 if bytewise else len(message))
 
 
 def conversation(port: int, count: int) -> None:
-    with (
-        socket.create_server(("127.0.0.1", port)) as listener,
-        socket.create_connection(("127.0.0.1", port)) as out,
-    ):
-        conn, _ = listener.accept()
-        with conn:
-            for k in range(count):
-                request = [b"GET /%d HTTP/1.1\r\n" % k, b"Host: peer\r\n\r\n"]
-                body = b"%d" % k
-                response = [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body), body]
-                for part in request:
-                    out.sendall(part)
-                receive(conn, sum(map(len, request)))
-                for part in response:
-                    conn.sendall(part)
-                receive(out, sum(map(len, response)))
+    with connection_to_itself(port) as (out, conn):
+        for k in range(count):
+            body = b"%d" % k
+            request = [b"GET /%d HTTP/1.1\r\n" % k, b"Host: peer\r\n\r\n"]
+            response = [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body), body]
+            take_turns([(out, conn, request), (conn, out, response)])
 
 
 def continued(port: int, count: int) -> None:
-    with (
-        socket.create_server(("127.0.0.1", port)) as listener,
-        socket.create_connection(("127.0.0.1", port)) as out,
-    ):
-        conn, _ = listener.accept()
-        with conn:
-            for k in range(count):
-                body = b"body-%d" % k
-                head = b"POST /%d HTTP/1.1\r\nContent-Length: %d\r\n" % (k, len(body))
-                head += b"Expect: 100-continue\r\n\r\n"
-                proceed = b"HTTP/1.1 100 Continue\r\n\r\n"
-                response = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%d" % (len(b"%d" % k), k)
-                for sender, receiver, message in (
-                    (out, conn, head),
-                    (conn, out, proceed),
-                    (out, conn, body),
-                    (conn, out, response),
-                ):
-                    sender.sendall(message)
-                    receive(receiver, len(message))
+    with connection_to_itself(port) as (out, conn):
+        for k in range(count):
+            body = b"body-%d" % k
+            head = b"POST /%d HTTP/1.1\r\nContent-Length: %d\r\n" % (k, len(body))
+            head += b"Expect: 100-continue\r\n\r\n"
+            proceed = b"HTTP/1.1 100 Continue\r\n\r\n"
+            response = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%d" % (len(b"%d" % k), k)
+            take_turns(
+                [
+                    (out, conn, [head]),
+                    (conn, out, [proceed]),
+                    (out, conn, [body]),
+                    (conn, out, [response]),
+                ]
+            )
 
 
 def tls_chatter(port: int, count: int, message: bytes, cert: str, key: str) -> None:

@@ -332,17 +332,25 @@ def test_a_request_read_a_byte_at_a_time_is_sent() -> None:
     assert received == [bytes([byte]) for byte in request] * sends
 
 
-def _exchanges(events: list, key: object, asking: Direction) -> list[tuple[bytes, bytes, set]]:
-    """A connection's data as (request, response, after_shed flags) triples:
-    each run of calls one way, joined, paired with the run the other way after it."""
-    runs: list[tuple[Direction, bytes, set]] = []
+def _runs(events: list, key: object) -> list[tuple[Direction, bytes, set[bool]]]:
+    """A connection's data as runs of calls one way: (direction, their payloads
+    joined, the after_shed flags they carried)."""
+    runs: list[tuple[Direction, bytes, set[bool]]] = []
     for event in events:
         if isinstance(event, DataEvent) and event.key == key:
             if runs and runs[-1][0] == event.direction:
-                runs[-1][2].add(event.after_shed)
-                runs[-1] = (event.direction, runs[-1][1] + event.payload, runs[-1][2])
+                direction, payload, flags = runs[-1]
+                flags.add(event.after_shed)
+                runs[-1] = (direction, payload + event.payload, flags)
             else:
                 runs.append((event.direction, event.payload, {event.after_shed}))
+    return runs
+
+
+def _exchanges(events: list, key: object, asking: Direction) -> list[tuple[bytes, bytes, set]]:
+    """A connection's data as (request, response, after_shed flags) triples:
+    each run of calls one way paired with the run the other way after it."""
+    runs = _runs(events, key)
     assert runs and runs[0][0] == asking and len(runs) % 2 == 0, runs
     return [
         (runs[i][1], runs[i + 1][1], runs[i][2] | runs[i + 1][2]) for i in range(0, len(runs), 2)
@@ -384,18 +392,6 @@ def test_over_the_exchange_rate_whole_exchanges_are_shed_and_counted() -> None:
     assert traced + shed == 2 * count  # every exchange of either end, traced or shed
 
 
-def _runs(events: list, key: object) -> list[bytes]:
-    """A connection's data as runs of calls one way, each joined."""
-    runs: list[tuple[Direction, bytes]] = []
-    for event in events:
-        if isinstance(event, DataEvent) and event.key == key:
-            if runs and runs[-1][0] == event.direction:
-                runs[-1] = (event.direction, runs[-1][1] + event.payload)
-            else:
-                runs.append((event.direction, event.payload))
-    return [payload for _, payload in runs]
-
-
 def test_a_body_sent_after_100_continue_goes_with_its_head() -> None:
     """Over the rate, the body of a request sent after "100 Continue" starts
     bytes the asking way again, as a new request would: it keeps its head's
@@ -409,7 +405,7 @@ def test_a_body_sent_after_100_continue_goes_with_its_head() -> None:
 
     opens = {e.role: e.key for e in events if isinstance(e, ConnOpen)}
     for role in (Role.SERVER, Role.CLIENT):
-        runs = _runs(events, opens[role])
+        runs = [payload for _, payload, _ in _runs(events, opens[role])]
         assert runs and len(runs) % 4 == 0, (role, runs)
         for i in range(0, len(runs), 4):
             head, proceed, body, response = runs[i : i + 4]
