@@ -14,7 +14,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from probe.export.otlp import USER_AGENT
@@ -47,6 +47,11 @@ SHED_WARNING_INTERVAL_S = 60.0
 POLL_MS = 500
 
 
+# Process descriptions whose ProcessFilter verdict is kept: far more than the
+# distinct executables on a node; past it the verdicts start over.
+MAX_FILTER_VERDICTS = 4096
+
+
 @dataclass(frozen=True, slots=True)
 class ProcessFilter:
     """Which processes to trace, by what the kernel cannot see cheaply: glob
@@ -57,6 +62,11 @@ class ProcessFilter:
     exe_patterns: tuple[str, ...] = ()
     container_ids: tuple[str, ...] = ()
     exclude_comm_patterns: tuple[str, ...] = ()
+    # (name, path, container) -> verdict: asked at every connection, and the
+    # globs cost about 0.5 us a connection, for the few distinct answers a node has.
+    _verdicts: dict[tuple[str, str, str], bool] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def __bool__(self) -> bool:
         return bool(
@@ -68,9 +78,19 @@ class ProcessFilter:
 
     def wants(self, resource: Resource) -> bool:
         attributes = resource.attributes
-        name = str(attributes.get("process.executable.name", ""))
-        path = str(attributes.get("process.executable.path", ""))
-        container = str(attributes.get("container.id", ""))
+        described = (
+            str(attributes.get("process.executable.name", "")),
+            str(attributes.get("process.executable.path", "")),
+            str(attributes.get("container.id", "")),
+        )
+        verdict = self._verdicts.get(described)
+        if verdict is None:
+            if len(self._verdicts) >= MAX_FILTER_VERDICTS:
+                self._verdicts.clear()
+            verdict = self._verdicts[described] = self._judge(*described)
+        return verdict
+
+    def _judge(self, name: str, path: str, container: str) -> bool:
         if any(fnmatch.fnmatch(name, p) for p in self.exclude_comm_patterns):
             return False
         if self.comm_patterns and not any(fnmatch.fnmatch(name, p) for p in self.comm_patterns):

@@ -9,6 +9,7 @@ import logging
 
 import pytest
 
+from probe import pipeline
 from probe.kernel.events import Endpoint
 from probe.logs import RateLimitFilter, configure
 from probe.pipeline import ProcessFilter, exporter_endpoints, is_own_export
@@ -80,6 +81,22 @@ def test_process_filter() -> None:
     assert ProcessFilter(exclude_comm_patterns=("cu*",)).wants(nginx)
     # an exclusion wins over an inclusion
     assert not ProcessFilter(comm_patterns=("*",), exclude_comm_patterns=("nginx",)).wants(nginx)
+
+
+def test_process_filter_keeps_each_verdict_to_its_process(monkeypatch) -> None:
+    monkeypatch.setattr(pipeline, "MAX_FILTER_VERDICTS", 3)
+    wanted = ProcessFilter(comm_patterns=("ng*",), container_ids=("abab",))
+    nginx = _process("nginx", "/usr/sbin/nginx", "ab" * 32)
+    bare_nginx = _process("nginx", "/usr/sbin/nginx")  # no container: not wanted
+    for _ in range(2):  # asked again: the kept verdicts answer the same
+        assert wanted.wants(nginx)
+        assert not wanted.wants(bare_nginx)
+        assert not wanted.wants(_process("curl", "/usr/bin/curl"))
+    for number in range(10):
+        assert wanted.wants(_process(f"ng{number}", "/opt/ng", "abab"))
+    assert len(wanted._verdicts) <= 3
+    assert wanted.wants(nginx)
+    assert not wanted.wants(bare_nginx)
 
 
 @pytest.mark.parametrize(
