@@ -87,22 +87,49 @@ _EVENT_EXIT: Final = lib.PROBE_EVENT_EXIT
 _EVENT_EXEC: Final = lib.PROBE_EVENT_EXEC
 _DATA_TLS: Final = lib.PROBE_DATA_TLS
 _DATA_AFTER_SHED: Final = lib.PROBE_DATA_AFTER_SHED
+_AF_INET: Final = lib.PROBE_AF_INET
+_AF_INET6: Final = lib.PROBE_AF_INET6
 _DIRECTIONS = {member.value: member for member in Direction}
 _ROLES = {member.value: member for member in Role}
 
 
+# Addresses and process names, as the kernel sends them -> as text. A node's
+# connections come from few of each (its own addresses, its clients', its
+# programs'), and every connection's record carries two addresses and a
+# name: each is converted once. Past this many, the memory starts over.
+MAX_REMEMBERED = 4096
+_addresses: dict[bytes, str] = {}
+_comms: dict[bytes, str] = {}
+
+
+def _remember(remembered: dict[bytes, str], raw: bytes, text: str) -> str:
+    if len(remembered) >= MAX_REMEMBERED:
+        remembered.clear()
+    remembered[raw] = text
+    return text
+
+
 def _endpoint(family: int, addr: bytes, port: int) -> Endpoint | None:
-    if family == lib.PROBE_AF_INET:
-        address = socket.inet_ntop(socket.AF_INET, addr[:4])
-    elif family == lib.PROBE_AF_INET6:
-        address = unmap_ipv4(socket.inet_ntop(socket.AF_INET6, addr))
+    if family == _AF_INET:
+        raw = addr[:4]  # 4 bytes: an IPv6 address, 16, never meets it
+        address = _addresses.get(raw)
+        if address is None:
+            address = _remember(_addresses, raw, socket.inet_ntop(socket.AF_INET, raw))
+    elif family == _AF_INET6:
+        address = _addresses.get(addr)
+        if address is None:
+            text = unmap_ipv4(socket.inet_ntop(socket.AF_INET6, addr))
+            address = _remember(_addresses, addr, text)
     else:
         return None
     return Endpoint(address, port)
 
 
 def _comm(raw: bytes) -> str:
-    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+    comm = _comms.get(raw)
+    if comm is None:
+        comm = _remember(_comms, raw, raw.split(b"\0", 1)[0].decode("utf-8", "replace"))
+    return comm
 
 
 def decode(raw: bytes) -> KernelEvent | None:

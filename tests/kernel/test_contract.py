@@ -10,6 +10,7 @@ import socket
 
 import pytest
 
+from probe.kernel import decode as decode_module
 from probe.kernel.contract import DATA_HEADER_SIZE, MAX_CAPTURE, ffi, flat_struct, lib
 from probe.kernel.decode import AddressUpdate, RecordReader, decode
 from probe.kernel.events import (
@@ -189,6 +190,32 @@ def test_decode_open_ipv4_and_ipv6() -> None:
     assert event.local == Endpoint("127.0.0.1", 8080)
     assert event.peer == Endpoint("10.1.2.3", 50000)  # v4-mapped, unwrapped
     assert event.comm == "nginx"
+
+
+def test_decode_converts_each_address_and_name_apart(monkeypatch) -> None:
+    """Addresses and names are converted once and remembered, boundedly: a
+    remembered one never answers for another (IPv4 against IPv6 bytes, a
+    name against a longer one)."""
+    monkeypatch.setattr(decode_module, "MAX_REMEMBERED", 4)
+    seen = [
+        ("10.0.0.1", "a00:1::5", "nginx"),  # an IPv6 address starting with 10.0.0.1's bytes
+        ("10.0.0.2", "::ffff:10.0.0.1", "nginx-worker"),
+        ("127.0.0.1", "fe80::1", "ng"),
+    ]
+    record = ffi.new("struct probe_conn_event *")
+    _header(record, lib.PROBE_EVENT_OPEN)
+    for _ in range(3):  # converted, then remembered, and past the bound again
+        for local, peer, comm in seen:
+            _endpoint(record.local, socket.AF_INET, local, 80)
+            _endpoint(record.peer, socket.AF_INET6, peer, 5000)
+            record.comm = comm.encode().ljust(16, b"\0")
+            event = _decode(record)
+            assert isinstance(event, ConnOpen)
+            assert event.local == Endpoint(local, 80)
+            assert event.peer == Endpoint(peer.removeprefix("::ffff:"), 5000)
+            assert event.comm == comm
+        assert len(decode_module._addresses) <= 4
+        assert len(decode_module._comms) <= 4
 
 
 def test_decode_unknown_family_is_no_address() -> None:
