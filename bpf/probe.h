@@ -144,7 +144,16 @@ struct probe_conn_state {
 	__u8 protocol;  /* enum probe_protocol: of the bytes on the socket */
 	__u8 plaintext; /* enum probe_protocol: of the bytes a TLS library moved */
 	__u8 exchange;  /* enum probe_exchange_bits: kernel-only, 0 from user space */
-	__u8 _pad[3];
+	/* 1: an accepted connection whose OPEN is not sent yet. It goes with the
+	 * connection's first record (or as its bytes turn out to be TLS, for user
+	 * space to look for the TLS library), from the addresses kept below: a
+	 * connection that never carries HTTP, or whose every exchange is shed,
+	 * costs user space nothing. Clients announce at connect(): the server's
+	 * end of a same-host request must find its client end already known. */
+	__u8 unannounced;
+	__u8 _pad[2];
+	struct probe_endpoint local; /* while unannounced */
+	struct probe_endpoint peer;
 };
 
 /* probe_conn_state.exchange: the direction bytes last moved, and whether the

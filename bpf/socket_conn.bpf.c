@@ -3,8 +3,10 @@
  * socket_conn.bpf.c: the life of a traced connection.
  *
  * connect() and accept()/accept4() add a connection to `conns` and tell user
- * space (PROBE_EVENT_OPEN); close() removes it (PROBE_EVENT_CLOSE); a process
- * exit is reported (PROBE_EVENT_EXIT) so user space can drop its connections.
+ * space (PROBE_EVENT_OPEN: at once for a client, with its first record for a
+ * server, see struct probe_conn_state); close() removes it (PROBE_EVENT_CLOSE,
+ * if its OPEN was sent); a process exit is reported (PROBE_EVENT_EXIT) so user
+ * space can drop its connections.
  *
  * Addresses without kprobes: the syscalls give only the peer's address (in
  * user memory). The local side comes from the stable tcp tracepoint
@@ -61,8 +63,13 @@ static __always_inline void open_connection(u32 pid, u32 tid, s32 fd, u8 role,
 	state.generation = now;
 	state.role = role;
 	state.ignored = !connection_wanted(tid, event->local.port, event->peer.port);
+	if (role == PROBE_ROLE_SERVER && !state.ignored) {
+		state.unannounced = 1; /* see struct probe_conn_state */
+		state.local = event->local;
+		state.peer = event->peer;
+	}
 	conns.update(&key, &state);
-	if (state.ignored)
+	if (state.ignored || state.unannounced)
 		return;
 	struct probe_conn_id conn = {.pid = pid, .fd = fd, .generation = now};
 	fill_header(&event->header, PROBE_EVENT_OPEN, tid, &conn, now);
@@ -242,7 +249,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
 	struct probe_conn_state *state = conns.lookup(&key);
 	if (!state)
 		return 0;
-	if (!state->ignored) {
+	if (!state->ignored && !state->unannounced) {
 		struct probe_conn_event event = {};
 		u64 now = bpf_ktime_get_ns();
 		struct probe_conn_id conn = {.pid = pid, .fd = key.fd,

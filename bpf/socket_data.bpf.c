@@ -383,6 +383,23 @@ static __always_inline bool shed(struct probe_conn_state *state,
 #endif
 }
 
+/* Sends an accepted connection's OPEN, if it waits (probe_conn_state.unannounced). */
+static __always_inline void announce(const struct probe_conn_key *key, u32 tid,
+				     struct probe_conn_state *state)
+{
+	if (!state->unannounced)
+		return;
+	state->unannounced = 0;
+	struct probe_conn_event event = {};
+	struct probe_conn_id conn = {.pid = key->pid, .fd = key->fd,
+				     .generation = state->generation};
+	fill_header(&event.header, PROBE_EVENT_OPEN, tid, &conn, state->generation);
+	event.local = state->local;
+	event.peer = state->peer;
+	event.role = state->role;
+	emit_conn_event(&event);
+}
+
 /* Defined in go.bpf.c: the goroutine that the read or write ending now on
  * this thread works for, if the thread is a Go program's; 0 otherwise. */
 static __always_inline u64 go_socket_goroutine(u32 pid, u32 tid, s32 fd);
@@ -401,11 +418,17 @@ static __always_inline struct probe_data_event *data_event(u32 pid, u32 tid,
 	struct probe_conn_state *state = conns.lookup(&key);
 	if (!state && call->syscall != PROBE_SYS_SENDFILE)
 		state = sniff_connection(&key, tid, call, ret);
-	if (!state || state->ignored || withheld(state, tid, call, ret, direction))
+	if (!state || state->ignored)
 		return 0;
+	if (withheld(state, tid, call, ret, direction)) {
+		if (state->protocol == PROBE_PROTOCOL_TLS)
+			announce(&key, tid, state); /* user space looks for the TLS library */
+		return 0;
+	}
 	u64 exit_ns = bpf_ktime_get_ns();
 	if (shed(state, call, ret, direction, exit_ns))
 		return 0;
+	announce(&key, tid, state);
 
 	struct data_scratch *scratch = take_scratch();
 	if (!scratch)

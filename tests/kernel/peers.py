@@ -22,6 +22,9 @@ python peers.py conversation PORT COUNT
                                    one connection to itself: COUNT requests
                                    (GET /K), each written in two parts, each
                                    answered in two parts, back to back
+python peers.py conversations PORT COUNT
+                                   COUNT connections to itself in turn, one
+                                   conversation request each
 python peers.py continued PORT COUNT
                                    the same, each request a head with Expect:
                                    100-continue, then its body once the
@@ -38,8 +41,8 @@ python peers.py exec_reader PORT FILE
                                    Python's sockets are, send GET /before, then
                                    exec a Python that reads FILE on descriptor 9
 python peers.py holder PORT SECONDS accept one connection without an address
-                                   buffer (as libuv does), hold it SECONDS,
-                                   close
+                                   buffer (as libuv does), read its request,
+                                   hold it SECONDS, close
 
 With PEER_COMM set, the program first takes that process name (as in ps).
 """
@@ -134,6 +137,11 @@ def conversation(port: int, count: int) -> None:
             request = [b"GET /%d HTTP/1.1\r\n" % k, b"Host: peer\r\n\r\n"]
             response = [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body), body]
             take_turns([(out, conn, request), (conn, out, response)])
+
+
+def conversations(port: int, count: int) -> None:
+    for _ in range(count):
+        conversation(port, 1)
 
 
 def continued(port: int, count: int) -> None:
@@ -238,6 +246,7 @@ def holder(port: int, seconds: float) -> None:
         print("listening", flush=True)
         fd = libc.accept4(listener.fileno(), None, None, 0)
         assert fd >= 0, os.strerror(ctypes.get_errno())
+        assert os.read(fd, 4096)
         time.sleep(seconds)
         os.close(fd)
 
@@ -255,6 +264,8 @@ if __name__ == "__main__":
         chatter(port, int(sys.argv[3]), *message, bytewise=sys.argv[5:] == ["bytewise"])
     elif mode == "conversation":
         conversation(port, int(sys.argv[3]))
+    elif mode == "conversations":
+        conversations(port, int(sys.argv[3]))
     elif mode == "continued":
         continued(port, int(sys.argv[3]))
     elif mode == "tls_chatter":

@@ -111,8 +111,9 @@ def test_one_exchange_seen_from_both_ends(body_file: Path, task_storage: bool) -
 def test_an_accept_without_address_wakes_the_reader_while_the_socket_is_open() -> None:
     # accept() without an address buffer (libuv's way) leaves the kernel without
     # the peer: user space reads both ends from /proc, which it can only do while
-    # the socket is open. Its OPEN wakes the reader at once; without that it
-    # would wait for this poll's timeout, long after the server closed.
+    # the socket is open. Its OPEN, sent with the request's record, wakes the
+    # reader at once; without that it would wait for this poll's timeout, long
+    # after the server closed.
     port = free_port()
     with EventSource(ProbeOptions(ports=(port,)), Stats()) as source:
         server = subprocess.Popen(
@@ -122,6 +123,7 @@ def test_an_accept_without_address_wakes_the_reader_while_the_socket_is_open() -
         )
         assert server.stdout.readline().strip() == "listening"
         with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(b"GET / HTTP/1.1\r\n\r\n")
             # Other records (the holder's exec) may end a poll first.
             events = collect(
                 source, lambda evs: any(isinstance(e, ConnOpen) for e in evs), 10, 3000
@@ -290,8 +292,9 @@ FIRST_BYTES = {
 
 
 def test_only_connections_that_start_with_http_send_their_bytes() -> None:
-    """Another protocol's connection sends no data records, only its OPEN and
-    CLOSE (so user space forgets it); each syscall withheld is counted."""
+    """Another protocol's connection sends no data records. Its client end
+    sends only its OPEN and CLOSE (so user space forgets it), its server end
+    nothing at all; each syscall withheld is counted."""
     port, sends = free_port(), 3
     first_bytes_by_pid: dict[int, bytes] = {}
     with EventSource(ProbeOptions(ports=(port,)), Stats()) as source:
@@ -301,18 +304,21 @@ def test_only_connections_that_start_with_http_send_their_bytes() -> None:
             )
             assert chatter.wait(20) == 0
             first_bytes_by_pid[chatter.pid] = first_bytes
-        closes = 2 * len(FIRST_BYTES)  # each chatter's client end and server end
+        closes = len(FIRST_BYTES) + sum(FIRST_BYTES.values())  # client ends, HTTP's server ends
         events = collect(source, lambda evs: sum(isinstance(e, ConnClose) for e in evs) >= closes)
         withheld = source.kernel_counters()["not_http_withheld"]
 
     for pid, first_bytes in first_bytes_by_pid.items():
         mine = [e for e in events if getattr(e, "key", None) and e.key.pid == pid]
-        kinds = [type(e) for e in mine]
-        assert kinds.count(ConnOpen) == 2 and kinds.count(ConnClose) == 2, (first_bytes, kinds)
+        opened = [e.role for e in mine if isinstance(e, ConnOpen)]
+        closed = {e.key for e in mine if isinstance(e, ConnClose)}
+        assert closed == {e.key for e in mine if isinstance(e, ConnOpen)}, first_bytes
         data = [e for e in mine if isinstance(e, DataEvent)]
         if FIRST_BYTES[first_bytes]:
+            assert sorted(opened) == [Role.CLIENT, Role.SERVER], first_bytes
             assert [e.payload for e in data] == [first_bytes] * 2 * sends, first_bytes
         else:
+            assert opened == [Role.CLIENT], first_bytes
             assert data == [], first_bytes
     others = sum(not http for http in FIRST_BYTES.values())
     assert withheld == others * 2 * sends  # a send and a receive each time
@@ -389,6 +395,42 @@ def test_over_the_exchange_rate_whole_exchanges_are_shed_and_counted() -> None:
         traced += len(seen)
     assert lost == 0
     assert traced > 0 and shed > 0, (traced, shed)
+    assert traced + shed == 2 * count  # every exchange of either end, traced or shed
+
+
+def test_an_accepted_connection_whose_every_exchange_is_shed_sends_nothing() -> None:
+    """A connection per request, over the rate: an accepted connection's OPEN
+    waits for its first record, so the server end of one whose only exchange
+    was shed sends no OPEN and no CLOSE, while every client end is announced
+    at connect(). Whatever is sent is whole: an OPEN, the exchange, a CLOSE."""
+    port, count = free_port(), 100
+    with EventSource(ProbeOptions(ports=(port,), exchange_rate=5), Stats()) as source:
+        peer = subprocess.Popen(
+            [sys.executable, str(PEERS), "conversations", str(port), str(count)]
+        )
+        assert peer.wait(30) == 0
+        events = collect(
+            source, lambda evs: any(isinstance(e, ProcessExit) and e.pid == peer.pid for e in evs)
+        )
+        shed = source.kernel_counters()["exchanges_shed"]
+
+    opened = {e.key: e.role for e in events if isinstance(e, ConnOpen)}
+    servers = {key for key, role in opened.items() if role == Role.SERVER}
+    clients = {key for key, role in opened.items() if role == Role.CLIENT}
+    assert len(clients) == count
+    assert 0 < len(servers) < count, len(servers)
+    assert {e.key for e in events if isinstance(e, ConnClose)} == servers | clients
+    moved = {e.key for e in events if isinstance(e, DataEvent)}
+    assert servers <= moved  # an accepted connection is sent only with its records
+    traced = 0
+    for key in moved:
+        server = key in servers
+        exchanges = _exchanges(events, key, Direction.INGRESS if server else Direction.EGRESS)
+        assert len(exchanges) == 1, exchanges
+        for request, response, _ in exchanges:
+            assert request == b"GET /0 HTTP/1.1\r\nHost: peer\r\n\r\n"
+            assert response == b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n0"
+        traced += len(exchanges)
     assert traced + shed == 2 * count  # every exchange of either end, traced or shed
 
 

@@ -34,7 +34,7 @@ from probe.kernel.events import (
         ("struct probe_event_header", 32),
         ("struct probe_conn_event", 104),
         ("struct probe_conn_key", 8),
-        ("struct probe_conn_state", 16),
+        ("struct probe_conn_state", 64),
         ("struct probe_comm", 16),
         ("struct probe_data_event", 64 + 16384),
     ],
