@@ -63,9 +63,9 @@ class ProcessFilter:
     container_ids: tuple[str, ...] = ()
     exclude_comm_patterns: tuple[str, ...] = ()
     # (name, path, container) -> verdict: asked at every connection, and the
-    # globs cost about 0.5 us a connection, for the few distinct answers a node has.
+    # globs cost 0.5-0.9 us a connection, for the few distinct answers a node has.
     _verdicts: dict[tuple[str, str, str], bool] = field(
-        default_factory=dict, compare=False, repr=False
+        default_factory=dict, init=False, compare=False, repr=False
     )
 
     def __bool__(self) -> bool:
