@@ -98,6 +98,18 @@ BPF_PERCPU_ARRAY(bytes_unwoken, u64, 1);
  * space deletes the entries of exited processes. LRU bounds it. */
 BPF_TABLE("lru_hash", struct probe_conn_key, struct probe_conn_state, conns, PROBE_MAX_CONNS);
 
+/* pid -> when its descriptors last stopped being what they were: its last
+ * exec (which closes close-on-exec sockets without a close() to see) or its
+ * exit (after which the pid may be another process's). An accepted connection
+ * that user space was never told of, and so could not delete, is known by it
+ * to be a leftover (socket_data.bpf.c, announce()). */
+BPF_TABLE("lru_hash", u32, u64, fds_reset_ns, PROBE_MAX_INFLIGHT);
+
+static __always_inline void descriptors_reset(u32 pid, u64 now)
+{
+	fds_reset_ns.update(&pid, &now);
+}
+
 /* A syscall in flight on one thread: its arguments, kept from entry to exit. */
 struct syscall_args {
 	u64 enter_ns; /* writes only: 0 for reads, connect and accept */

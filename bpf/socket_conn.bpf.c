@@ -272,9 +272,11 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	/* The group leader's exit stands for the process's. */
 	if (pid != tid || !process_wanted(pid))
 		return 0;
+	u64 now = bpf_ktime_get_ns();
+	descriptors_reset(pid, now);
 	struct probe_conn_event event = {};
 	struct probe_conn_id process = {.pid = pid, .fd = -1};
-	fill_header(&event.header, PROBE_EVENT_EXIT, tid, &process, bpf_ktime_get_ns());
+	fill_header(&event.header, PROBE_EVENT_EXIT, tid, &process, now);
 	emit_conn_event(&event);
 	return 0;
 }
@@ -287,9 +289,11 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	clear_thread_bits((u32)id, THREAD_JUDGED); /* a new name */
 	if (!process_wanted(pid))
 		return 0;
+	u64 now = bpf_ktime_get_ns();
+	descriptors_reset(pid, now);
 	struct probe_conn_event event = {};
 	struct probe_conn_id process = {.pid = pid, .fd = -1};
-	fill_header(&event.header, PROBE_EVENT_EXEC, (u32)id, &process, bpf_ktime_get_ns());
+	fill_header(&event.header, PROBE_EVENT_EXEC, (u32)id, &process, now);
 	emit_conn_event(&event);
 	return 0;
 }

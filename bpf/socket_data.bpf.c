@@ -383,12 +383,22 @@ static __always_inline bool shed(struct probe_conn_state *state,
 #endif
 }
 
-/* Sends an accepted connection's OPEN, if it waits (probe_conn_state.unannounced). */
-static __always_inline void announce(const struct probe_conn_key *key, u32 tid,
+/* Sends an accepted connection's OPEN, if it waits (probe_conn_state.unannounced).
+ * False if the entry is a leftover, deleted here: its process exec'd or exited
+ * since the accept (fds_reset_ns), so the descriptor is no longer that socket
+ * and user space, never told of it, could not delete it. A socket that did
+ * outlive an exec is picked up again from its next bytes (sniff_connection). */
+static __always_inline bool announce(struct probe_conn_key *key, u32 tid,
 				     struct probe_conn_state *state)
 {
 	if (!state->unannounced)
-		return;
+		return true;
+	u32 pid = key->pid;
+	u64 *reset_ns = fds_reset_ns.lookup(&pid);
+	if (reset_ns && *reset_ns > state->generation) {
+		conns.delete(key);
+		return false;
+	}
 	state->unannounced = 0;
 	struct probe_conn_event event = {};
 	struct probe_conn_id conn = {.pid = key->pid, .fd = key->fd,
@@ -398,6 +408,7 @@ static __always_inline void announce(const struct probe_conn_key *key, u32 tid,
 	event.peer = state->peer;
 	event.role = state->role;
 	emit_conn_event(&event);
+	return true;
 }
 
 /* Defined in go.bpf.c: the goroutine that the read or write ending now on
@@ -426,9 +437,8 @@ static __always_inline struct probe_data_event *data_event(u32 pid, u32 tid,
 		return 0;
 	}
 	u64 exit_ns = bpf_ktime_get_ns();
-	if (shed(state, call, ret, direction, exit_ns))
+	if (shed(state, call, ret, direction, exit_ns) || !announce(&key, tid, state))
 		return 0;
-	announce(&key, tid, state);
 
 	struct data_scratch *scratch = take_scratch();
 	if (!scratch)

@@ -40,6 +40,10 @@ python peers.py exec_reader PORT FILE
                                    connect on descriptor 9, close-on-exec as
                                    Python's sockets are, send GET /before, then
                                    exec a Python that reads FILE on descriptor 9
+python peers.py exec_acceptor PORT FILE
+                                   accept one connection (close-on-exec), read
+                                   nothing from it, then exec a Python that
+                                   reads FILE on the connection's descriptor
 python peers.py holder PORT SECONDS accept one connection without an address
                                    buffer (as libuv does), read its request,
                                    hold it SECONDS, close
@@ -236,7 +240,19 @@ def exec_reader(port: int, path: str) -> None:
     conn = socket.socket(fileno=9)  # held: collected, it would close 9
     conn.connect(("127.0.0.1", port))
     conn.sendall(b"GET /before ")
-    reader = f"import os; os.dup2(os.open({path!r}, os.O_RDONLY), 9); print(os.read(9, 100))"
+    exec_file_reader(path)
+
+
+def exec_acceptor(port: int, path: str) -> None:
+    with socket.create_server(("127.0.0.1", port)) as listener:
+        print("listening", flush=True)
+        conn, _ = listener.accept()  # close-on-exec, as Python's sockets are
+        exec_file_reader(path, conn.fileno())
+
+
+def exec_file_reader(path: str, fd: int = 9) -> None:
+    """Become a Python that reads ``path`` on descriptor ``fd`` and prints it."""
+    reader = f"import os; os.dup2(os.open({path!r}, os.O_RDONLY), {fd}); print(os.read({fd}, 100))"
     os.execv(sys.executable, [sys.executable, "-I", "-S", "-c", reader])
 
 
@@ -276,6 +292,8 @@ if __name__ == "__main__":
         edge_connect(port)
     elif mode == "exec_reader":
         exec_reader(port, sys.argv[3])
+    elif mode == "exec_acceptor":
+        exec_acceptor(port, sys.argv[3])
     elif mode == "holder":
         holder(port, float(sys.argv[3]))
     else:

@@ -187,6 +187,33 @@ def test_a_connection_closed_by_an_exec_ends_there(tmp_path: Path) -> None:
     assert len(closes) == 1 and closes[0].timestamp_ns < exit_ns  # at the exec, not the exit
 
 
+def test_an_accepted_connection_closed_by_an_exec_before_its_bytes_is_forgotten(
+    tmp_path: Path,
+) -> None:
+    # An accepted connection is told to user space with its first bytes; this
+    # one has none before the exec closes it (close-on-exec, no close() to
+    # see), so user space never knew it and could not delete its entry. The
+    # new image's file on the same descriptor number must not be taken for it.
+    port = free_port()
+    text = tmp_path / "request.txt"
+    text.write_bytes(b"GET /from-file HTTP/1.1\r\n\r\n")
+    with EventSource(ProbeOptions(ports=(port,)), Stats()) as source:
+        acceptor = subprocess.Popen(
+            [sys.executable, str(PEERS), "exec_acceptor", str(port), str(text)],
+            stdout=subprocess.PIPE,
+        )
+        assert acceptor.stdout.readline().strip() == b"listening"
+        with socket.create_connection(("127.0.0.1", port)):
+            output, _ = acceptor.communicate(timeout=10)
+        events = collect(
+            source,
+            lambda evs: any(isinstance(e, ProcessExit) and e.pid == acceptor.pid for e in evs),
+        )
+    assert b"GET /from-file" in output  # the new image read its file there
+    mine = [e for e in events if getattr(e, "key", None) and e.key.pid == acceptor.pid]
+    assert mine == []
+
+
 def test_an_excluded_process_name_is_never_traced(body_file: Path) -> None:
     port = free_port()
     options = ProbeOptions(ports=(port,), excluded_comms=("peer-client", "wrk"))
