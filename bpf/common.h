@@ -428,6 +428,16 @@ static __always_inline void emit_conn_event(struct probe_conn_event *event)
 	emit_record(event, sizeof(*event), urgent);
 }
 
+/* Sends a connection's OPEN; `event` holds what is known of its addresses. */
+static __always_inline void emit_open(struct probe_conn_event *event, u32 pid, s32 fd, u32 tid,
+				      u64 generation, u8 role)
+{
+	struct probe_conn_id conn = {.pid = pid, .fd = fd, .generation = generation};
+	fill_header(&event->header, PROBE_EVENT_OPEN, tid, &conn, generation);
+	event->role = role;
+	emit_conn_event(event);
+}
+
 /* TLS libraries (bpf/tls.bpf.c for OpenSSL, bpf/go.bpf.c for Go).
  *
  * A thread inside SSL_read/SSL_write (or the _ex variants), from the uprobe

@@ -69,12 +69,8 @@ static __always_inline void open_connection(u32 pid, u32 tid, s32 fd, u8 role,
 		state.peer = event->peer;
 	}
 	conns.update(&key, &state);
-	if (state.ignored || state.unannounced)
-		return;
-	struct probe_conn_id conn = {.pid = pid, .fd = fd, .generation = now};
-	fill_header(&event->header, PROBE_EVENT_OPEN, tid, &conn, now);
-	event->role = role;
-	emit_conn_event(event);
+	if (!state.ignored && !state.unannounced)
+		emit_open(event, pid, fd, tid, now, role);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_connect)

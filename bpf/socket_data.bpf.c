@@ -145,10 +145,7 @@ static __always_inline struct probe_conn_state *sniff_connection(struct probe_co
 	conns.update(key, &state);
 	if (!state.ignored) {
 		struct probe_conn_event event = {};
-		struct probe_conn_id conn = {.pid = key->pid, .fd = key->fd, .generation = now};
-		fill_header(&event.header, PROBE_EVENT_OPEN, tid, &conn, now);
-		event.role = PROBE_ROLE_UNKNOWN;
-		emit_conn_event(&event);
+		emit_open(&event, key->pid, key->fd, tid, now, PROBE_ROLE_UNKNOWN);
 	}
 	return conns.lookup(key);
 }
@@ -401,13 +398,9 @@ static __always_inline bool announce(struct probe_conn_key *key, u32 tid,
 	}
 	state->unannounced = 0;
 	struct probe_conn_event event = {};
-	struct probe_conn_id conn = {.pid = key->pid, .fd = key->fd,
-				     .generation = state->generation};
-	fill_header(&event.header, PROBE_EVENT_OPEN, tid, &conn, state->generation);
 	event.local = state->local;
 	event.peer = state->peer;
-	event.role = state->role;
-	emit_conn_event(&event);
+	emit_open(&event, key->pid, key->fd, tid, state->generation, state->role);
 	return true;
 }
 
