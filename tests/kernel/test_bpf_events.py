@@ -390,20 +390,28 @@ def _exchanges(events: list, key: object, asking: Direction) -> list[tuple[bytes
     ]
 
 
+def _over_the_rate(mode: str, count: int, wait_s: float = 20) -> tuple[list, int, int]:
+    """peers.py MODE PORT COUNT with both ends traced under a limit of 5
+    exchanges a second: its events up to its exit, the exchanges shed, and
+    the records lost."""
+    port = free_port()
+    with EventSource(ProbeOptions(ports=(port,), exchange_rate=5), Stats()) as source:
+        peer = subprocess.Popen([sys.executable, str(PEERS), mode, str(port), str(count)])
+        assert peer.wait(wait_s) == 0
+        events = collect(
+            source, lambda evs: any(isinstance(e, ProcessExit) and e.pid == peer.pid for e in evs)
+        )
+        return events, source.kernel_counters()["exchanges_shed"], source.lost_events()
+
+
 def test_over_the_exchange_rate_whole_exchanges_are_shed_and_counted() -> None:
     """A rate of 5 a second, and 200 requests back to back on one connection
     traced at both ends: the kernel sends a few exchanges whole and sheds the
     rest whole, each request with its own response, and counts what it shed.
     Each end's records after its first shed exchange say so: its count of
     requests is no longer the other end's."""
-    port, count = free_port(), 200
-    with EventSource(ProbeOptions(ports=(port,), exchange_rate=5), Stats()) as source:
-        peer = subprocess.Popen([sys.executable, str(PEERS), "conversation", str(port), str(count)])
-        assert peer.wait(20) == 0
-        events = collect(source, lambda evs: sum(isinstance(e, ConnClose) for e in evs) >= 2)
-        shed = source.kernel_counters()["exchanges_shed"]
-        lost = source.lost_events()
-
+    count = 200
+    events, shed, lost = _over_the_rate("conversation", count)
     opens = {e.role: e.key for e in events if isinstance(e, ConnOpen)}
     traced = 0
     for role, asking in ((Role.SERVER, Direction.INGRESS), (Role.CLIENT, Direction.EGRESS)):
@@ -430,17 +438,8 @@ def test_an_accepted_connection_whose_every_exchange_is_shed_sends_nothing() -> 
     waits for its first record, so the server end of one whose only exchange
     was shed sends no OPEN and no CLOSE, while every client end is announced
     at connect(). Whatever is sent is whole: an OPEN, the exchange, a CLOSE."""
-    port, count = free_port(), 100
-    with EventSource(ProbeOptions(ports=(port,), exchange_rate=5), Stats()) as source:
-        peer = subprocess.Popen(
-            [sys.executable, str(PEERS), "conversations", str(port), str(count)]
-        )
-        assert peer.wait(30) == 0
-        events = collect(
-            source, lambda evs: any(isinstance(e, ProcessExit) and e.pid == peer.pid for e in evs)
-        )
-        shed = source.kernel_counters()["exchanges_shed"]
-
+    count = 100
+    events, shed, _ = _over_the_rate("conversations", count, wait_s=30)
     opened = {e.key: e.role for e in events if isinstance(e, ConnOpen)}
     servers = {key for key, role in opened.items() if role == Role.SERVER}
     clients = {key for key, role in opened.items() if role == Role.CLIENT}
@@ -465,13 +464,7 @@ def test_a_body_sent_after_100_continue_goes_with_its_head() -> None:
     """Over the rate, the body of a request sent after "100 Continue" starts
     bytes the asking way again, as a new request would: it keeps its head's
     verdict, so user space gets head, 100, body and response, or none."""
-    port, count = free_port(), 200
-    with EventSource(ProbeOptions(ports=(port,), exchange_rate=5), Stats()) as source:
-        peer = subprocess.Popen([sys.executable, str(PEERS), "continued", str(port), str(count)])
-        assert peer.wait(20) == 0
-        events = collect(source, lambda evs: sum(isinstance(e, ConnClose) for e in evs) >= 2)
-        shed = source.kernel_counters()["exchanges_shed"]
-
+    events, shed, _ = _over_the_rate("continued", 200)
     opens = {e.role: e.key for e in events if isinstance(e, ConnOpen)}
     for role in (Role.SERVER, Role.CLIENT):
         runs = [payload for _, payload, _ in _runs(events, opens[role])]
