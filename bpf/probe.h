@@ -62,8 +62,6 @@ enum probe_syscall {
 /* Bits of probe_data_event.flags. */
 enum probe_data_flags {
 	PROBE_DATA_TLS = 1, /* decrypted bytes from a TLS library's read or write */
-	PROBE_DATA_AFTER_SHED = 2, /* an exchange of this connection was shed before: user
-				    * space's count of its requests is not its other end's */
 };
 
 /* Address families as the kernel numbers them (AF_INET, AF_INET6). */
@@ -109,6 +107,12 @@ struct probe_data_event {
 	__u8 role;         /* enum probe_role */
 	__u8 syscall;      /* enum probe_syscall */
 	__u8 flags;        /* enum probe_data_flags */
+	/* Which exchange of its connection the call belongs to, counted from 1 by
+	 * the kernel as requests start (probe_conn_state.exchanges), shed ones
+	 * included: both ends of a connection number its requests alike, whatever
+	 * each end shed. 0: not counted (a connection picked up mid-stream). */
+	__u32 exchange;
+	__u32 _pad;
 	char payload[PROBE_MAX_CAPTURE];
 };
 
@@ -154,6 +158,8 @@ struct probe_conn_state {
 	__u8 _pad[2];
 	struct probe_endpoint local; /* while unannounced */
 	struct probe_endpoint peer;
+	__u32 exchanges; /* requests started so far: see probe_data_event.exchange */
+	__u32 _pad2;
 };
 
 /* probe_conn_state.exchange: the direction bytes last moved, and whether the
@@ -165,7 +171,6 @@ enum probe_exchange_bits {
 	PROBE_EXCHANGE_MOVED_EGRESS = 2,
 	PROBE_EXCHANGE_MOVED = 3, /* either */
 	PROBE_EXCHANGE_SHED = 4,
-	PROBE_EXCHANGE_SHED_BEFORE = 8, /* any exchange of the connection so far */
 };
 
 /* probe_conn_state.protocol: what the connection's first bytes say. Only

@@ -339,19 +339,25 @@ static __always_inline struct exchange_budget *refilled_budget(u64 now)
  * costs its syscalls' programs but no record, no copy, no user-space work:
  * the probe's CPU stays bounded however busy the node. A connection whose
  * role is unknown (open before the probe) is never shed: which side asks is
- * not known. */
+ * not known.
+ *
+ * Also numbers the exchanges as they start (probe_conn_state.exchanges),
+ * shed or not, with or without a limit: both ends of a same-host connection
+ * count alike, so user space pairs their requests by that number whatever
+ * either end shed. */
 static __always_inline bool shed(struct probe_conn_state *state,
 				 const struct syscall_args *call, long ret, u8 direction, u64 now)
 {
-#if PROBE_EXCHANGE_RATE
 	u8 moved = direction == PROBE_INGRESS ? PROBE_EXCHANGE_MOVED_INGRESS
 					      : PROBE_EXCHANGE_MOVED_EGRESS;
 	u8 bits = state->exchange;
 	if (!(bits & moved)) { /* the first bytes this way since the other way's */
 		u8 asking = state->role == PROBE_ROLE_SERVER ? PROBE_INGRESS : PROBE_EGRESS;
-		struct exchange_budget *budget = 0;
-		if (state->role != PROBE_ROLE_UNKNOWN && direction == asking)
-			budget = refilled_budget(now);
+		bool starts = state->role != PROBE_ROLE_UNKNOWN && direction == asking;
+		if (starts)
+			state->exchanges++;
+#if PROBE_EXCHANGE_RATE
+		struct exchange_budget *budget = starts ? refilled_budget(now) : 0;
 		if (budget) {
 			bool was_shed = bits & PROBE_EXCHANGE_SHED;
 			bool over = budget->credit_ns < EXCHANGE_COST_NS;
@@ -369,15 +375,13 @@ static __always_inline bool shed(struct probe_conn_state *state,
 				__sync_fetch_and_add(&budget->credit_ns, -EXCHANGE_COST_NS);
 			bits &= ~PROBE_EXCHANGE_SHED;
 			if (over)
-				bits |= PROBE_EXCHANGE_SHED | PROBE_EXCHANGE_SHED_BEFORE;
+				bits |= PROBE_EXCHANGE_SHED;
 		}
+#endif
 		bits = (bits & ~PROBE_EXCHANGE_MOVED) | moved;
 		state->exchange = bits;
 	}
 	return bits & PROBE_EXCHANGE_SHED;
-#else
-	return false;
-#endif
 }
 
 /* Sends an accepted connection's OPEN, if it waits (probe_conn_state.unannounced).
@@ -409,9 +413,8 @@ static __always_inline bool announce(struct probe_conn_key *key, u32 tid,
 static __always_inline u64 go_socket_goroutine(u32 pid, u32 tid, s32 fd);
 
 /* The data event of a call that moved ret > 0 bytes on a traced connection,
- * built in a scratch slot with no goroutine, flagged only after a shed
- * exchange (PROBE_DATA_AFTER_SHED); 0 when the fd is
- * not traced. Also used for plaintext at TLS libraries, where `call`
+ * built in a scratch slot with no goroutine and no flags, numbered with its
+ * exchange; 0 when the fd is not traced. Also used for plaintext at TLS libraries, where `call`
  * describes the library call. Always send it with emit_data(), which gives
  * the slot back. */
 static __always_inline struct probe_data_event *data_event(u32 pid, u32 tid,
@@ -445,7 +448,8 @@ static __always_inline struct probe_data_event *data_event(u32 pid, u32 tid,
 	event->direction = direction;
 	event->role = state->role;
 	event->syscall = call->syscall;
-	event->flags = state->exchange & PROBE_EXCHANGE_SHED_BEFORE ? PROBE_DATA_AFTER_SHED : 0;
+	event->flags = 0;
+	event->exchange = state->exchanges;
 	event->goroutine = 0;
 	if (call->syscall == PROBE_SYS_SENDFILE)
 		event->captured = 0;

@@ -61,6 +61,7 @@ _DATA, _ = flat_struct(
         "direction",
         "role",
         "flags",
+        "exchange",
     ),
 )
 _CONN, _ = flat_struct(
@@ -86,7 +87,6 @@ _EVENT_CLOSE: Final = lib.PROBE_EVENT_CLOSE
 _EVENT_EXIT: Final = lib.PROBE_EVENT_EXIT
 _EVENT_EXEC: Final = lib.PROBE_EVENT_EXEC
 _DATA_TLS: Final = lib.PROBE_DATA_TLS
-_DATA_AFTER_SHED: Final = lib.PROBE_DATA_AFTER_SHED
 _AF_INET: Final = lib.PROBE_AF_INET
 _AF_INET6: Final = lib.PROBE_AF_INET6
 _DIRECTIONS = {member.value: member for member in Direction}
@@ -142,7 +142,7 @@ def decode(raw: bytes) -> KernelEvent | None:
             return None
         (
             tid, pid, fd, generation, timestamp_ns,
-            exit_ns, size, goroutine, captured, direction, role, flags,
+            exit_ns, size, goroutine, captured, direction, role, flags, exchange,
         ) = _DATA.unpack_from(raw)  # fmt: skip
         if direction not in _DIRECTIONS:
             return None
@@ -157,7 +157,7 @@ def decode(raw: bytes) -> KernelEvent | None:
             role=_ROLES.get(role, Role.UNKNOWN),
             goroutine=goroutine,
             tls=bool(flags & _DATA_TLS),
-            after_shed=bool(flags & _DATA_AFTER_SHED),
+            exchange=exchange,
         )
     if len(raw) < _CONN.size:
         return None

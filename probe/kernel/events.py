@@ -74,9 +74,10 @@ class DataEvent:
     role: Role = Role.UNKNOWN  # as the kernel knows it (UNKNOWN: picked up mid-stream)
     goroutine: int = 0  # Go: the goroutine the I/O was done for; 0 elsewhere
     tls: bool = False  # plaintext from a TLS library rather than bytes on the socket
-    # An exchange of this connection was shed in the kernel (over the rate limit)
-    # before this call: the count of its requests is no longer its other end's.
-    after_shed: bool = False
+    # Which exchange of its connection this call belongs to, as the kernel
+    # numbers them from 1 (shed ones included, so both ends of a connection
+    # agree); 0: not numbered (a connection picked up mid-stream).
+    exchange: int = 0
 
     def __init__(  # written out for mypyc (probe/compiled.py)
         self,
@@ -90,7 +91,7 @@ class DataEvent:
         role: Role = Role.UNKNOWN,
         goroutine: int = 0,
         tls: bool = False,
-        after_shed: bool = False,
+        exchange: int = 0,
     ) -> None:
         self.key = key
         self.tid = tid
@@ -102,7 +103,7 @@ class DataEvent:
         self.role = role
         self.goroutine = goroutine
         self.tls = tls
-        self.after_shed = after_shed
+        self.exchange = exchange
 
 
 @dataclass(slots=True)

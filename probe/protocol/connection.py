@@ -33,6 +33,9 @@ from probe.stats import Stats
 
 MAX_PENDING = 64  # requests awaiting a response, per connection
 MAX_EARLY = 8  # responses reported before their requests, per connection
+# HttpRequest.sequence: the kernel's exchange number, shifted past the order of
+# the requests within one exchange (pipelined requests share a number).
+SEQUENCE_SHIFT = 24
 
 
 class _Pending:
@@ -69,7 +72,9 @@ class HttpConnection:
         "_requests",
         "_responses",
         "_request_direction",
-        "_requests_seen",
+        "_exchange",
+        "_numbered",
+        "_within",
         "_early_head",
         "_early",
     )
@@ -93,7 +98,10 @@ class HttpConnection:
         self._requests = RequestStream(self, stats)
         self._responses = ResponseStream(self, stats)
         self._request_direction: Direction | None = None
-        self._requests_seen = 0  # numbers requests in order, for same-host matching
+        # Numbering requests as both ends of the connection do (HttpRequest.sequence):
+        self._exchange = 0  # the kernel's number of the latest request-way call
+        self._numbered = 0  # ... of the latest request numbered
+        self._within = 0  # requests numbered with it so far
         # Responses reported before their request: a program whose requests are
         # written by one thread and responses read by another (Go's writeLoop
         # and readLoop) can have the response's read return before the
@@ -113,8 +121,8 @@ class HttpConnection:
         stream = self._requests if event.direction == self._request_direction else self._responses
         if event.tls:
             self.info.tls = True
-        if event.after_shed:
-            self.info.shed = True
+        if stream is self._requests:
+            self._exchange = event.exchange
         stream.feed(event.payload, event.size, first_ns, event.exit_ns, event.tid, event.goroutine)
 
     def close(self, reason: str) -> None:
@@ -142,8 +150,10 @@ class HttpConnection:
 
     def head_parsed(self, message: HttpMessage) -> None:
         if isinstance(message, HttpRequest):
-            message.sequence = self._requests_seen
-            self._requests_seen += 1
+            if self._exchange != self._numbered:
+                self._numbered, self._within = self._exchange, 0
+            message.sequence = self._exchange << SEQUENCE_SHIFT | self._within
+            self._within += 1
             if len(self._pending) >= self._max_pending:
                 self._stats["requests_dropped"] += 1
                 self._reading = None

@@ -18,9 +18,6 @@ class ConnectionInfo:
     local: Endpoint | None
     peer: Endpoint | None
     tls: bool = False  # the HTTP was read at a TLS library: url.scheme is https
-    # The kernel shed an exchange of it (over the rate limit): its requests' order
-    # no longer matches its other end's, so it pairs no requests by order.
-    shed: bool = False
     # Which image of its process it belongs to (ConnOpen.image); None: the one
     # running now (a connection picked up mid-stream).
     image: int | None = None
@@ -72,7 +69,11 @@ class HttpMessage:
 class HttpRequest(HttpMessage):
     method: str = ""  # as sent, e.g. "GET"
     target: str = ""  # request-target as sent, e.g. "/a/b?x=1"
-    sequence: int = 0  # 0 for the first request on its connection, 1 for the next...
+    # Its place on its connection, as the other end numbers it too: the kernel's
+    # exchange number (DataEvent.exchange, counting shed exchanges) shifted left
+    # by connection.SEQUENCE_SHIFT, plus its order among that exchange's requests
+    # (pipelined). Without the kernel's numbers, 0, 1, 2... in order.
+    sequence: int = 0
 
     def __init__(
         self,

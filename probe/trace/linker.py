@@ -15,9 +15,9 @@ Rules, first match wins. A SERVER span:
   that parent.
 - ``same_host``: the client end of the same TCP connection was traced here too
   (mirrored addresses, in any network namespace), and its request of the same
-  order on the connection started first: the client span is the parent.
-  Not once either end has shed an exchange over the rate limit: the two
-  ends' counts of requests then differ, and the order would pair the wrong ones.
+  place on the connection started first: the client span is the parent. The
+  place is numbered by the kernel (`HttpRequest.sequence`), counting exchanges
+  either end shed over the rate limit, so the two ends agree whatever was shed.
 - ``inferred``: several client ends match (namespaces reusing addresses): a
   trace of its own, with a span link to the latest, marked inferred.
 - ``none``: nothing matched within the wait: a root. There is no wait when no
@@ -443,9 +443,8 @@ class SpanLinker:
 
 
 def _wire(connection: ConnectionInfo, sequence: int) -> _Wire | None:
-    """(client address, server address, order): the same for both ends of a
-    connection, unless either end shed an exchange (then neither is matched)."""
-    if connection.local is None or connection.peer is None or connection.shed:
+    """(client address, server address, place): the same for both ends of a connection."""
+    if connection.local is None or connection.peer is None:
         return None
     if connection.role == Role.CLIENT:
         return (connection.local, connection.peer, sequence)

@@ -101,6 +101,7 @@ def test_one_exchange_seen_from_both_ends(body_file: Path, task_storage: bool) -
     server_in = [e for e in data if e.key.pid == server_pid and e.direction == Direction.INGRESS]
     assert sum(e.size for e in server_in) == len(client_out[0].payload) + 10_000
     assert server_in[0].payload.startswith(b"POST /upload HTTP/1.1\r\n")  # across both buffers
+    assert {e.exchange for e in data} == {1}  # both ends number the exchange alike
 
     closes = {e.key.pid: e for e in events if isinstance(e, ConnClose)}
     assert closes[server_pid].key == server_open.key
@@ -365,23 +366,23 @@ def test_a_request_read_a_byte_at_a_time_is_sent() -> None:
     assert received == [bytes([byte]) for byte in request] * sends
 
 
-def _runs(events: list, key: object) -> list[tuple[Direction, bytes, set[bool]]]:
+def _runs(events: list, key: object) -> list[tuple[Direction, bytes, set[int]]]:
     """A connection's data as runs of calls one way: (direction, their payloads
-    joined, the after_shed flags they carried)."""
-    runs: list[tuple[Direction, bytes, set[bool]]] = []
+    joined, the kernel's exchange numbers they carried)."""
+    runs: list[tuple[Direction, bytes, set[int]]] = []
     for event in events:
         if isinstance(event, DataEvent) and event.key == key:
             if runs and runs[-1][0] == event.direction:
-                direction, payload, flags = runs[-1]
-                flags.add(event.after_shed)
-                runs[-1] = (direction, payload + event.payload, flags)
+                direction, payload, numbers = runs[-1]
+                numbers.add(event.exchange)
+                runs[-1] = (direction, payload + event.payload, numbers)
             else:
-                runs.append((event.direction, event.payload, {event.after_shed}))
+                runs.append((event.direction, event.payload, {event.exchange}))
     return runs
 
 
 def _exchanges(events: list, key: object, asking: Direction) -> list[tuple[bytes, bytes, set]]:
-    """A connection's data as (request, response, after_shed flags) triples:
+    """A connection's data as (request, response, exchange numbers) triples:
     each run of calls one way paired with the run the other way after it."""
     runs = _runs(events, key)
     assert runs and runs[0][0] == asking and len(runs) % 2 == 0, runs
@@ -408,15 +409,15 @@ def test_over_the_exchange_rate_whole_exchanges_are_shed_and_counted() -> None:
     """A rate of 5 a second, and 200 requests back to back on one connection
     traced at both ends: the kernel sends a few exchanges whole and sheds the
     rest whole, each request with its own response, and counts what it shed.
-    Each end's records after its first shed exchange say so: its count of
-    requests is no longer the other end's."""
+    Every record carries its exchange's number on the connection, shed ones
+    counted: the same at both ends for the same request."""
     count = 200
     events, shed, lost = _over_the_rate("conversation", count)
     opens = {e.role: e.key for e in events if isinstance(e, ConnOpen)}
     traced = 0
     for role, asking in ((Role.SERVER, Direction.INGRESS), (Role.CLIENT, Direction.EGRESS)):
         seen = []
-        for request, response, after_shed in _exchanges(events, opens[role], asking):
+        for request, response, numbers in _exchanges(events, opens[role], asking):
             k = int(request.split(b" ")[1][1:])
             assert request == b"GET /%d HTTP/1.1\r\nHost: peer\r\n\r\n" % k, role
             body = b"%d" % k
@@ -424,9 +425,9 @@ def test_over_the_exchange_rate_whole_exchanges_are_shed_and_counted() -> None:
                 len(body),
                 body,
             ), role
-            seen.append((k, after_shed))
-        first_shed = min(set(range(count)) - {k for k, _ in seen})
-        assert all(flags == {k > first_shed} for k, flags in seen), (role, first_shed, seen)
+            seen.append((k, numbers))
+        assert all(numbers == {k + 1} for k, numbers in seen), (role, seen)
+        assert len(seen) < count, role  # some were shed, and numbered all the same
         traced += len(seen)
     assert lost == 0
     assert traced > 0 and shed > 0, (traced, shed)
@@ -463,17 +464,20 @@ def test_an_accepted_connection_whose_every_exchange_is_shed_sends_nothing() -> 
 def test_a_body_sent_after_100_continue_goes_with_its_head() -> None:
     """Over the rate, the body of a request sent after "100 Continue" starts
     bytes the asking way again, as a new request would: it keeps its head's
-    verdict, so user space gets head, 100, body and response, or none."""
+    verdict, so user space gets head, 100, body and response, or none. Both
+    ends number the head's exchange and the body's alike."""
     events, shed, _ = _over_the_rate("continued", 200)
     opens = {e.role: e.key for e in events if isinstance(e, ConnOpen)}
     for role in (Role.SERVER, Role.CLIENT):
-        runs = [payload for _, payload, _ in _runs(events, opens[role])]
+        runs = [(payload, numbers) for _, payload, numbers in _runs(events, opens[role])]
         assert runs and len(runs) % 4 == 0, (role, runs)
         for i in range(0, len(runs), 4):
-            head, proceed, body, response = runs[i : i + 4]
+            head, proceed, body, response = (payload for payload, _ in runs[i : i + 4])
             k = int(head.split(b" ")[1][1:])
             assert head.startswith(b"POST /%d HTTP/1.1\r\n" % k), (role, runs[i : i + 4])
             assert proceed == b"HTTP/1.1 100 Continue\r\n\r\n", (role, runs[i : i + 4])
             assert body == b"body-%d" % k, (role, runs[i : i + 4])
             assert response.endswith(b"\r\n\r\n%d" % k), (role, runs[i : i + 4])
+            numbers = [numbers for _, numbers in runs[i : i + 4]]
+            assert numbers == [{2 * k + 1}] * 2 + [{2 * k + 2}] * 2, (role, k, numbers)
     assert shed > 0

@@ -34,9 +34,9 @@ from probe.kernel.events import (
         ("struct probe_event_header", 32),
         ("struct probe_conn_event", 104),
         ("struct probe_conn_key", 8),
-        ("struct probe_conn_state", 64),
+        ("struct probe_conn_state", 72),
         ("struct probe_comm", 16),
-        ("struct probe_data_event", 64 + 16384),
+        ("struct probe_data_event", 72 + 16384),
     ],
 )
 def test_struct_sizes(struct: str, size: int) -> None:
@@ -58,7 +58,8 @@ def test_struct_sizes(struct: str, size: int) -> None:
         ("struct probe_data_event", "role", 61),
         ("struct probe_data_event", "syscall", 62),
         ("struct probe_data_event", "flags", 63),
-        ("struct probe_data_event", "payload", 64),
+        ("struct probe_data_event", "exchange", 64),
+        ("struct probe_data_event", "payload", 72),
         ("struct probe_conn_event", "local", 32),
         ("struct probe_conn_event", "peer", 56),
         ("struct probe_conn_event", "role", 80),
@@ -69,6 +70,7 @@ def test_struct_sizes(struct: str, size: int) -> None:
         ("struct probe_conn_state", "ignored", 9),
         ("struct probe_conn_state", "protocol", 10),
         ("struct probe_conn_state", "plaintext", 11),
+        ("struct probe_conn_state", "exchanges", 64),
     ],
 )
 def test_field_offsets(struct: str, field: str, offset: int) -> None:
@@ -77,7 +79,7 @@ def test_field_offsets(struct: str, field: str, offset: int) -> None:
 
 def test_constants() -> None:
     assert MAX_CAPTURE == 16384
-    assert DATA_HEADER_SIZE == 64
+    assert DATA_HEADER_SIZE == 72
     assert (lib.PROBE_INGRESS, lib.PROBE_EGRESS) == (Direction.INGRESS, Direction.EGRESS)
     assert (lib.PROBE_ROLE_UNKNOWN, lib.PROBE_ROLE_CLIENT, lib.PROBE_ROLE_SERVER) == (
         Role.UNKNOWN,
@@ -107,7 +109,7 @@ def test_flat_struct_unpacks_what_cffi_wrote() -> None:
     # a prefix: the data record's fixed part, without its payload
     layout, names = flat_struct("struct probe_data_event", DATA_HEADER_SIZE)
     assert layout.size == DATA_HEADER_SIZE
-    assert names[-1] == "flags"
+    assert names[-2:] == ("exchange", "_pad")
 
 
 def _header(record, kind: int, pid: int = 7, fd: int = 3, generation: int = 99) -> None:

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from probe.kernel.events import ConnKey, Direction, Role
+from probe.kernel.events import ConnKey, DataEvent, Direction, Role
+from probe.protocol.connection import SEQUENCE_SHIFT
 from probe.protocol.model import HttpExchange
 
 T0 = 1_000_000  # the fake clock's start; syscall i enters at T0 + 1000 i, returns 400 later
@@ -126,6 +127,38 @@ def test_pipelined_requests_pair_in_order(wire, recorder) -> None:
         (f"/{i}", 5 * (i + 1)) for i in range(5)
     ]
     assert {e.request.end_ns for e in recorder.exchanges} == {exit_(0)}
+
+
+def numbered(events: list[DataEvent], exchange: int) -> list[DataEvent]:
+    """``events`` as the kernel numbers them: calls of its ``exchange``-th exchange."""
+    for event in events:
+        event.exchange = exchange
+    return events
+
+
+def test_requests_are_numbered_by_the_kernels_exchanges(wire, recorder) -> None:
+    """A request's sequence is its exchange's number, as the kernel counts them
+    (shed ones included, so both ends agree), then its order among the
+    pipelined requests of that exchange."""
+    recorder.feed(
+        wire.open(),
+        numbered(wire.read(get("/a")), 2),  # the first exchange was shed
+        numbered(wire.write(ok()), 2),
+        numbered(wire.read(get("/b") + get("/c"), sizes=[20]), 5),
+        numbered(wire.write(ok() + ok()), 5),
+    )
+    assert [(e.request.target, e.request.sequence) for e in recorder.exchanges] == [
+        ("/a", 2 << SEQUENCE_SHIFT),
+        ("/b", 5 << SEQUENCE_SHIFT),
+        ("/c", 5 << SEQUENCE_SHIFT | 1),
+    ]
+
+
+def test_requests_the_kernel_did_not_number_are_numbered_in_order(wire, recorder) -> None:
+    recorder.feed(wire.open())
+    for target in ("/a", "/b", "/c"):
+        recorder.feed(wire.read(get(target)), wire.write(ok()))
+    assert [e.request.sequence for e in recorder.exchanges] == [0, 1, 2]
 
 
 def test_expect_100_continue(wire, recorder) -> None:

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from probe.kernel.events import ConnKey, ConnOpen, DataEvent, Direction, Endpoint, Role
+from probe.protocol.connection import SEQUENCE_SHIFT
 from probe.protocol.model import ConnectionInfo, HttpExchange, HttpRequest, HttpResponse
 from probe.protocol.tracker import ConnectionTracker
 from probe.stats import Stats
@@ -241,21 +242,21 @@ def test_same_host_matches_requests_by_their_order_on_the_connection() -> None:
     assert len({c.trace_id for c in client_spans}) == 3
 
 
-def test_a_connection_that_shed_an_exchange_is_not_matched_by_order() -> None:
-    """The kernel shed the server end's first exchange (over the rate limit):
-    the second request is the first the server end parsed. By order it would
-    take the first request's client span as its parent: it is a root instead."""
+def test_a_server_end_that_shed_its_first_exchange_finds_its_client_by_number() -> None:
+    """The kernel shed the server end's first exchange (over the rate limit): the
+    first request it parsed is the connection's second, and carries the
+    kernel's number for it, as the client end's second request does. The
+    client span of that request is its parent, not the first one's."""
     host = Host()
     out, into = host.connect(1, 2, 8080)
-    first = host.start(out, 1, sequence=0)
-    second = host.start(out, 11, sequence=1)
-    into.shed = True  # as its records say (DataEvent.after_shed)
-    served = host.start(into, 12, sequence=0)
+    first = host.start(out, 1, sequence=1 << SEQUENCE_SHIFT)
+    second = host.start(out, 11, sequence=2 << SEQUENCE_SHIFT)
+    served = host.start(into, 12, sequence=2 << SEQUENCE_SHIFT)
     server_span = host.end(served, 13)
-    assert host.exported == [server_span]  # at once: no wait for a client end
-    assert server_span.parent_span_id is None
     client_spans = [host.end(first, 5), host.end(second, 14)]
-    assert server_span.trace_id not in {span.trace_id for span in client_spans}
+    assert server_span.parent_span_id == client_spans[1].span_id
+    assert server_span.trace_id == client_spans[1].trace_id != client_spans[0].trace_id
+    assert host.rules()["links_same_host"] == 1
 
 
 def test_a_server_reported_before_its_client_waits_and_so_does_its_subtree() -> None:
