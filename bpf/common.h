@@ -105,6 +105,51 @@ BPF_TABLE("lru_hash", struct probe_conn_key, struct probe_conn_state, conns, PRO
  * to be a leftover (socket_data.bpf.c, announce()). */
 BPF_TABLE("lru_hash", u32, u64, fds_reset_ns, PROBE_MAX_INFLIGHT);
 
+#if PROBE_EXCHANGE_RATE
+/* A TCP connection's two ends as its client names them, IPv4-mapped IPv6
+ * addresses as IPv4 (a dual-stack socket's end must meet an IPv4 one). */
+struct conn_ends {
+	struct probe_endpoint client;
+	struct probe_endpoint server;
+};
+
+/* Traced client connections by their ends, for their server end, if it is
+ * traced on this host too, to find at its first request (socket_data.bpf.c,
+ * pair_ends()). The entries of clients of other hosts are never taken: the
+ * LRU drops them. */
+BPF_TABLE("lru_hash", struct conn_ends, struct probe_conn_id, client_ends, 16384);
+
+static __always_inline void ends_endpoint(struct probe_endpoint *out,
+					  const struct probe_endpoint *in)
+{
+	out->port = in->port;
+	out->family = in->family;
+	bool mapped = in->family == PROBE_AF_INET6 && in->addr[10] == 0xff && in->addr[11] == 0xff;
+#pragma unroll
+	for (int i = 0; i < 10; i++)
+		mapped = mapped && in->addr[i] == 0;
+	if (mapped) {
+		out->family = PROBE_AF_INET;
+		__builtin_memcpy(out->addr, &in->addr[12], 4);
+	} else {
+		__builtin_memcpy(out->addr, in->addr, 16);
+	}
+}
+
+/* Remembers a traced client connection by its ends, once both are known. */
+static __always_inline void remember_client(const struct probe_conn_id *conn,
+					    const struct probe_endpoint *local,
+					    const struct probe_endpoint *peer)
+{
+	if (local->family == PROBE_AF_UNSPEC || peer->family == PROBE_AF_UNSPEC)
+		return;
+	struct conn_ends ends = {};
+	ends_endpoint(&ends.client, local);
+	ends_endpoint(&ends.server, peer);
+	client_ends.update(&ends, conn);
+}
+#endif
+
 static __always_inline void descriptors_reset(u32 pid, u64 now)
 {
 	fds_reset_ns.update(&pid, &now);

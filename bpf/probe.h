@@ -160,6 +160,14 @@ struct probe_conn_state {
 	struct probe_endpoint peer;
 	__u32 exchanges; /* requests started so far: see probe_data_event.exchange */
 	__u32 _pad2;
+	/* The latest verdict of the rate limit, (exchange number << 2) | (paid or
+	 * counted << 1) | shed, in the client end's entry, which both ends of a
+	 * connection on this host share: the end that starts an exchange first
+	 * writes it (compare-and-swap), the other takes it. */
+	__u64 judged;
+	/* The other end of this connection, when it is traced on this host too
+	 * (generation 0: not known). */
+	struct probe_conn_id partner;
 };
 
 /* probe_conn_state.exchange: the direction bytes last moved, and whether the

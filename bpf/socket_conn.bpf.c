@@ -54,7 +54,8 @@ static __always_inline void save_conn_args(s32 fd, const void *addr, const void 
 	save_syscall(tid, &args);
 }
 
-static __always_inline void open_connection(u32 pid, u32 tid, s32 fd, u8 role,
+/* Adds a connection to `conns`; false if it is not traced. */
+static __always_inline bool open_connection(u32 pid, u32 tid, s32 fd, u8 role,
 					    struct probe_conn_event *event)
 {
 	struct probe_conn_key key = {.pid = pid, .fd = fd};
@@ -71,6 +72,8 @@ static __always_inline void open_connection(u32 pid, u32 tid, s32 fd, u8 role,
 	conns.update(&key, &state);
 	if (!state.ignored && !state.unannounced)
 		emit_open(event, pid, fd, tid, now, role);
+	event->header.conn.generation = now;
+	return !state.ignored;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_connect)
@@ -103,13 +106,18 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
 		event.local = known->local;
 		sock_tuple.delete(&skaddr);
 	}
-	open_connection(pid, tid, call.fd, PROBE_ROLE_CLIENT, &event);
+	bool traced = open_connection(pid, tid, call.fd, PROBE_ROLE_CLIENT, &event);
+	struct probe_conn_id conn = {.pid = pid, .fd = call.fd,
+				     .generation = event.header.conn.generation};
 	if (!known) {
 		/* ESTABLISHED comes later (a real network): it sends the address. */
-		struct probe_conn_id conn = {.pid = pid, .fd = call.fd,
-					     .generation = event.header.conn.generation};
 		sock_conn.update(&skaddr, &conn);
 	}
+#if PROBE_EXCHANGE_RATE
+	else if (traced) {
+		remember_client(&conn, &event.local, &event.peer);
+	}
+#endif
 	return 0;
 }
 
@@ -223,6 +231,9 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		event.local = tuple.local;
 		event.peer = tuple.peer;
 		event.role = PROBE_ROLE_CLIENT;
+#if PROBE_EXCHANGE_RATE
+		remember_client(conn, &tuple.local, &tuple.peer);
+#endif
 		sock_conn.delete(&skaddr);
 		emit_conn_event(&event);
 	} else if (args->oldstate == TCP_SYN_RECV) {

@@ -330,6 +330,59 @@ static __always_inline struct exchange_budget *refilled_budget(u64 now)
 	}
 	return budget;
 }
+
+/* The server end of a connection, at its first request: if its client end is
+ * traced on this host too (client_ends), each end is told of the other. The
+ * client's first bytes were written before the server could read them, so
+ * its connect() has returned and remembered it by now. */
+static __always_inline void pair_ends(const struct probe_conn_key *key,
+				      struct probe_conn_state *state)
+{
+	if (state->local.family == PROBE_AF_UNSPEC || state->peer.family == PROBE_AF_UNSPEC)
+		return;
+	struct conn_ends ends = {};
+	ends_endpoint(&ends.client, &state->peer);
+	ends_endpoint(&ends.server, &state->local);
+	struct probe_conn_id *found = client_ends.lookup(&ends);
+	if (!found)
+		return;
+	struct probe_conn_id client = *found;
+	client_ends.delete(&ends);
+	struct probe_conn_key client_key = {.pid = client.pid, .fd = client.fd};
+	struct probe_conn_state *other = conns.lookup(&client_key);
+	if (!other || other->generation != client.generation || other->ignored)
+		return;
+	other->partner.pid = key->pid;
+	other->partner.fd = key->fd;
+	other->partner.generation = state->generation;
+	state->partner = client;
+}
+
+/* Where the two ends of a connection keep their latest verdict: the client
+ * end's entry, or this end's own while its other end is not known here. */
+static __always_inline u64 *verdict_slot(struct probe_conn_state *state)
+{
+	if (state->role == PROBE_ROLE_CLIENT || !state->partner.generation)
+		return &state->judged;
+	struct probe_conn_key key = {.pid = state->partner.pid, .fd = state->partner.fd};
+	struct probe_conn_state *client = conns.lookup(&key);
+	if (!client || client->generation != state->partner.generation)
+		return &state->judged;
+	return &client->judged;
+}
+
+/* The verdict on this exchange (probe_conn_state.judged): the other end's, if
+ * it judged it first, else `proposed`, this end's, which the other end will
+ * take. Two ends judging the same exchange at once: one writes, one takes. */
+static __always_inline u64 shared_verdict(struct probe_conn_state *state, u64 proposed)
+{
+	u64 *slot = verdict_slot(state);
+	u64 seen = *(volatile u64 *)slot;
+	if (seen >> 2 == state->exchanges)
+		return seen;
+	u64 found = __sync_val_compare_and_swap(slot, seen, proposed);
+	return found == seen || found >> 2 != state->exchanges ? proposed : found;
+}
 #endif
 
 /* Is this call part of an exchange shed for the rate limit (PROBE_EXCHANGE_RATE)?
@@ -341,11 +394,16 @@ static __always_inline struct exchange_budget *refilled_budget(u64 now)
  * role is unknown (open before the probe) is never shed: which side asks is
  * not known.
  *
+ * Both ends of a connection on this host share their verdicts: the one that
+ * starts an exchange first judges it, the other takes its verdict (and pays
+ * for it, or counts it, alike), so a request is traced at both ends or at
+ * neither.
+ *
  * Also numbers the exchanges as they start (probe_conn_state.exchanges),
  * shed or not, with or without a limit: both ends of a same-host connection
- * count alike, so user space pairs their requests by that number whatever
- * either end shed. */
-static __always_inline bool shed(struct probe_conn_state *state,
+ * count alike, so user space pairs their requests by that number. */
+static __always_inline bool shed(const struct probe_conn_key *key,
+				 struct probe_conn_state *state,
 				 const struct syscall_args *call, long ret, u8 direction, u64 now)
 {
 	u8 moved = direction == PROBE_INGRESS ? PROBE_EXCHANGE_MOVED_INGRESS
@@ -357,22 +415,31 @@ static __always_inline bool shed(struct probe_conn_state *state,
 		if (starts)
 			state->exchanges++;
 #if PROBE_EXCHANGE_RATE
+		if (starts && state->role == PROBE_ROLE_SERVER && state->exchanges == 1)
+			pair_ends(key, state);
 		struct exchange_budget *budget = starts ? refilled_budget(now) : 0;
 		if (budget) {
 			bool was_shed = bits & PROBE_EXCHANGE_SHED;
-			bool over = budget->credit_ns < EXCHANGE_COST_NS;
+			u64 over = budget->credit_ns < EXCHANGE_COST_NS;
+			u64 pays = 2; /* a new exchange: counted if shed, paid for if not */
 			/* Where the verdict would change, bytes that do not start a
 			 * request go on with the exchange before them, as a body sent
 			 * after "100 Continue" does. Looked at there only: the verdict
 			 * rarely changes, and a read of user memory costs 100-150 ns;
 			 * elsewhere such a body takes or sheds as an exchange would. */
 			u64 len;
-			if (over != was_shed && !looks_like_http(first_segment(call, ret, &len)))
+			if (over != was_shed && !looks_like_http(first_segment(call, ret, &len))) {
 				over = was_shed;
-			else if (over)
-				count(PROBE_COUNTER_SHED);
-			else
-				__sync_fetch_and_add(&budget->credit_ns, -EXCHANGE_COST_NS);
+				pays = 0;
+			}
+			u64 verdict = shared_verdict(state, (u64)state->exchanges << 2 | pays | over);
+			over = verdict & 1;
+			if (verdict & 2) {
+				if (over)
+					count(PROBE_COUNTER_SHED);
+				else
+					__sync_fetch_and_add(&budget->credit_ns, -EXCHANGE_COST_NS);
+			}
 			bits &= ~PROBE_EXCHANGE_SHED;
 			if (over)
 				bits |= PROBE_EXCHANGE_SHED;
@@ -433,7 +500,7 @@ static __always_inline struct probe_data_event *data_event(u32 pid, u32 tid,
 		return 0;
 	}
 	u64 exit_ns = bpf_ktime_get_ns();
-	if (shed(state, call, ret, direction, exit_ns) || !announce(&key, tid, state))
+	if (shed(&key, state, call, ret, direction, exit_ns) || !announce(&key, tid, state))
 		return 0;
 
 	struct data_scratch *scratch = take_scratch();

@@ -413,3 +413,30 @@ def test_malformed_traceparent_values_are_counted_and_ignored(probe_capture) -> 
     # curl's request and frontend's both carried the header
     assert link_counts(probe.stderr)["malformed"] == 2 * len(requests)
     assert rules_of(spans)["traceparent"] == 0
+
+
+def test_over_the_rate_limit_each_request_is_traced_at_both_ends_or_neither(
+    probe_capture,
+) -> None:
+    """Far over a rate limit of 4 exchanges a second: the kernel sheds most, but
+    both ends of each connection share their verdicts and number exchanges
+    alike, so every span traced is linked to its other end: no server span is
+    left a root, no client span traced without its server's."""
+    kinds = [("frontend", "thread"), ("db", "db")]
+    paths = [f"/shed/{i}" for i in range(40)]
+    with (
+        chain(kinds) as (client_ns, _),
+        probe_capture("-P", str(PORT), "--max-exchange-rate", "4") as probe,
+        ThreadPoolExecutor(20) as pool,
+    ):
+        list(pool.map(lambda path: curl(client_ns, path), paths))
+    spans = probe.spans
+    shed = int(re.search(r"exchanges shed: (\d+)", probe.stderr).group(1))
+    assert spans and shed > 0, probe.describe() + probe.stderr
+    servers = [span for span in spans if span["kind"] == "SERVER"]
+    clients = {span["span_id"]: span for span in spans if span["kind"] == "CLIENT"}
+    for server in servers:
+        assert server["attributes"]["probe.link.rule"] == "same_host", server
+        client = clients.pop(server["parent_span_id"])
+        assert client["attributes"]["url.path"] == server["attributes"]["url.path"]
+    assert clients == {}, list(clients.values())  # each client span's server was traced

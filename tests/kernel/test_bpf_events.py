@@ -409,12 +409,13 @@ def test_over_the_exchange_rate_whole_exchanges_are_shed_and_counted() -> None:
     """A rate of 5 a second, and 200 requests back to back on one connection
     traced at both ends: the kernel sends a few exchanges whole and sheds the
     rest whole, each request with its own response, and counts what it shed.
+    Both ends share their verdicts: the same requests are traced at both.
     Every record carries its exchange's number on the connection, shed ones
     counted: the same at both ends for the same request."""
     count = 200
     events, shed, lost = _over_the_rate("conversation", count)
     opens = {e.role: e.key for e in events if isinstance(e, ConnOpen)}
-    traced = 0
+    traced, kept = 0, {}
     for role, asking in ((Role.SERVER, Direction.INGRESS), (Role.CLIENT, Direction.EGRESS)):
         seen = []
         for request, response, numbers in _exchanges(events, opens[role], asking):
@@ -429,6 +430,8 @@ def test_over_the_exchange_rate_whole_exchanges_are_shed_and_counted() -> None:
         assert all(numbers == {k + 1} for k, numbers in seen), (role, seen)
         assert len(seen) < count, role  # some were shed, and numbered all the same
         traced += len(seen)
+        kept[role] = [k for k, _ in seen]
+    assert kept[Role.SERVER] == kept[Role.CLIENT]
     assert lost == 0
     assert traced > 0 and shed > 0, (traced, shed)
     assert traced + shed == 2 * count  # every exchange of either end, traced or shed
@@ -438,7 +441,9 @@ def test_an_accepted_connection_whose_every_exchange_is_shed_sends_nothing() -> 
     """A connection per request, over the rate: an accepted connection's OPEN
     waits for its first record, so the server end of one whose only exchange
     was shed sends no OPEN and no CLOSE, while every client end is announced
-    at connect(). Whatever is sent is whole: an OPEN, the exchange, a CLOSE."""
+    at connect(). Whatever is sent is whole: an OPEN, the exchange, a CLOSE.
+    Both ends of a connection share the verdict: its exchange is traced at
+    both ends or at neither."""
     count = 100
     events, shed, _ = _over_the_rate("conversations", count, wait_s=30)
     opened = {e.key: e.role for e in events if isinstance(e, ConnOpen)}
@@ -459,6 +464,10 @@ def test_an_accepted_connection_whose_every_exchange_is_shed_sends_nothing() -> 
             assert response == b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n0"
         traced += len(exchanges)
     assert traced + shed == 2 * count  # every exchange of either end, traced or shed
+    ends = {e.key: e for e in events if isinstance(e, ConnOpen)}
+    served = {ends[key].peer for key in servers}
+    asked = {ends[key].local for key in moved - servers}
+    assert served == asked  # the client ends whose exchange was traced, and only those
 
 
 def test_a_body_sent_after_100_continue_goes_with_its_head() -> None:

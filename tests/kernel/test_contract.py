@@ -34,7 +34,7 @@ from probe.kernel.events import (
         ("struct probe_event_header", 32),
         ("struct probe_conn_event", 104),
         ("struct probe_conn_key", 8),
-        ("struct probe_conn_state", 72),
+        ("struct probe_conn_state", 96),
         ("struct probe_comm", 16),
         ("struct probe_data_event", 72 + 16384),
     ],
@@ -71,6 +71,8 @@ def test_struct_sizes(struct: str, size: int) -> None:
         ("struct probe_conn_state", "protocol", 10),
         ("struct probe_conn_state", "plaintext", 11),
         ("struct probe_conn_state", "exchanges", 64),
+        ("struct probe_conn_state", "judged", 72),
+        ("struct probe_conn_state", "partner", 80),
     ],
 )
 def test_field_offsets(struct: str, field: str, offset: int) -> None:
