@@ -481,9 +481,9 @@ static __always_inline u64 go_socket_goroutine(u32 pid, u32 tid, s32 fd);
 
 /* The data event of a call that moved ret > 0 bytes on a traced connection,
  * built in a scratch slot with no goroutine and no flags, numbered with its
- * exchange; 0 when the fd is not traced. Also used for plaintext at TLS libraries, where `call`
- * describes the library call. Always send it with emit_data(), which gives
- * the slot back. */
+ * exchange; 0 when the fd is not traced. Also used for plaintext at TLS
+ * libraries, where `call` describes the library call. Always send it with
+ * emit_data(), which gives the slot back. */
 static __always_inline struct probe_data_event *data_event(u32 pid, u32 tid,
 							   const struct syscall_args *call,
 							   long ret, u8 direction)

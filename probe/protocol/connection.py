@@ -73,7 +73,6 @@ class HttpConnection:
         "_responses",
         "_request_direction",
         "_exchange",
-        "_numbered",
         "_within",
         "_early_head",
         "_early",
@@ -100,7 +99,6 @@ class HttpConnection:
         self._request_direction: Direction | None = None
         # Numbering requests as both ends of the connection do (HttpRequest.sequence):
         self._exchange = 0  # the kernel's number of the latest request-way call
-        self._numbered = 0  # ... of the latest request numbered
         self._within = 0  # requests numbered with it so far
         # Responses reported before their request: a program whose requests are
         # written by one thread and responses read by another (Go's writeLoop
@@ -121,8 +119,8 @@ class HttpConnection:
         stream = self._requests if event.direction == self._request_direction else self._responses
         if event.tls:
             self.info.tls = True
-        if stream is self._requests:
-            self._exchange = event.exchange
+        if stream is self._requests and event.exchange != self._exchange:
+            self._exchange, self._within = event.exchange, 0
         stream.feed(event.payload, event.size, first_ns, event.exit_ns, event.tid, event.goroutine)
 
     def close(self, reason: str) -> None:
@@ -150,8 +148,6 @@ class HttpConnection:
 
     def head_parsed(self, message: HttpMessage) -> None:
         if isinstance(message, HttpRequest):
-            if self._exchange != self._numbered:
-                self._numbered, self._within = self._exchange, 0
             message.sequence = self._exchange << SEQUENCE_SHIFT | self._within
             self._within += 1
             if len(self._pending) >= self._max_pending:
