@@ -39,6 +39,7 @@ from bench.service import BODY
 from bench.workloads import (
     CONFIG_ABOUT,
     FLOOR,
+    KERNEL,
     NONE,
     PROBE,
     SDK,
@@ -292,7 +293,7 @@ class Bench:
                 {"p50_us": fixed.p50_us, "p99_us": fixed.p99_us, "achieved_rps": fixed.rps, **seen},
             )
         if traced is not None:
-            record("kernel", self.kernel_time(workload, url, traced))
+            record(KERNEL, self.kernel_time(workload, url, traced))
 
     def observed(
         self,

@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
 from bench.stats import paired_differences, paired_ratios, summarize
-from bench.workloads import FLOOR, NONE, PROBE, SDK
+from bench.workloads import FLOOR, KERNEL, NONE, PROBE, SDK
 
 RATIOS = ((FLOOR, NONE), (PROBE, NONE), (PROBE, FLOOR), (SDK, NONE))
 RATIO_METRICS = ("rps", "p50_us", "p99_us")
@@ -58,6 +58,25 @@ def _summaries(named: Iterable[tuple[str, Iterable[float]]]) -> dict[str, dict]:
     return out
 
 
+def net_kernel_time(samples: Samples, workload: str) -> dict[int, float]:
+    """The probe's kernel time per request less what the run-time statistics
+    cost, by repeat. The kernel times each program run with two reads of its
+    scheduler clock, a paravirtual clock here at about 50 ns a read, and the
+    interval holds about one read's worth. The floor's programs return at
+    once, so the floor's time per run is that cost (and a few nanoseconds of
+    program), and every run of the probe's programs pays it too."""
+    floor_per_run = paired_ratios(
+        samples.series(workload, KERNEL, FLOOR, "kernel_ns_per_request"),
+        samples.series(workload, KERNEL, FLOOR, "bpf_runs_per_request"),
+    )
+    probe_ns = samples.series(workload, KERNEL, PROBE, "kernel_ns_per_request")
+    probe_runs = samples.series(workload, KERNEL, PROBE, "bpf_runs_per_request")
+    return {
+        repeat: probe_ns[repeat] - floor_per_run[repeat] * probe_runs[repeat]
+        for repeat in sorted(probe_ns.keys() & probe_runs.keys() & floor_per_run.keys())
+    }
+
+
 def phase_report(samples: Samples, workload: str, phase: str) -> dict[str, dict]:
     configs = samples.configs(workload, phase)
     report: dict[str, dict] = {
@@ -69,6 +88,10 @@ def phase_report(samples: Samples, workload: str, phase: str) -> dict[str, dict]
             for config in configs
         }
     }
+    if phase == KERNEL and PROBE in configs:
+        report["configs"][PROBE] |= _summaries(
+            (("kernel_net_ns_per_request", net_kernel_time(samples, workload).values()),)
+        )
     pairs = [(a, b) for a, b in RATIOS if a in configs and b in configs]
     ratios = {
         f"{a}/{b}": _summaries(
@@ -220,7 +243,7 @@ def summary(report: Mapping, targets: Iterable[Mapping]) -> str:
                     + "  p99 floor/none "
                     + _fmt_summary(ratios.get("floor/none", {}).get("p99_us"))
                 )
-            if PROBE in configs and phase != "kernel":
+            if PROBE in configs and phase != KERNEL:
                 probe = configs[PROBE]
                 lines.append(
                     f"    probe: cpu {_fmt(median(probe, 'cpu_us_per_request'), digits=1)} µs/req"
@@ -229,13 +252,19 @@ def summary(report: Mapping, targets: Iterable[Mapping]) -> str:
                     f"  exchanges shed {_fmt(median(probe, 'exchanges_shed'))}"
                     f"  spans dropped {_fmt(median(probe, 'spans_dropped'))}"
                 )
-            if phase == "kernel":
+            if phase == KERNEL:
                 kernel = "  ".join(
                     f"{c} {_fmt(median(configs, c, 'kernel_ns_per_request'))} ns/req"
                     f" ({_fmt(median(configs, c, 'bpf_runs_per_request'), digits=1)} runs)"
                     for c in configs
                 )
                 lines.append(f"  kernel time in BPF programs: {kernel}")
+                net = median(configs, PROBE, "kernel_net_ns_per_request")
+                if net is not None:
+                    lines.append(
+                        f"    probe net of the statistics' cost (floor's time per run): "
+                        f"{_fmt(net)} ns/req"
+                    )
     probe = report["probe"]
     lines.append(
         f"probe process: ready {_fmt_summary(probe.get('ready_s'))} s, RSS steady "

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from bench.report import median
+from bench.workloads import KERNEL, PROBE
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
     "<=": operator.le,
@@ -68,27 +69,42 @@ def _is_rate_phase(phase: str) -> bool:
     return phase.startswith("rate_")
 
 
+def _is_kernel_phase(phase: str) -> bool:
+    return phase == KERNEL
+
+
+# Kernel time is judged twice: as the statistics measure it, and net of what
+# they cost (bench.report.net_kernel_time), which on this VM's paravirtual
+# clock is about 50 ns of every program run.
 TARGETS = (
     Target(
         "kernel time per request", "<=", 1000, "ns",
-        _each_phase("probe", "kernel_ns_per_request", lambda p: p == "kernel"),
+        _each_phase(PROBE, "kernel_ns_per_request", _is_kernel_phase),
     ),
     Target(
         "kernel time per request (stretch)", "<=", 500, "ns",
-        _each_phase("probe", "kernel_ns_per_request", lambda p: p == "kernel"),
+        _each_phase(PROBE, "kernel_ns_per_request", _is_kernel_phase),
+    ),
+    Target(
+        "kernel time per request, net of the statistics' cost", "<=", 1000, "ns",
+        _each_phase(PROBE, "kernel_net_ns_per_request", _is_kernel_phase),
+    ),
+    Target(
+        "kernel time per request, net of the statistics' cost (stretch)", "<=", 500, "ns",
+        _each_phase(PROBE, "kernel_net_ns_per_request", _is_kernel_phase),
     ),
     Target(
         "probe CPU per request", "<=", 10, "µs",
-        _each_phase("probe", "cpu_us_per_request", _is_rate_phase),
+        _each_phase(PROBE, "cpu_us_per_request", _is_rate_phase),
     ),
     Target("probe RSS steady", "<=", 100, "MB", _probe("rss_steady_mb")),
     Target(
         "completeness at 5,000 requests/s", ">=", 1.0, "",
-        _each_phase("probe", "completeness", lambda p: p == "rate_5000"),
+        _each_phase(PROBE, "completeness", lambda p: p == "rate_5000"),
     ),
     Target(
         "kernel events lost at 5,000 requests/s", "<=", 0, "",
-        _each_phase("probe", "events_lost", lambda p: p == "rate_5000"),
+        _each_phase(PROBE, "events_lost", lambda p: p == "rate_5000"),
     ),
     Target(
         "saturated throughput, probe/floor", ">=", 0.9, "",

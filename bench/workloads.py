@@ -38,6 +38,7 @@ WORKLOADS = (
 )  # fmt: skip
 
 NONE, FLOOR, PROBE, SDK = "none", "floor", "probe", "sdk"
+KERNEL = "kernel"  # the phase measured with the kernel's BPF run-time statistics on
 CONFIGS = (NONE, FLOOR, PROBE, SDK)
 CONFIG_ABOUT = {
     NONE: "no tracing",

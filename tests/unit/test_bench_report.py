@@ -122,6 +122,9 @@ def _samples() -> report.Samples:
             samples.add("w", "rate_1000", config, repeat, {"p50_us": p50, "p99_us": 2 * p50})
     samples.add("w", "rate_1000", "probe", 0, {"completeness": 1.0})
     samples.add("w", "kernel", "probe", 0, {"kernel_ns_per_request": 800.0})
+    samples.add("w", "kernel", "probe", 0, {"bpf_runs_per_request": 10.0})
+    samples.add("w", "kernel", "floor", 0, {"kernel_ns_per_request": 600.0})
+    samples.add("w", "kernel", "floor", 0, {"bpf_runs_per_request": 12.0})
     return samples
 
 
@@ -158,6 +161,19 @@ def _document() -> dict:
     return document
 
 
+def test_net_kernel_time_takes_the_floors_time_per_run_from_each_probe_run() -> None:
+    samples = _samples()
+    # The floor's 600 ns over 12 runs: 50 ns to time a run; the probe ran 10 times.
+    assert report.net_kernel_time(samples, "w") == {0: 300.0}
+    # A repeat measured for one configuration only has no net figure.
+    samples.add("w", "kernel", "probe", 1, {"kernel_ns_per_request": 900.0})
+    samples.add("w", "kernel", "probe", 1, {"bpf_runs_per_request": 9.0})
+    assert report.net_kernel_time(samples, "w") == {0: 300.0}
+    phase = report.phase_report(samples, "w", "kernel")
+    assert phase["configs"]["probe"]["kernel_net_ns_per_request"]["median"] == 300.0
+    assert "kernel_net_ns_per_request" not in phase["configs"]["floor"]
+
+
 def test_build_and_median_lookup() -> None:
     document = _document()
     assert report.median(document, "probe", "ready_s") == 1.5
@@ -171,6 +187,8 @@ def test_targets_met_not_met_and_unmeasured() -> None:
     kernel = verdicts["kernel time per request", "w kernel"]
     assert (kernel["measured"], kernel["met"], kernel["limit"]) == (800.0, True, "<= 1000 ns")
     assert verdicts["kernel time per request (stretch)", "w kernel"]["met"] is False
+    net = verdicts["kernel time per request, net of the statistics' cost (stretch)", "w kernel"]
+    assert (net["measured"], net["met"]) == (300.0, True)
     assert verdicts["saturated throughput, probe/floor", "w saturation"]["met"] is False
     assert verdicts["ready after start", "probe process"]["met"] is True
     assert verdicts["probe RSS steady", "probe process"]["met"] is None
