@@ -160,7 +160,7 @@ struct syscall_args {
 	u64 enter_ns; /* writes only: 0 for reads, connect and accept */
 	u64 buf;    /* buffer, iovec array, msghdr or sockaddr, by syscall */
 	u64 len;    /* buffer length or iovec count */
-	u64 addrlen; /* accept: pointer to the sockaddr's length */
+	u64 sock;   /* connect: its socket, set at SYN_SENT inside the call */
 	s32 fd;
 	u8 syscall; /* enum probe_syscall, or one of the SYSCALL_* below */
 	u8 thread;  /* THREAD_* bits: the thread's state, kept across its syscalls */
@@ -229,13 +229,6 @@ static __always_inline void save_into(struct syscall_args *slot, const struct sy
 	slot->thread = thread;
 }
 
-static __always_inline void save_syscall(u32 tid, const struct syscall_args *args)
-{
-	struct syscall_args *slot = thread_syscall(tid, true);
-	if (slot)
-		save_into(slot, args);
-}
-
 /* The thread's saved syscall, if it is `syscall`; marks it taken. Every
  * program passes its own syscall as a literal, and the copy carries that
  * literal: the compiler then keeps only the code for that syscall's way of
@@ -299,25 +292,28 @@ static __always_inline bool process_wanted(u32 pid)
 	return true;
 }
 
-#ifdef PROBE_EXCLUDE_COMMS
 /* Judges the current thread by its name, now; remembers the verdict in its
- * entry (thread_excluded()). */
+ * entry (thread_excluded()). False without excluded names. */
 static __always_inline bool judge_thread(struct syscall_args *slot)
 {
+#ifdef PROBE_EXCLUDE_COMMS
 	struct probe_comm comm = {};
 	bpf_get_current_comm(&comm.name, sizeof(comm.name));
 	bool excluded = excluded_comms.lookup(&comm) != 0;
 	slot->thread = (slot->thread & ~THREAD_EXCLUDED) | THREAD_JUDGED |
 		       (excluded ? THREAD_EXCLUDED : 0);
 	return excluded;
-}
+#else
+	return false;
 #endif
+}
 
 /* Is the thread's name one never traced? Its data syscalls are then not
  * looked at, whoever opened the connection: a load generator's or a
  * collector's reads and writes cost a bit test, not a connection lookup. The
- * name is judged at the thread's first data syscall, and again after an exec
- * and at each connect and accept (connection_wanted). A thread renamed in
+ * name is judged at the thread's first data syscall, and again after an exec,
+ * at each connect and accept (socket_conn.bpf.c, save_conn_args()) and
+ * where a connection is picked up from its bytes. A thread renamed in
  * between (prctl) keeps its verdict until then; one judged before user space
  * filled `excluded_comms` is looked at, as without the verdict, until then. */
 static __always_inline bool thread_excluded(struct syscall_args *slot)
@@ -341,16 +337,12 @@ static __always_inline struct syscall_args *wanted_thread(u64 id)
 	return slot && !thread_excluded(slot) ? slot : 0;
 }
 
-/* Filters decided once per connection, when it is first seen. The names are
- * the current thread's, which for most programs is the process's; user space
- * checks the process's own name again when the connection's OPEN arrives. */
-static __always_inline bool connection_wanted(u32 tid, u16 local_port, u16 peer_port)
+/* Filters decided once per connection, when it is first seen (a thread whose
+ * name is excluded is judged before). The name is the current thread's, which
+ * for most programs is the process's; user space checks the process's own
+ * name again when the connection's OPEN arrives. */
+static __always_inline bool connection_wanted(u16 local_port, u16 peer_port)
 {
-#ifdef PROBE_EXCLUDE_COMMS
-	struct syscall_args *slot = thread_syscall(tid, true);
-	if (slot && judge_thread(slot))
-		return false;
-#endif
 #ifdef PROBE_FILTER_COMM
 	struct probe_comm comm = {};
 	bpf_get_current_comm(&comm.name, sizeof(comm.name));

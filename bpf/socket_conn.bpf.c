@@ -15,6 +15,11 @@
  * or by the peer's address and port (servers: the child socket becomes
  * ESTABLISHED before accept() returns). TCP sockets are the only ones that
  * pass through SYN_SENT, which is also how connect() on UDP is told apart.
+ *
+ * A thread that is not traced (its process is not wanted, or its name is
+ * excluded) is judged at the entry of connect() and accept(): its calls are
+ * not saved, and its connections cost no map update, here or at SYN_SENT and
+ * ESTABLISHED.
  */
 #include "common.h"
 
@@ -23,12 +28,16 @@ struct tuple {
 	struct probe_endpoint peer;
 };
 
-/* Connecting thread -> its socket, set on CLOSE -> SYN_SENT inside connect(). */
-BPF_TABLE("lru_hash", u32, u64, connecting_sock, 4096);
-/* Socket -> addresses, when ESTABLISHED came before connect() returned. */
-BPF_TABLE("lru_hash", u64, struct tuple, sock_tuple, 4096);
-/* Socket -> connection, when connect() returned before ESTABLISHED. */
-BPF_TABLE("lru_hash", u64, struct probe_conn_id, sock_conn, 4096);
+/* A traced thread's TCP connect, from SYN_SENT until both connect() has
+ * returned and the socket is ESTABLISHED: whichever comes first leaves what
+ * it knows for the other, which tells user space. On loopback and for a
+ * blocking connect() ESTABLISHED comes first; on a network, for a
+ * non-blocking one, the return. */
+struct connecting {
+	struct tuple tuple;       /* from ESTABLISHED; local.family 0 until then */
+	struct probe_conn_id conn; /* from connect()'s return; generation 0 until then */
+};
+BPF_TABLE("lru_hash", u64, struct connecting, connecting, 4096);
 
 /* Peer address of a freshly established server-side socket -> local address. */
 struct peer_key {
@@ -39,19 +48,21 @@ struct peer_key {
 };
 BPF_TABLE("lru_hash", struct peer_key, struct probe_endpoint, accepted_local, 4096);
 
-static __always_inline void save_conn_args(s32 fd, const void *addr, const void *addrlen,
-					   u8 syscall)
+/* Saves connect()'s or accept()'s arguments, if the thread is traced: its
+ * name is judged again here, since a thread may rename itself (prctl). */
+static __always_inline void save_conn_args(s32 fd, const void *addr, u8 syscall)
 {
 	u64 id = bpf_get_current_pid_tgid();
-	u32 tid = (u32)id;
 	if (!process_wanted(id >> 32))
+		return;
+	struct syscall_args *slot = thread_syscall((u32)id, true);
+	if (!slot || judge_thread(slot))
 		return;
 	struct syscall_args args = {};
 	args.fd = fd;
 	args.buf = (u64)addr;
-	args.addrlen = (u64)addrlen;
 	args.syscall = syscall;
-	save_syscall(tid, &args);
+	save_into(slot, &args);
 }
 
 /* Adds a connection to `conns`; false if it is not traced. */
@@ -63,7 +74,7 @@ static __always_inline bool open_connection(u32 pid, u32 tid, s32 fd, u8 role,
 	u64 now = bpf_ktime_get_ns();
 	state.generation = now;
 	state.role = role;
-	state.ignored = !connection_wanted(tid, event->local.port, event->peer.port);
+	state.ignored = !connection_wanted(event->local.port, event->peer.port);
 	if (role == PROBE_ROLE_SERVER && !state.ignored) {
 		state.unannounced = 1; /* see struct probe_conn_state */
 		state.local = event->local;
@@ -78,7 +89,7 @@ static __always_inline bool open_connection(u32 pid, u32 tid, s32 fd, u8 role,
 
 TRACEPOINT_PROBE(syscalls, sys_enter_connect)
 {
-	save_conn_args(args->fd, args->uservaddr, 0, SYSCALL_CONNECT);
+	save_conn_args(args->fd, args->uservaddr, SYSCALL_CONNECT);
 	return 0;
 }
 
@@ -87,44 +98,39 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
 	u64 id = bpf_get_current_pid_tgid();
 	u32 pid = id >> 32, tid = (u32)id;
 	struct syscall_args call;
-	if (!take_syscall(tid, SYSCALL_CONNECT, &call))
-		return 0;
-
-	u64 *sock = connecting_sock.lookup(&tid);
-	if (!sock)
-		return 0; /* not TCP: no SYN_SENT happened in this connect() */
-	u64 skaddr = *sock;
-	connecting_sock.delete(&tid);
-	if (args->ret != 0 && args->ret != -EINPROGRESS)
+	if (!take_syscall(tid, SYSCALL_CONNECT, &call) || !call.sock)
+		return 0; /* not traced, or not TCP: no SYN_SENT happened in this connect() */
+	u64 skaddr = call.sock;
+	struct connecting *pending = connecting.lookup(&skaddr);
+	if (!pending)
 		return 0;
 
 	struct probe_conn_event event = {};
-	if (!read_sockaddr(&event.peer, (const void *)call.buf))
+	if ((args->ret != 0 && args->ret != -EINPROGRESS) ||
+	    !read_sockaddr(&event.peer, (const void *)call.buf)) {
+		connecting.delete(&skaddr);
 		return 0;
-	struct tuple *known = sock_tuple.lookup(&skaddr);
-	if (known) {
-		event.local = known->local;
-		sock_tuple.delete(&skaddr);
 	}
+	bool established = pending->tuple.local.family != PROBE_AF_UNSPEC;
+	if (established)
+		event.local = pending->tuple.local;
 	bool traced = open_connection(pid, tid, call.fd, PROBE_ROLE_CLIENT, &event);
+	if (established || !traced) {
+		connecting.delete(&skaddr);
+		if (!traced)
+			return 0;
+	}
 	struct probe_conn_id conn = {.pid = pid, .fd = call.fd,
 				     .generation = event.header.conn.generation};
-	if (!known) {
-		/* ESTABLISHED comes later (a real network): it sends the address. */
-		sock_conn.update(&skaddr, &conn);
-	}
+	if (!established)
+		pending->conn = conn; /* ESTABLISHED sends the address */
 #if PROBE_EXCHANGE_RATE
-	else if (traced) {
+	else
 		remember_client(&conn, &event.local, &event.peer);
-	}
 #endif
 	return 0;
 }
 
-static __always_inline void save_accept_args(s32 fd, const void *addr, const void *addrlen)
-{
-	save_conn_args(fd, addr, addrlen, SYSCALL_ACCEPT);
-}
 
 static __always_inline void accept_returned(long ret)
 {
@@ -161,7 +167,7 @@ static __always_inline void accept_returned(long ret)
 
 TRACEPOINT_PROBE(syscalls, sys_enter_accept)
 {
-	save_accept_args(args->fd, args->upeer_sockaddr, args->upeer_addrlen);
+	save_conn_args(args->fd, args->upeer_sockaddr, SYSCALL_ACCEPT);
 	return 0;
 }
 
@@ -173,7 +179,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_accept)
 
 TRACEPOINT_PROBE(syscalls, sys_enter_accept4)
 {
-	save_accept_args(args->fd, args->upeer_sockaddr, args->upeer_addrlen);
+	save_conn_args(args->fd, args->upeer_sockaddr, SYSCALL_ACCEPT);
 	return 0;
 }
 
@@ -207,11 +213,13 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	u64 skaddr = (u64)args->skaddr;
 
 	if (args->oldstate == TCP_CLOSE && args->newstate == TCP_SYN_SENT) {
-		/* Inside connect(), on the connecting thread. */
-		u64 id = bpf_get_current_pid_tgid();
-		u32 tid = (u32)id;
-		if (process_wanted(id >> 32))
-			connecting_sock.update(&tid, &skaddr);
+		/* Inside connect(), on the connecting thread: followed if its call was saved. */
+		struct syscall_args *slot = thread_syscall((u32)bpf_get_current_pid_tgid(), false);
+		if (slot && slot->syscall == SYSCALL_CONNECT) {
+			struct connecting fresh = {};
+			connecting.update(&skaddr, &fresh);
+			slot->sock = skaddr;
+		}
 		return 0;
 	}
 	if (args->newstate != TCP_ESTABLISHED)
@@ -221,20 +229,23 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	tracepoint_endpoints(&tuple, args->family, args->sport, args->dport, args->saddr,
 			     args->daddr, args->saddr_v6, args->daddr_v6);
 	if (args->oldstate == TCP_SYN_SENT) {
-		struct probe_conn_id *conn = sock_conn.lookup(&skaddr);
-		if (!conn) {
-			sock_tuple.update(&skaddr, &tuple);
+		struct connecting *pending = connecting.lookup(&skaddr);
+		if (!pending)
+			return 0; /* not a traced thread's */
+		if (!pending->conn.generation) {
+			pending->tuple = tuple; /* connect() has not returned: it takes them */
 			return 0;
 		}
+		struct probe_conn_id conn = pending->conn;
+		connecting.delete(&skaddr);
 		struct probe_conn_event event = {};
-		fill_header(&event.header, PROBE_EVENT_ADDR, 0, conn, bpf_ktime_get_ns());
+		fill_header(&event.header, PROBE_EVENT_ADDR, 0, &conn, bpf_ktime_get_ns());
 		event.local = tuple.local;
 		event.peer = tuple.peer;
 		event.role = PROBE_ROLE_CLIENT;
 #if PROBE_EXCHANGE_RATE
-		remember_client(conn, &tuple.local, &tuple.peer);
+		remember_client(&conn, &tuple.local, &tuple.peer);
 #endif
-		sock_conn.delete(&skaddr);
 		emit_conn_event(&event);
 	} else if (args->oldstate == TCP_SYN_RECV) {
 		struct peer_key peer = {};
@@ -275,7 +286,6 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	u32 pid = id >> 32;
 	u32 tid = (u32)id;
 	forget_thread(tid);
-	connecting_sock.delete(&tid);
 	/* The group leader's exit stands for the process's. */
 	if (pid != tid || !process_wanted(pid))
 		return 0;

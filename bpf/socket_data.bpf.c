@@ -141,7 +141,8 @@ static __always_inline struct probe_conn_state *sniff_connection(struct probe_co
 	} else {
 		state.protocol = PROBE_PROTOCOL_HTTP;
 	}
-	state.ignored = !connection_wanted(tid, 0, 0);
+	struct syscall_args *thread = thread_syscall(tid, true);
+	state.ignored = (thread && judge_thread(thread)) || !connection_wanted(0, 0);
 	conns.update(key, &state);
 	if (!state.ignored) {
 		struct probe_conn_event event = {};

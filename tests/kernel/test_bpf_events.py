@@ -228,6 +228,41 @@ def test_an_excluded_process_name_is_never_traced(body_file: Path) -> None:
     assert client_pid not in {e.key.pid for e in keyed}
 
 
+def test_an_excluded_process_connect_leaves_no_entry(body_file: Path) -> None:
+    # Its connect() is not followed: no connection entry, where one marked
+    # ignored used to be kept for as long as the connection was open.
+    port = free_port()
+    options = ProbeOptions(ports=(port,), excluded_comms=("peer-client",))
+    with EventSource(options, Stats()) as source:
+        server = subprocess.Popen(
+            [sys.executable, str(PEERS), "server", str(port), str(body_file)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert server.stdout.readline().strip() == "listening"
+        client = subprocess.Popen(
+            [sys.executable, str(PEERS), "client", str(port), "100", "linger"],
+            stdin=subprocess.PIPE,
+            env={**os.environ, "PEER_COMM": "peer-client"},
+        )
+        try:
+            # the server has answered; both ends are open until the client's stdin closes
+            answered = collect(
+                source,
+                lambda evs: any(
+                    isinstance(e, DataEvent) and e.direction == Direction.EGRESS for e in evs
+                ),
+            )
+            entries = {key.pid for key in source.discovery.bpf[b"conns"]}
+        finally:
+            client.stdin.close()
+            assert client.wait(10) == 0
+            assert server.wait(10) == 0
+    assert {e.key.pid for e in answered if isinstance(e, DataEvent)} == {server.pid}
+    assert server.pid in entries
+    assert client.pid not in entries
+
+
 def test_a_thread_with_an_excluded_name_is_not_traced_until_it_changes_name() -> None:
     # Whoever opened the connection: the kernel judges the thread by its name
     # at its first data syscall, and again when it next connects or accepts.
