@@ -25,6 +25,8 @@ from probe.kernel.events import (
     ProcessExec,
     ProcessExit,
     Role,
+    conn_key,
+    endpoint,
 )
 from probe.kernel.sockets import unmap_ipv4
 
@@ -122,7 +124,7 @@ def _endpoint(family: int, addr: bytes, port: int) -> Endpoint | None:
             address = _remember(_addresses, addr, text)
     else:
         return None
-    return Endpoint(address, port)
+    return endpoint(address, port)
 
 
 def _comm(raw: bytes) -> str:
@@ -147,7 +149,7 @@ def decode(raw: bytes) -> KernelEvent | None:
         if direction not in _DIRECTIONS:
             return None
         return DataEvent(
-            key=ConnKey(pid, fd, generation),
+            key=conn_key(pid, fd, generation),
             tid=tid,
             enter_ns=timestamp_ns,
             exit_ns=exit_ns,
@@ -168,7 +170,7 @@ def decode(raw: bytes) -> KernelEvent | None:
     if kind in (_EVENT_OPEN, _EVENT_ADDR):
         cls = ConnOpen if kind == _EVENT_OPEN else AddressUpdate
         return cls(
-            key=ConnKey(pid, fd, generation),
+            key=conn_key(pid, fd, generation),
             tid=tid,
             timestamp_ns=timestamp_ns,
             role=_ROLES.get(role, Role.UNKNOWN),
@@ -177,7 +179,7 @@ def decode(raw: bytes) -> KernelEvent | None:
             comm=_comm(comm),
         )
     if kind == _EVENT_CLOSE:
-        return ConnClose(key=ConnKey(pid, fd, generation), tid=tid, timestamp_ns=timestamp_ns)
+        return ConnClose(key=conn_key(pid, fd, generation), tid=tid, timestamp_ns=timestamp_ns)
     if kind == _EVENT_EXIT:
         return ProcessExit(pid=pid, timestamp_ns=timestamp_ns)
     if kind == _EVENT_EXEC:

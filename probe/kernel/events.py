@@ -41,12 +41,26 @@ class ConnKey(NamedTuple):
     generation: int
 
 
+_tuple_new = tuple.__new__
+
+
+def conn_key(pid: int, fd: int, generation: int) -> ConnKey:
+    """``ConnKey(pid, fd, generation)``, built in C: a named tuple's own
+    ``__new__`` is Python code, about 150 ns more, and every record has a key."""
+    return _tuple_new(ConnKey, (pid, fd, generation))
+
+
 class Endpoint(NamedTuple):
     address: str  # textual IPv4 or IPv6 address, without brackets
     port: int
 
 
-@dataclass(slots=True)
+def endpoint(address: str, port: int) -> Endpoint:
+    """``Endpoint(address, port)``, built in C, as `conn_key` builds keys."""
+    return _tuple_new(Endpoint, (address, port))
+
+
+@dataclass(slots=True, init=False)
 class ConnOpen:
     key: ConnKey
     tid: int
@@ -58,6 +72,26 @@ class ConnOpen:
     # Which image of its process it belongs to: the exec()s the process made
     # before it opened, as far as the probe saw (EventSource counts them).
     image: int = 0
+
+    def __init__(  # written out for mypyc (probe/compiled.py), as DataEvent's
+        self,
+        key: ConnKey,
+        tid: int,
+        timestamp_ns: int,
+        role: Role,
+        local: Endpoint | None,
+        peer: Endpoint | None,
+        comm: str = "",
+        image: int = 0,
+    ) -> None:
+        self.key = key
+        self.tid = tid
+        self.timestamp_ns = timestamp_ns
+        self.role = role
+        self.local = local
+        self.peer = peer
+        self.comm = comm
+        self.image = image
 
 
 @dataclass(slots=True, init=False)
@@ -79,7 +113,7 @@ class DataEvent:
     # agree); 0: not numbered (a connection picked up mid-stream).
     exchange: int = 0
 
-    def __init__(  # written out for mypyc (probe/compiled.py)
+    def __init__(  # written out for mypyc (probe/compiled.py): a generated one runs interpreted
         self,
         key: ConnKey,
         tid: int,
@@ -106,11 +140,16 @@ class DataEvent:
         self.exchange = exchange
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class ConnClose:
     key: ConnKey
     tid: int
     timestamp_ns: int
+
+    def __init__(self, key: ConnKey, tid: int, timestamp_ns: int) -> None:  # for mypyc
+        self.key = key
+        self.tid = tid
+        self.timestamp_ns = timestamp_ns
 
 
 @dataclass(slots=True)

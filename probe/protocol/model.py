@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from probe.kernel.events import ConnKey, Endpoint, Role
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class ConnectionInfo:
     key: ConnKey
     role: Role  # CLIENT or SERVER once known; UNKNOWN only if never inferred
@@ -21,6 +21,22 @@ class ConnectionInfo:
     # Which image of its process it belongs to (ConnOpen.image); None: the one
     # running now (a connection picked up mid-stream).
     image: int | None = None
+
+    def __init__(  # written out for mypyc (probe/compiled.py), like HttpMessage's
+        self,
+        key: ConnKey,
+        role: Role,
+        local: Endpoint | None,
+        peer: Endpoint | None,
+        tls: bool = False,
+        image: int | None = None,
+    ) -> None:
+        self.key = key
+        self.role = role
+        self.local = local
+        self.peer = peer
+        self.tls = tls
+        self.image = image
 
 
 @dataclass(slots=True, init=False)
