@@ -12,7 +12,17 @@ from pathlib import Path
 
 from probe import compiled
 from probe.export.batch import _Entry
-from probe.kernel.events import ConnKey, DataEvent, Direction, Role
+from probe.kernel.events import (
+    ConnClose,
+    ConnKey,
+    ConnOpen,
+    DataEvent,
+    Direction,
+    Endpoint,
+    Role,
+    conn_key,
+    endpoint,
+)
 from probe.protocol.model import ConnectionInfo, HttpExchange, HttpRequest, HttpResponse
 from probe.trace.linker import _Context
 from probe.trace.span import Resource, Span, SpanKind
@@ -96,7 +106,10 @@ def test_the_hot_path_runs_as_built() -> None:
 
 # Built once per record, message, exchange, span or queued span; their
 # constructors are written out so that mypyc compiles them (probe/compiled.py).
-PER_RECORD_CLASSES = (DataEvent, HttpRequest, HttpResponse, HttpExchange, Span, _Context, _Entry)
+PER_RECORD_CLASSES = (
+    DataEvent, ConnOpen, ConnClose, ConnectionInfo,
+    HttpRequest, HttpResponse, HttpExchange, Span, _Context, _Entry,
+)  # fmt: skip
 
 
 def test_per_record_constructors_are_compiled_with_the_hot_path() -> None:
@@ -115,6 +128,9 @@ def test_written_out_constructors_set_every_field_to_its_declared_default() -> N
     response = HttpResponse("1.1", [], 3, 4, 9)
     made = [
         DataEvent(key, 9, 1, 2, Direction.EGRESS, 5, b"GET /"),
+        ConnOpen(key, 9, 1, Role.SERVER, None, None),
+        ConnClose(key, 9, 1),
+        ConnectionInfo(key, Role.SERVER, None, None),
         request,
         response,
         HttpExchange(ConnectionInfo(key, Role.SERVER, None, None), request, response),
@@ -135,3 +151,12 @@ def test_written_out_constructors_set_every_field_to_its_declared_default() -> N
                     assert value == fresh, where
         if type(obj) is not _Context:  # eq=False there: identity
             assert obj == dataclasses.replace(obj)  # eq and replace still work
+
+
+def test_keys_and_endpoints_built_in_c_are_the_named_tuples() -> None:
+    for built, named in (
+        (conn_key(1, 3, 7), ConnKey(1, 3, 7)),
+        (endpoint("::1", 80), Endpoint("::1", 80)),
+    ):
+        assert type(built) is type(named) and built == named and hash(built) == hash(named)
+    assert (conn_key(1, 3, 7).fd, endpoint("::1", 80).port) == (3, 80)
