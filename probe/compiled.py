@@ -1,6 +1,7 @@
 """The hot path, compiled: which modules mypyc builds, and whether they run.
 
-Every kernel record passes through decoding, HTTP framing, request/response
+Every kernel record passes through decoding (and, for records other than
+plain data, the books on connections), HTTP framing, request/response
 pairing, span building, linking and OTLP encoding. Those modules are plain,
 type-checked Python; ``scripts/compile.py`` (run by ``make setup``) compiles
 them with mypyc into C extensions beside their sources, which halves the
@@ -49,6 +50,7 @@ MODULES = (
     "probe.stats",
     "probe.kernel.events",
     "probe.kernel.decode",
+    "probe.kernel.registry",
     "probe.protocol.model",
     "probe.protocol.http1",
     "probe.protocol.connection",

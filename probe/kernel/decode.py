@@ -192,9 +192,10 @@ class RecordReader:
 
     The bulk of records are data on a connection with nothing to settle
     first: decoded and batched here, compiled with the rest of the hot path.
-    Every other record goes to ``settle`` (EventSource's bookkeeping), which
-    batches what it keeps. Returns -1, which ends this read of the ring
-    buffer after the record, once ``batch`` holds ``max_batch`` events.
+    Every other record goes to ``settle`` with the batch, to which it adds
+    what it keeps (the books on connections, probe.kernel.registry). Returns
+    -1, which ends this read of the ring buffer after the record, once
+    ``batch`` holds ``max_batch`` events.
     """
 
     def __init__(
@@ -202,7 +203,7 @@ class RecordReader:
         max_batch: int,
         ignored: Mapping[ConnKey, None],
         awaiting_address: Mapping[ConnKey, ConnOpen],
-        settle: Callable[[KernelEvent], None],
+        settle: Callable[[KernelEvent, list[KernelEvent]], None],
     ) -> None:
         self.batch: list[KernelEvent] = []
         self.records = 0  # read since the owner last took them
@@ -222,5 +223,5 @@ class RecordReader:
             self.malformed += 1
             return 0
         else:
-            self._settle(event)
+            self._settle(event, self.batch)
         return -1 if len(self.batch) >= self._max_batch else 0

@@ -2,8 +2,10 @@
 
 `EventSource` is the kernel stage's one entry point: `start()` compiles the
 programs with bcc and attaches them, `poll()` returns the decoded events of
-one ring-buffer batch. It also owns what the kernel keeps per connection:
-it marks connections to ignore and deletes those of exited processes.
+one ring-buffer batch. Its books on connections are a `ConnectionRegistry`
+(compiled with the hot path); it does for them what touches the kernel's maps
+(marks connections to ignore, deletes those of exited processes) and the
+binaries to probe (`KernelSide`).
 """
 
 from __future__ import annotations
@@ -13,26 +15,22 @@ import ctypes
 import logging
 import math
 import os
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from probe.kernel import features, golang, memory, sockets, tls
+from probe.kernel import features, golang, memory, tls
 from probe.kernel.contract import BPF_DIR, MAX_CAPTURE, lib
-from probe.kernel.decode import AddressUpdate, RecordReader
+from probe.kernel.decode import RecordReader
 from probe.kernel.discovery import BinaryDiscovery
 from probe.kernel.events import (
-    ConnClose,
     ConnKey,
     ConnOpen,
     DataEvent,
     KernelEvent,
-    ProcessExec,
-    ProcessExit,
-    Role,
 )
+from probe.kernel.registry import ConnectionRegistry
 from probe.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -62,8 +60,6 @@ _RECORD_CALLBACK = ctypes.CFUNCTYPE(
     ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_char), ctypes.c_int
 )
 
-_IGNORED_MEMORY = 4096  # recently ignored connections whose events are still in flight
-_MAX_PROCESSES = 65536  # whose exec()s are counted (EventSource._images)
 # ld.so maps a new image's libraries just after exec: look again a moment later.
 _RESCAN_AFTER_EXEC_S = 0.1
 # Records decoded per poll at most: a backlog (the ring buffer holds tens of
@@ -138,29 +134,33 @@ class EventSource:
         stats: Stats,
         on_open: Callable[[ConnOpen], bool] | None = None,
     ) -> None:
+        """``on_open`` is told of each connection as it is settled, and may
+        refuse it (see ConnectionRegistry)."""
         self.options = options
         self.stats = stats
-        # Called as each connection is accepted for tracing, from inside the
-        # ring-buffer read, i.e. as early as user space can: a short-lived
-        # client is best looked up in /proc now. False means "ignore it".
-        self.on_open = on_open
         self.notes: list[str] = []  # things done on the user's behalf, to print
         self._bpf: Any = None  # bcc's BPF object (bcc has no type information)
-        # Client connections whose local address the kernel will send later.
-        self._awaiting_address: dict[ConnKey, ConnOpen] = {}
-        self._open_by_pid: dict[int, set[ConnKey]] = {}
-        self._ignored: OrderedDict[ConnKey, None] = OrderedDict()
-        # The per-record callback: batches data records, hands the rest to _accept.
-        self._reader = RecordReader(MAX_BATCH, self._ignored, self._awaiting_address, self._accept)
+        self._registry = ConnectionRegistry(self, stats, options.ports, on_open)
+        # The per-record callback: batches data records, hands the rest to the registry.
+        self._reader = RecordReader(
+            MAX_BATCH,
+            self._registry.ignored,
+            self._registry.awaiting_address,
+            self._registry.settle,
+        )
         self._callback: Any = None  # kept referenced while libbcc may call it
         self._ring: Any = None  # libbcc's ring-buffer reader
         self._libbcc: Any = None  # bcc's ctypes view of libbcc, once bcc is imported
         # Finds the TLS libraries and Go programs to probe; exists once started.
         self.discovery: BinaryDiscovery | None = None
-        self._connected_pids: set[int] = set()  # pids whose first connection was seen
-        # pid -> exec()s seen, for the live processes that made one: records arrive
-        # in the order they were made, so each ConnOpen knows which image it is of.
-        self._images: dict[int, int] = {}
+
+    @property
+    def on_open(self) -> Callable[[ConnOpen], bool] | None:
+        return self._registry.on_open
+
+    @on_open.setter
+    def on_open(self, callback: Callable[[ConnOpen], bool] | None) -> None:
+        self._registry.on_open = callback
 
     # -- life cycle -------------------------------------------------------
 
@@ -271,119 +271,21 @@ class EventSource:
         is a map read per CPU: read them now and then, not per poll."""
         return {name: self.kernel_counter(slot) for slot, name in KERNEL_COUNTERS.items()}
 
-    # -- per-connection bookkeeping ----------------------------------------
+    # -- KernelSide: what the registry asks of the kernel and of discovery --
 
-    def _accept(self, event: KernelEvent) -> None:
-        if isinstance(event, ProcessExit):
-            self._process_exited(event)
-            self._reader.batch.append(event)
-            return
-        discovery = self.discovery  # exists once started, before any record
-        if isinstance(event, ProcessExec):
-            self._close_on_exec(event)
-            event.image = self._images[event.pid] = self._images.get(event.pid, 0) + 1
-            if len(self._images) > _MAX_PROCESSES:  # exits lost: the oldest go
-                del self._images[next(iter(self._images))]
-            self._connected_pids.discard(event.pid)
-            if discovery is not None:
-                discovery.scan_process(event.pid)
-                discovery.schedule(event.pid, _RESCAN_AFTER_EXEC_S)
-            self._reader.batch.append(event)
-            return
-        key = event.key
-        if key in self._ignored:
-            return
-        if isinstance(event, AddressUpdate):
-            pending = self._awaiting_address.pop(key, None)
-            if pending is not None:
-                pending.local, pending.peer = event.local, event.peer
-                self._open(pending)
-            return
-        if isinstance(event, ConnOpen):
-            event.image = self._images.get(key.pid, 0)
-            if key.pid not in self._connected_pids:  # it may have loaded a TLS library
-                self._connected_pids.add(key.pid)
-                if discovery is not None:
-                    discovery.scan_process(key.pid)
-            if event.role == Role.CLIENT and event.local is None:
-                self._awaiting_address[key] = event
-            else:
-                self._open(event)
-            return
-        pending = self._awaiting_address.pop(key, None)
-        if pending is not None:  # data or close before the address: go without it
-            self._open(pending)
-            if key in self._ignored:
-                return
-        if isinstance(event, ConnClose):
-            self._forget_open(key)
-        self._reader.batch.append(event)
+    def scan_process(self, pid: int) -> None:
+        if self.discovery is not None:  # exists once started, before any record
+            self.discovery.scan_process(pid)
 
-    def _open(self, event: ConnOpen) -> None:
-        if event.local is None or event.peer is None:
-            found = sockets.lookup(event.key.pid, event.key.fd)
-            # A connection the kernel saw open (connect/accept) and that is
-            # already closed is kept, without addresses. One picked up from
-            # bytes that merely looked like HTTP must prove it is a TCP socket:
-            # not a file, pipe, unix socket or UDP socket.
-            if event.role == Role.UNKNOWN:
-                unwanted = not found.is_tcp
-            else:
-                unwanted = not found.gone and not found.is_socket
-            if unwanted:
-                self.ignore(event.key)
-                return
-            event.local = event.local or found.local
-            event.peer = event.peer or found.peer
-        if self.options.ports and not self._port_wanted(event):
-            self.ignore(event.key)
-            return
-        if self.on_open is not None and not self.on_open(event):
-            self.ignore(event.key)
-            return
-        self._open_by_pid.setdefault(event.key.pid, set()).add(event.key)
-        self.stats["connections_traced"] += 1
-        self._reader.batch.append(event)
+    def rescan_soon(self, pid: int) -> None:
+        if self.discovery is not None:
+            self.discovery.schedule(pid, _RESCAN_AFTER_EXEC_S)
 
-    def _port_wanted(self, event: ConnOpen) -> bool:
-        ports = {ep.port for ep in (event.local, event.peer) if ep is not None}
-        # No address at all: accept() without one, and the connection gone from
-        # /proc before it was read (a short-lived client). Keep it rather than
-        # lose a span; its HTTP is still parsed, only its addresses are missing.
-        return not ports or not ports.isdisjoint(self.options.ports)
+    def forget_process(self, pid: int) -> None:
+        if self.discovery is not None:
+            self.discovery.forget(pid)
 
-    def _close_on_exec(self, event: ProcessExec) -> None:
-        """End the connections that an exec closed (close-on-exec, as Python's
-        sockets are by default): the kernel saw no close(), and their
-        descriptors may already be the new image's files, whose bytes would
-        be taken for the connection's. A socket the new image kept goes on."""
-        keys = self._open_by_pid.get(event.pid, ())
-        closed = [key for key in keys if not sockets.is_socket(key.pid, key.fd)]
-        for key in closed:
-            self._forget_open(key)
-            self._drop_records(key)  # those the kernel sent before its entry goes
-            self._reader.batch.append(ConnClose(key, event.pid, event.timestamp_ns))
-        if self._bpf is not None and closed:
-            self._delete_kernel_connections(closed)
-
-    def _forget_open(self, key: ConnKey) -> None:
-        """The connection is closed: no longer one of its process's open ones."""
-        keys = self._open_by_pid.get(key.pid)
-        if keys is not None:
-            keys.discard(key)
-            if not keys:
-                del self._open_by_pid[key.pid]
-
-    def _drop_records(self, key: ConnKey) -> None:
-        """Records of this connection still to be read are dropped on reading."""
-        self._ignored[key] = None
-        if len(self._ignored) > _IGNORED_MEMORY:
-            self._ignored.popitem(last=False)
-
-    def ignore(self, key: ConnKey) -> None:
-        """Stop tracing a connection, in the kernel too."""
-        self.stats["connections_ignored"] += 1
-        self._drop_records(key)
+    def ignore_in_kernel(self, key: ConnKey) -> None:
         if self._bpf is None:
             return
         conns = self._bpf[b"conns"]
@@ -396,20 +298,11 @@ class EventSource:
             state.ignored = 1
             conns[conn_key] = state
 
-    def _process_exited(self, event: ProcessExit) -> None:
-        self._connected_pids.discard(event.pid)
-        self._images.pop(event.pid, None)
-        if self.discovery is not None:
-            self.discovery.forget(event.pid)
-        keys = self._open_by_pid.pop(event.pid, set())
-        for key in [k for k in self._awaiting_address if k.pid == event.pid]:
-            del self._awaiting_address[key]
-        if self._bpf is not None and keys:
-            self._delete_kernel_connections(keys)
-
-    def _delete_kernel_connections(self, keys: Iterable[ConnKey]) -> None:
+    def delete_in_kernel(self, keys: Iterable[ConnKey]) -> None:
         """Only the entries still of these connections: a descriptor's number
         may already be a new connection's."""
+        if self._bpf is None:
+            return
         conns = self._bpf[b"conns"]
         for key in keys:
             conn_key = conns.Key(key.pid, key.fd)

@@ -275,7 +275,7 @@ def test_the_record_reader_batches_data_and_hands_on_the_rest() -> None:
     ignored = {ConnKey(6, 3, 99): None}
     awaiting: dict = {}
     settled: list = []
-    reader = RecordReader(3, ignored, awaiting, settled.append)
+    reader = RecordReader(3, ignored, awaiting, lambda event, batch: settled.append(event))
     close = ffi.new("struct probe_conn_event *")
     _header(close, lib.PROBE_EVENT_CLOSE)
     records = [_data_record(7), _data_record(6), bytes(ffi.buffer(close)), b"\x01"]
