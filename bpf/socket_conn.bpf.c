@@ -131,7 +131,6 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
 	return 0;
 }
 
-
 static __always_inline void accept_returned(long ret)
 {
 	u64 id = bpf_get_current_pid_tgid();
