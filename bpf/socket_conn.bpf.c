@@ -114,19 +114,19 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
 	bool established = pending->tuple.local.family != PROBE_AF_UNSPEC;
 	if (established)
 		event.local = pending->tuple.local;
-	bool traced = open_connection(pid, tid, call.fd, PROBE_ROLE_CLIENT, &event);
-	if (established || !traced) {
+	if (!open_connection(pid, tid, call.fd, PROBE_ROLE_CLIENT, &event)) {
 		connecting.delete(&skaddr);
-		if (!traced)
-			return 0;
+		return 0;
 	}
 	struct probe_conn_id conn = {.pid = pid, .fd = call.fd,
 				     .generation = event.header.conn.generation};
-	if (!established)
+	if (!established) {
 		pending->conn = conn; /* ESTABLISHED sends the address */
+		return 0;
+	}
+	connecting.delete(&skaddr);
 #if PROBE_EXCHANGE_RATE
-	else
-		remember_client(&conn, &event.local, &event.peer);
+	remember_client(&conn, &event.local, &event.peer);
 #endif
 	return 0;
 }
