@@ -70,7 +70,7 @@ class ConnOpen:
     peer: Endpoint | None
     comm: str = ""  # the process's name when the kernel saw it
     # Which image of its process it belongs to: the exec()s the process made
-    # before it opened, as far as the probe saw (EventSource counts them).
+    # before it opened, as far as the probe saw (ConnectionRegistry counts them).
     image: int = 0
 
     def __init__(  # written out for mypyc (probe/compiled.py), as DataEvent's
