@@ -50,13 +50,19 @@ def body_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def run_exchange(port: int, body_file: Path, size: int, client_comm: str = "") -> tuple[int, int]:
+def start_server(port: int, body_file: Path) -> subprocess.Popen:
+    """peers.py's server, listening: it serves one connection."""
     server = subprocess.Popen(
         [sys.executable, str(PEERS), "server", str(port), str(body_file)],
         stdout=subprocess.PIPE,
         text=True,
     )
     assert server.stdout.readline().strip() == "listening"
+    return server
+
+
+def run_exchange(port: int, body_file: Path, size: int, client_comm: str = "") -> tuple[int, int]:
+    server = start_server(port, body_file)
     client = subprocess.Popen(
         [sys.executable, str(PEERS), "client", str(port), str(size)],
         env={**os.environ, "PEER_COMM": client_comm},
@@ -234,12 +240,7 @@ def test_an_excluded_process_connect_leaves_no_entry(body_file: Path) -> None:
     port = free_port()
     options = ProbeOptions(ports=(port,), excluded_comms=("peer-client",))
     with EventSource(options, Stats()) as source:
-        server = subprocess.Popen(
-            [sys.executable, str(PEERS), "server", str(port), str(body_file)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert server.stdout.readline().strip() == "listening"
+        server = start_server(port, body_file)
         client = subprocess.Popen(
             [sys.executable, str(PEERS), "client", str(port), "100", "linger"],
             stdin=subprocess.PIPE,
@@ -282,12 +283,7 @@ def test_a_thread_with_an_excluded_name_is_not_traced_until_it_changes_name() ->
 
 def test_pid_filter_and_capture_size(body_file: Path) -> None:
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, str(PEERS), "server", str(port), str(body_file)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert server.stdout.readline().strip() == "listening"
+    server = start_server(port, body_file)
     with EventSource(ProbeOptions(pids=(server.pid,), capture_bytes=64), Stats()) as source:
         # The server was blocked in accept() before the probe started: its
         # connection is picked up from its bytes and resolved in /proc, so
