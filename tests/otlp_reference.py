@@ -58,7 +58,7 @@ def span_message(span: Span) -> SpanMessage:
         kind=KINDS[span.kind],
         start_time_unix_nano=span.start_time_unix_nano,
         end_time_unix_nano=span.end_time_unix_nano,
-        attributes=key_values(span.attributes),
+        attributes=key_values(span.all_attributes()),
         events=[
             SpanMessage.Event(
                 time_unix_nano=event.time_unix_nano,

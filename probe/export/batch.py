@@ -93,9 +93,16 @@ class _Entry:
         self.size = size
 
 
+# About what _attributes_size counts for one of a connection's attributes
+# (an address or a port, under a name of some twenty characters).
+_SHARED_ATTRIBUTE_SIZE = 48
+
+
 def estimate_size(span: Span) -> int:
     """Roughly the bytes a span holds, without walking it deeply: cheap for the hot thread."""
     size = 160 + len(span.name) + len(span.status_message) + _attributes_size(span.attributes)
+    if span.shared_attributes:  # a connection's, shared with its other spans: not walked
+        size += _SHARED_ATTRIBUTE_SIZE * len(span.shared_attributes)
     for event in span.events:
         size += 48 + len(event.name) + _attributes_size(event.attributes)
     for link in span.links:

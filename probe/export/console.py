@@ -85,7 +85,7 @@ class ConsoleSpanExporter(StreamSpanExporter):
             yield self.format_row(span)
 
     def format_row(self, span: Span) -> str:
-        attrs = span.attributes
+        attrs = span.all_attributes()
         start = datetime.fromtimestamp(span.start_time_unix_nano // 1_000_000_000, self._tz)
         millis = span.start_time_unix_nano // 1_000_000 % 1000
         code = attrs.get("http.response.status_code")

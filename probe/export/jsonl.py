@@ -27,7 +27,7 @@ def span_to_dict(span: Span) -> dict[str, Any]:
         "end_time_unix_nano": span.end_time_unix_nano,
         "status_code": span.status_code.name,
         "status_message": span.status_message,
-        "attributes": dict(span.attributes),
+        "attributes": dict(span.all_attributes()),
         "events": [
             {
                 "name": event.name,

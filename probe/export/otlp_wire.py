@@ -2,9 +2,10 @@
 
 Filling the official protobuf messages field by field was the export thread's
 largest cost (issue 6). The request is simple enough to write by hand, and most
-of it repeats from span to span: a process's resource, the scope, and most
-attribute pairs (method, server address, port, user agent...). Those are encoded
-once and their bytes reused.
+of it repeats from span to span: a process's resource, the scope, the attributes
+a connection's spans share (`Span.shared_attributes`), and most other attribute
+pairs (method, server address, port, user agent...). Those are encoded once and
+their bytes reused.
 
 The mapping, field for field, is the one the official messages would get:
 proto3 scalars at their default value are left out as they would be; a oneof
@@ -229,9 +230,18 @@ class TraceRequestEncoder:
     threads: a cache entry, whenever it is found, is right.
     """
 
-    def __init__(self, max_cached_attributes: int = 4096, max_cached_resources: int = 1024) -> None:
+    def __init__(
+        self,
+        max_cached_attributes: int = 4096,
+        max_cached_resources: int = 1024,
+        max_cached_shared: int = 4096,
+    ) -> None:
         self._span_attributes = _CachedAttributes(_SPAN_ATTRIBUTES, max_cached_attributes)
         self._max_cached_resources = max_cached_resources
+        self._max_cached_shared = max_cached_shared
+        # id(shared attributes) -> (them, their KeyValue fields), held as resources are:
+        # the shared attributes of a connection's spans, encoded once per connection.
+        self._shared: dict[int, tuple[Attributes, bytes]] = {}
         # id(resource) -> (resource, its Resource field). The entry holds the resource
         # so that its id cannot pass to another while cached; a Resource does not
         # change once made.
@@ -287,6 +297,8 @@ class TraceRequestEncoder:
             _fixed64_field(_SPAN_START_TIME, span.start_time_unix_nano),
             _fixed64_field(_SPAN_END_TIME, span.end_time_unix_nano),
         ]
+        if span.shared_attributes:
+            parts.append(self._shared_fields(span.shared_attributes))
         self._span_attributes.append_fields(parts, span.attributes)
         parts += map(_event_field, span.events)
         parts += map(_link_field, span.links)
@@ -294,6 +306,18 @@ class TraceRequestEncoder:
             status = _string_field(_STATUS_MESSAGE, span.status_message)
             parts.append(_len_field(_SPAN_STATUS, status + _STATUS_CODE_FIELDS[span.status_code]))
         return _len_field(_SCOPE_SPANS_SPANS, b"".join(parts))
+
+    def _shared_fields(self, shared: Attributes) -> bytes:
+        cached = self._shared.get(id(shared))
+        if cached is not None:
+            return cached[1]
+        fields: list[bytes] = []
+        self._span_attributes.append_fields(fields, shared)
+        encoded = b"".join(fields)
+        if len(self._shared) >= self._max_cached_shared:
+            self._shared.clear()
+        self._shared[id(shared)] = (shared, encoded)
+        return encoded
 
 
 def _event_field(event: SpanEvent) -> bytes:

@@ -93,7 +93,7 @@ def render_trace(spans: Sequence[Span]) -> list[str]:
         _HEADER,
     ]
     for depth, span in rows:
-        attrs = span.attributes
+        attrs = span.all_attributes()
         method = attrs.get("http.request.method_original") or attrs.get("http.request.method")
         code = attrs.get("http.response.status_code")
         service = str(span.resource.attributes.get("service.name", "?"))

@@ -21,6 +21,9 @@ class ConnectionInfo:
     # Which image of its process it belongs to (ConnOpen.image); None: the one
     # running now (a connection picked up mid-stream).
     image: int | None = None
+    # The trace stage's, kept here to live as long as the connection: what
+    # SpanBuilder made once for every span of it. Never read by this stage.
+    span_template: object | None = field(default=None, init=False, compare=False, repr=False)
 
     def __init__(  # written out for mypyc (probe/compiled.py), like HttpMessage's
         self,
@@ -37,6 +40,7 @@ class ConnectionInfo:
         self.peer = peer
         self.tls = tls
         self.image = image
+        self.span_template = None
 
 
 @dataclass(slots=True, init=False)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Collection
+from typing import Final
 from urllib.parse import urlsplit
 
 from probe.kernel.events import Endpoint, Role
-from probe.protocol.model import HttpExchange
+from probe.protocol.model import ConnectionInfo, HttpExchange
 from probe.trace.clock import MonotonicClock
 from probe.trace.resource import ResourceDetector
 from probe.trace.span import (
@@ -84,6 +85,9 @@ class SpanBuilder:
         else:  # the last thing seen of the exchange
             end_ns = max([request.end_ns, *[info.end_ns for info in exchange.informational]])
 
+        shared = _shared_attributes(exchange.connection, kind)
+        attributes = {} if shared is not None else _connection_attributes(exchange.connection, kind)
+        self._add_attributes(attributes, exchange, kind, method)
         span = Span(  # positional where it can: keywords cost on every span
             method if method != OTHER else "HTTP",
             kind,
@@ -92,7 +96,7 @@ class SpanBuilder:
             self._resources.detect(exchange.connection.key.pid, "", exchange.connection.image),
             UNSET_TRACE_ID,  # the linker's to give: drawing ids here would be wasted
             UNSET_SPAN_ID,
-            attributes=self._attributes(exchange, kind, method),
+            attributes=attributes,
             events=[
                 SpanEvent(
                     INFORMATIONAL_EVENT,
@@ -103,6 +107,7 @@ class SpanBuilder:
             ]
             if exchange.informational
             else [],
+            shared_attributes=shared,
         )
         if (error_type := _error_type(exchange, kind)) is not None:
             span.status_code = StatusCode.ERROR
@@ -110,9 +115,12 @@ class SpanBuilder:
             span.attributes["error.type"] = error_type
         return span
 
-    def _attributes(self, exchange: HttpExchange, kind: SpanKind, method: str) -> Attributes:
+    def _add_attributes(
+        self, attrs: Attributes, exchange: HttpExchange, kind: SpanKind, method: str
+    ) -> None:
+        """This exchange's own attributes, beside its connection's."""
         conn, request, response = exchange.connection, exchange.request, exchange.response
-        attrs: Attributes = {"http.request.method": method}
+        attrs["http.request.method"] = method
         if method == OTHER:
             attrs["http.request.method_original"] = request.method
 
@@ -123,8 +131,6 @@ class SpanBuilder:
             attrs["url.path"] = path
         if query:
             attrs["url.query"] = query
-        scheme = "https" if conn.tls else "http"  # plaintext read at a TLS library
-        attrs["url.scheme"] = scheme
 
         # The server is named as the client asked for it (Host, or the
         # proxy-style absolute target); the socket's own end fills the gaps.
@@ -134,19 +140,16 @@ class SpanBuilder:
             if not host and conn.peer is not None:
                 host, port = conn.peer.address, conn.peer.port
             if host and path is not None:
+                scheme = _scheme(conn)
                 attrs["url.full"] = f"{scheme}://{_origin(scheme, host, port)}{path}" + (
                     f"?{query}" if query else ""
                 )
         elif kind is SpanKind.SERVER:
             _set_address(attrs, _SERVER, host, port, conn.local)
-            _set_address(attrs, _CLIENT, None, None, conn.peer)
 
         if response is not None:
             attrs["http.response.status_code"] = response.status_code
-        attrs["network.protocol.name"] = "http"
         attrs["network.protocol.version"] = request.version
-        _set_address(attrs, _NETWORK_PEER, None, None, conn.peer)
-        _set_address(attrs, _NETWORK_LOCAL, None, None, conn.local)
         if user_agent := request.header("user-agent"):
             attrs["user_agent.original"] = user_agent
 
@@ -166,7 +169,54 @@ class SpanBuilder:
         if request.body_framing_lost or (response is not None and response.body_framing_lost):
             attrs["probe.http.body_framing_lost"] = True
         attrs["thread.id"] = request.tid
-        return attrs
+
+
+class _SpanTemplate:
+    """What every span of one connection shares (`Span.shared_attributes`),
+    and what it was made from: a connection's role and TLS are learnt before
+    its first exchange ends, and are checked in case they were not."""
+
+    __slots__ = ("role", "tls", "attributes")
+
+    def __init__(self, role: Role, tls: bool, attributes: Attributes) -> None:
+        self.role = role
+        self.tls = tls
+        self.attributes = attributes
+
+
+# ConnectionInfo.span_template once the connection's first span is built.
+_FIRST_SPAN_BUILT: Final = "first span built"
+
+
+def _shared_attributes(conn: ConnectionInfo, kind: SpanKind) -> Attributes | None:
+    """The attributes the spans of a connection share, one dict from its second
+    span on; None for its first. A connection that carries a single exchange
+    (a new connection per request) would pay for a template it never reuses."""
+    template = conn.span_template
+    if isinstance(template, _SpanTemplate):
+        if template.role == conn.role and template.tls == conn.tls:
+            return template.attributes
+    elif template is None:
+        conn.span_template = _FIRST_SPAN_BUILT
+        return None
+    attributes = _connection_attributes(conn, kind)
+    conn.span_template = _SpanTemplate(conn.role, conn.tls, attributes)
+    return attributes
+
+
+def _connection_attributes(conn: ConnectionInfo, kind: SpanKind) -> Attributes:
+    """The attributes that depend on the connection alone."""
+    attrs: Attributes = {"url.scheme": _scheme(conn)}
+    if kind is SpanKind.SERVER:
+        _set_address(attrs, _CLIENT, None, None, conn.peer)
+    attrs["network.protocol.name"] = "http"
+    _set_address(attrs, _NETWORK_PEER, None, None, conn.peer)
+    _set_address(attrs, _NETWORK_LOCAL, None, None, conn.local)
+    return attrs
+
+
+def _scheme(conn: ConnectionInfo) -> str:
+    return "https" if conn.tls else "http"  # plaintext read at a TLS library
 
 
 def _error_type(exchange: HttpExchange, kind: SpanKind) -> str | None:

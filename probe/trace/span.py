@@ -71,6 +71,13 @@ UNSET_SPAN_ID = bytes(8)
 
 @dataclass(slots=True, init=False)
 class Span:
+    """One operation. Its attributes are ``attributes``, its own, together with
+    ``shared_attributes``: those it has in common with other spans (of its
+    connection), one dict for all of them. The two never name the same key, and
+    a shared dict does not change once a span holds it, so that exporters may
+    encode it once, by identity (as they do resources). `all_attributes` merges
+    them."""
+
     name: str
     kind: SpanKind
     start_time_unix_nano: int
@@ -84,6 +91,7 @@ class Span:
     attributes: Attributes = field(default_factory=dict)
     events: list[SpanEvent] = field(default_factory=list)
     links: list[SpanLink] = field(default_factory=list)
+    shared_attributes: Attributes | None = None
 
     def __init__(  # written out for mypyc (probe/compiled.py)
         self,
@@ -100,6 +108,7 @@ class Span:
         attributes: Attributes | None = None,
         events: list[SpanEvent] | None = None,
         links: list[SpanLink] | None = None,
+        shared_attributes: Attributes | None = None,
     ) -> None:
         self.name = name
         self.kind = kind
@@ -114,6 +123,13 @@ class Span:
         self.attributes = {} if attributes is None else attributes
         self.events = [] if events is None else events
         self.links = [] if links is None else links
+        self.shared_attributes = shared_attributes
+
+    def all_attributes(self) -> Attributes:
+        """Every attribute of the span, shared and its own."""
+        if not self.shared_attributes:
+            return self.attributes
+        return {**self.shared_attributes, **self.attributes}
 
     @property
     def duration_ns(self) -> int:

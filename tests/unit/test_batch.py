@@ -173,6 +173,9 @@ def test_estimate_grows_with_content():
     large = make_spans(1)[0]
     large.attributes = {"url.full": "x" * 1000, "probe.list": ["a" * 100] * 3, "n": 1}
     assert estimate_size(large) >= estimate_size(small) + 1300
+    shared = make_spans(1)[0]
+    shared.shared_attributes = {f"network.{n}": "10.0.0.1" for n in range(10)}
+    assert estimate_size(shared) >= estimate_size(small) + 400  # counted, not walked
 
 
 def test_backoff_doubles_with_jitter_up_to_the_maximum():

@@ -110,7 +110,7 @@ def test_server_get_with_query(builder):
         "host.name": "testhost",
         "process.pid": PID,
     }
-    assert span.attributes == {
+    assert span.all_attributes() == {
         "http.request.method": "GET",
         "url.path": "/items/42",
         "url.query": "color=REDACTED&size=REDACTED&flag",
@@ -135,30 +135,30 @@ def test_server_get_with_query(builder):
 def test_server_without_host_header_uses_local_endpoint(builder):
     span = builder.build(exchange(target="/", headers=[]))
 
-    assert span.attributes["server.address"] == "10.0.0.1"
-    assert span.attributes["server.port"] == 8080
+    assert span.all_attributes()["server.address"] == "10.0.0.1"
+    assert span.all_attributes()["server.port"] == 8080
 
 
 def test_server_host_without_port_takes_local_port(builder):
     span = builder.build(exchange(headers=[("host", "shop.example")]))
 
-    assert span.attributes["server.address"] == "shop.example"
-    assert span.attributes["server.port"] == 8080
+    assert span.all_attributes()["server.address"] == "shop.example"
+    assert span.all_attributes()["server.port"] == 8080
 
 
 @pytest.mark.parametrize("host", ["shop.example:", "shop.example:8o", "shop.example:\u00b2"])
 def test_server_host_with_bad_port_takes_local_port(builder, host):
     span = builder.build(exchange(headers=[("host", host)]))
 
-    assert span.attributes["server.address"] == "shop.example"
-    assert span.attributes["server.port"] == 8080
+    assert span.all_attributes()["server.address"] == "shop.example"
+    assert span.all_attributes()["server.port"] == 8080
 
 
 def test_server_ipv6_host_header(builder):
     span = builder.build(exchange(headers=[("host", "[2001:db8::5]:9000")]))
 
-    assert span.attributes["server.address"] == "2001:db8::5"
-    assert span.attributes["server.port"] == 9000
+    assert span.all_attributes()["server.address"] == "2001:db8::5"
+    assert span.all_attributes()["server.port"] == 9000
 
 
 def test_query_kept_raw_when_not_redacted(resources):
@@ -166,14 +166,14 @@ def test_query_kept_raw_when_not_redacted(resources):
 
     span = builder.build(exchange(target="/search?q=kittens&page=2"))
 
-    assert span.attributes["url.query"] == "q=kittens&page=2"
+    assert span.all_attributes()["url.query"] == "q=kittens&page=2"
 
 
 def test_empty_query_is_absent(builder):
     span = builder.build(exchange(target="/search?"))
 
-    assert span.attributes["url.path"] == "/search"
-    assert "url.query" not in span.attributes
+    assert span.all_attributes()["url.path"] == "/search"
+    assert "url.query" not in span.all_attributes()
 
 
 def test_client_post(builder):
@@ -196,7 +196,7 @@ def test_client_post(builder):
     assert span.name == "POST"
     assert span.kind is SpanKind.CLIENT
     assert span.status_code is StatusCode.UNSET
-    assert span.attributes == {
+    assert span.all_attributes() == {
         "http.request.method": "POST",
         "url.path": "/v1/orders",
         "url.query": "token=REDACTED",
@@ -221,9 +221,9 @@ def test_client_post(builder):
 def test_client_url_full_from_host_with_port(builder):
     span = builder.build(exchange(Role.CLIENT, target="/x", headers=[("host", "api.example:8080")]))
 
-    assert span.attributes["url.full"] == "http://api.example:8080/x"
-    assert span.attributes["server.address"] == "api.example"
-    assert span.attributes["server.port"] == 8080
+    assert span.all_attributes()["url.full"] == "http://api.example:8080/x"
+    assert span.all_attributes()["server.address"] == "api.example"
+    assert span.all_attributes()["server.port"] == 8080
 
 
 def test_client_url_full_from_ipv6_peer_without_host(builder):
@@ -231,9 +231,9 @@ def test_client_url_full_from_ipv6_peer_without_host(builder):
         exchange(Role.CLIENT, target="/x", headers=[], peer=Endpoint("2001:db8::1", 8080))
     )
 
-    assert span.attributes["url.full"] == "http://[2001:db8::1]:8080/x"
-    assert span.attributes["server.address"] == "2001:db8::1"
-    assert span.attributes["server.port"] == 8080
+    assert span.all_attributes()["url.full"] == "http://[2001:db8::1]:8080/x"
+    assert span.all_attributes()["server.address"] == "2001:db8::1"
+    assert span.all_attributes()["server.port"] == 8080
 
 
 def test_client_url_full_never_has_userinfo(builder):
@@ -246,10 +246,10 @@ def test_client_url_full_never_has_userinfo(builder):
         )
     )
 
-    assert span.attributes["url.full"] == "http://proxied.example:8000/p?k=REDACTED"
-    assert span.attributes["url.path"] == "/p"
-    assert span.attributes["server.address"] == "proxied.example"
-    assert span.attributes["server.port"] == 8000
+    assert span.all_attributes()["url.full"] == "http://proxied.example:8000/p?k=REDACTED"
+    assert span.all_attributes()["url.path"] == "/p"
+    assert span.all_attributes()["server.address"] == "proxied.example"
+    assert span.all_attributes()["server.port"] == 8000
     assert "pw" not in json.dumps(span_to_dict(span))
 
 
@@ -258,24 +258,24 @@ def test_unknown_method(builder, method):
     span = builder.build(exchange(method=method, target="/pot"))
 
     assert span.name == "HTTP"
-    assert span.attributes["http.request.method"] == "_OTHER"
-    assert span.attributes["http.request.method_original"] == method
+    assert span.all_attributes()["http.request.method"] == "_OTHER"
+    assert span.all_attributes()["http.request.method_original"] == method
 
 
 def test_known_method_has_no_original(builder):
     span = builder.build(exchange(method="QUERY"))
 
     assert span.name == "QUERY"
-    assert "http.request.method_original" not in span.attributes
+    assert "http.request.method_original" not in span.all_attributes()
 
 
 def test_head_has_no_body_sizes(builder):
     span = builder.build(exchange(method="HEAD", target="/big"))
 
     assert span.name == "HEAD"
-    assert "http.request.body.size" not in span.attributes
-    assert "http.response.body.size" not in span.attributes
-    assert span.attributes["http.response.status_code"] == 200
+    assert "http.request.body.size" not in span.all_attributes()
+    assert "http.response.body.size" not in span.all_attributes()
+    assert span.all_attributes()["http.response.status_code"] == 200
 
 
 def test_connect_has_no_path(builder):
@@ -283,10 +283,10 @@ def test_connect_has_no_path(builder):
         exchange(Role.CLIENT, "CONNECT", "db.example:443", headers=[("host", "db.example:443")])
     )
 
-    assert "url.path" not in span.attributes
-    assert "url.full" not in span.attributes
-    assert span.attributes["server.address"] == "db.example"
-    assert span.attributes["server.port"] == 443
+    assert "url.path" not in span.all_attributes()
+    assert "url.full" not in span.all_attributes()
+    assert span.all_attributes()["server.address"] == "db.example"
+    assert span.all_attributes()["server.port"] == 443
 
 
 @pytest.mark.parametrize("role", [Role.SERVER, Role.CLIENT])
@@ -295,8 +295,8 @@ def test_no_response(builder, role):
 
     assert span.status_code is StatusCode.ERROR
     assert span.status_message == "connection_closed"
-    assert span.attributes["error.type"] == "connection_closed"
-    assert "http.response.status_code" not in span.attributes
+    assert span.all_attributes()["error.type"] == "connection_closed"
+    assert "http.response.status_code" not in span.all_attributes()
     assert span.end_time_unix_nano == OFFSET + 1100
 
 
@@ -304,7 +304,7 @@ def test_no_response_free_text_error_is_other(builder):
     span = builder.build(exchange(status=None, error="peer reset after 512 bytes"))
 
     assert span.status_message == "peer reset after 512 bytes"
-    assert span.attributes["error.type"] == "_OTHER"
+    assert span.all_attributes()["error.type"] == "_OTHER"
 
 
 @pytest.mark.parametrize(("informational_end", "end"), [(3500, 3500), (1050, 1100)])
@@ -315,7 +315,7 @@ def test_no_response_ends_at_last_thing_seen(builder, informational_end, end):
     span = builder.build(exchange(status=None, informational=[informational]))
 
     assert span.end_time_unix_nano == OFFSET + end
-    assert span.attributes["error.type"] == "_OTHER"
+    assert span.all_attributes()["error.type"] == "_OTHER"
 
 
 @pytest.mark.parametrize(
@@ -331,7 +331,7 @@ def test_no_response_ends_at_last_thing_seen(builder, informational_end, end):
 def test_error_status(builder, role, status, expected):
     span = builder.build(exchange(role, status=status))
 
-    assert span.attributes.get("error.type") == expected
+    assert span.all_attributes().get("error.type") == expected
     assert span.status_code is (StatusCode.UNSET if expected is None else StatusCode.ERROR)
     assert span.status_message == ""
 
@@ -348,7 +348,7 @@ def test_informational_responses_become_events(builder):
         SpanEvent("http.informational_response", OFFSET + 2000, {"http.response.status_code": 100}),
         SpanEvent("http.informational_response", OFFSET + 3000, {"http.response.status_code": 103}),
     ]
-    assert span.attributes["http.response.status_code"] == 200
+    assert span.all_attributes()["http.response.status_code"] == 200
 
 
 CREDENTIALS = [
@@ -375,7 +375,7 @@ def test_credentials_never_captured_by_default(resources):
     dumped = json.dumps(span_to_dict(span))
     for secret in ("tok-AAAA", "cHJveHk6cHc=", "ck-BBBB", "sc-CCCC"):
         assert secret not in dumped
-    assert not [key for key in span.attributes if ".header." in key]
+    assert not [key for key in span.all_attributes() if ".header." in key]
 
 
 def test_credentials_captured_when_allowed(resources):
@@ -393,9 +393,9 @@ def test_credentials_captured_when_allowed(resources):
         )
     )
 
-    assert span.attributes["http.request.header.authorization"] == ["Bearer tok-AAAA"]
-    assert span.attributes["http.response.header.set-cookie"] == ["a=1", "b=2"]
-    assert "http.request.header.cookie" not in span.attributes
+    assert span.all_attributes()["http.request.header.authorization"] == ["Bearer tok-AAAA"]
+    assert span.all_attributes()["http.response.header.set-cookie"] == ["a=1", "b=2"]
+    assert "http.request.header.cookie" not in span.all_attributes()
 
 
 def test_header_allowlist(resources):
@@ -417,7 +417,7 @@ def test_header_allowlist(resources):
         )
     )
 
-    headers = {key: value for key, value in span.attributes.items() if ".header." in key}
+    headers = {key: value for key, value in span.all_attributes().items() if ".header." in key}
     assert headers == {
         "http.request.header.content-type": ["text/plain"],
         "http.request.header.x-request-id": ["r1", "r2"],
@@ -433,15 +433,15 @@ def test_truncation_flags(builder):
 
     span = builder.build(ex)
 
-    assert span.attributes["probe.http.head_truncated"] is True
-    assert span.attributes["probe.http.body_framing_lost"] is True
+    assert span.all_attributes()["probe.http.head_truncated"] is True
+    assert span.all_attributes()["probe.http.body_framing_lost"] is True
 
 
 def test_no_truncation_flags_by_default(builder):
     span = builder.build(exchange())
 
-    assert "probe.http.head_truncated" not in span.attributes
-    assert "probe.http.body_framing_lost" not in span.attributes
+    assert "probe.http.head_truncated" not in span.all_attributes()
+    assert "probe.http.body_framing_lost" not in span.all_attributes()
 
 
 def test_unknown_role_is_internal_without_server_or_client(builder):
@@ -449,7 +449,8 @@ def test_unknown_role_is_internal_without_server_or_client(builder):
 
     assert span.kind is SpanKind.INTERNAL
     assert span.status_code is StatusCode.ERROR
-    assert not [key for key in span.attributes if key.startswith(("server.", "client.", "url.f"))]
+    named = ("server.", "client.", "url.f")
+    assert not [key for key in span.all_attributes() if key.startswith(named)]
 
 
 def test_clock_applies_offset():
@@ -478,8 +479,40 @@ def test_any_request_line_builds_and_hides_query_values(role, method, target, ho
 
     span = builder.build(exchange(role, method, target, headers=[("host", host)]))
 
-    query = str(span.attributes.get("url.query", ""))
+    query = str(span.all_attributes().get("url.query", ""))
     for pair in filter(None, query.split("&")):
         key, sep, value = pair.partition("=")
         assert value == ("REDACTED" if sep else "")
-    assert span.attributes.get("url.full", "http://").startswith("http://")
+    assert span.all_attributes().get("url.full", "http://").startswith("http://")
+
+
+@pytest.mark.parametrize("role", [Role.SERVER, Role.CLIENT])
+def test_spans_of_one_connection_share_its_attributes_from_the_second_on(builder, role):
+    first = exchange(role, target="/a")
+    connection = first.connection
+    later = [exchange(role, target=f"/{n}") for n in range(2)]
+    for each in later:
+        each.connection = connection
+    spans = [builder.build(each) for each in (first, *later)]
+
+    # A connection that carries one exchange makes no template: all its own.
+    assert spans[0].shared_attributes is None
+    shared = spans[1].shared_attributes
+    assert shared and spans[2].shared_attributes is shared  # one dict, for exporters to reuse
+    assert "url.scheme" in shared and "network.peer.port" in shared
+    assert not shared.keys() & spans[1].attributes.keys()  # disjoint, as Span says
+    for n, span in enumerate(spans):
+        assert span.all_attributes().keys() == spans[0].attributes.keys()
+        assert span.all_attributes()["url.path"] == ["/a", "/0", "/1"][n]
+
+
+def test_a_connection_found_to_be_tls_gets_a_new_template(builder):
+    first = exchange(Role.SERVER)
+    builder.build(first)
+    before = builder.build(first).shared_attributes
+    assert before is not None and before["url.scheme"] == "http"
+    first.connection.tls = True  # learnt late: a template made from http is not reused
+    after = builder.build(first).shared_attributes
+    assert after is not None and after["url.scheme"] == "https"
+    assert before["url.scheme"] == "http"  # a shared dict never changes
+    assert builder.build(first).shared_attributes is after

@@ -82,6 +82,12 @@ def test_console_header_then_rows():
     ]
 
 
+def test_console_reads_a_connections_shared_attributes():
+    span = make_span(**{"network.peer.address": None, "network.peer.port": None})
+    span.shared_attributes = {"network.peer.address": "10.0.0.3", "network.peer.port": 40000}
+    assert console_lines(span)[1].split()[6] == "10.0.0.3:40000"
+
+
 def test_console_header_written_once():
     stream = io.StringIO()
     exporter = ConsoleSpanExporter(stream, tz=UTC)
@@ -162,6 +168,7 @@ def full_span() -> Span:
         },
         events=[SpanEvent("http.informational_response", START + 10, {"code": 100})],
         links=[SpanLink(bytes.fromhex("11" * 16), bytes.fromhex("22" * 8), {"why": "x"})],
+        shared_attributes={"network.peer.address": "10.0.0.9"},
     )
 
 
@@ -177,6 +184,7 @@ def test_span_to_dict():
         "status_code": "ERROR",
         "status_message": "connection_closed",
         "attributes": {
+            "network.peer.address": "10.0.0.9",
             "http.request.method": "GET",
             "http.request.header.x-id": ["a", "b"],
             "probe.http.head_truncated": True,

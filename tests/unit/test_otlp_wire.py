@@ -43,8 +43,19 @@ RESOURCES = [
     Resource({"service.name": "ünïcode", "process.command_line": "x" * 300}),
 ]
 
+# A connection's shared attributes: keys of their own (Span keeps the two
+# apart), and few dicts, so that the same one recurs and is read from the cache.
+SHARED = [
+    None,
+    {},
+    {"shared.address": "10.0.0.1", "shared.port": 8080},
+    {"shared.address": "10.0.0.1", "shared.port": 8081},
+    {"shared.flag": True, "shared.list": ["a", "b"], "shared.ratio": 0.5},
+]
+
 spans = st.builds(
     Span,
+    shared_attributes=st.sampled_from(SHARED),
     name=st.text(max_size=20),
     kind=st.sampled_from(SpanKind),
     start_time_unix_nano=times,
@@ -73,7 +84,9 @@ def assert_encodes_as_official(encoder: TraceRequestEncoder, batch: list[Span]) 
 @given(st.lists(spans, max_size=8))
 def test_encoding_matches_the_official_messages(batch):
     # Small caches, so they fill up and start over within one example.
-    encoder = TraceRequestEncoder(max_cached_attributes=8, max_cached_resources=2)
+    encoder = TraceRequestEncoder(
+        max_cached_attributes=8, max_cached_resources=2, max_cached_shared=2
+    )
     assert_encodes_as_official(encoder, batch)
     assert_encodes_as_official(encoder, batch)  # again, now from the caches
 
@@ -119,14 +132,28 @@ def test_equal_values_of_other_types_stay_apart():
 
 
 def test_caches_stay_bounded():
-    encoder = TraceRequestEncoder(max_cached_attributes=64, max_cached_resources=4)
+    encoder = TraceRequestEncoder(
+        max_cached_attributes=64, max_cached_resources=4, max_cached_shared=8
+    )
     for i in range(500):
         resource = Resource({"process.pid": i})
         span = Span("s", SpanKind.CLIENT, 1, 2, resource, attributes={"port": i, "path": f"/{i}"})
+        span.shared_attributes = {"peer.port": i}
         assert_encodes_as_official(encoder, [span])
     cache = encoder._span_attributes  # the only way to see its size
     assert 0 < sum(map(len, cache._fields.values())) <= 64  # pairs, under their keys
     assert len(encoder._resources) <= 4
+    assert 0 < len(encoder._shared) <= 8
+
+
+def test_shared_attributes_are_encoded_once_per_dict():
+    encoder = TraceRequestEncoder()
+    shared = {"network.peer.address": "10.0.0.2", "network.peer.port": 51000}
+    batch = [Span("s", SpanKind.SERVER, 1, 2, RESOURCES[0], attributes={"n": n}) for n in range(3)]
+    for span in batch:
+        span.shared_attributes = shared
+    assert_encodes_as_official(encoder, batch)
+    assert list(encoder._shared.values()) == [(shared, encoder._shared[id(shared)][1])]
 
 
 @pytest.mark.parametrize(
