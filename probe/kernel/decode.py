@@ -80,6 +80,13 @@ _CONN, _ = flat_struct(
         "comm",
     ),
 )
+# Their sizes and bound unpack methods, read once: compiled, a Final is a
+# constant of the C code, where a Struct's method is looked up at every call.
+_TYPE_SIZE: Final = _TYPE.size
+_CONN_SIZE: Final = _CONN.size
+_unpack_type: Final = _TYPE.unpack_from
+_unpack_data: Final = _DATA.unpack_from
+_unpack_conn: Final = _CONN.unpack_from
 # Constants and enum members by value, read once: not a cffi attribute
 # lookup or an enum call per record.
 _EVENT_DATA: Final = lib.PROBE_EVENT_DATA
@@ -136,16 +143,16 @@ def _comm(raw: bytes) -> str:
 
 def decode(raw: bytes) -> KernelEvent | None:
     """Decode one record; None if it is malformed."""
-    if len(raw) < _TYPE.size:
+    if len(raw) < _TYPE_SIZE:
         return None
-    (kind,) = _TYPE.unpack_from(raw)
+    (kind,) = _unpack_type(raw)
     if kind == _EVENT_DATA:
         if len(raw) < DATA_HEADER_SIZE:
             return None
         (
             tid, pid, fd, generation, timestamp_ns,
             exit_ns, size, goroutine, captured, direction, role, flags, exchange,
-        ) = _DATA.unpack_from(raw)  # fmt: skip
+        ) = _unpack_data(raw)  # fmt: skip
         if direction not in _DIRECTIONS:
             return None
         return DataEvent(
@@ -161,12 +168,12 @@ def decode(raw: bytes) -> KernelEvent | None:
             tls=bool(flags & _DATA_TLS),
             exchange=exchange,
         )
-    if len(raw) < _CONN.size:
+    if len(raw) < _CONN_SIZE:
         return None
     (
         tid, pid, fd, generation, timestamp_ns,
         local_addr, local_port, local_family, peer_addr, peer_port, peer_family, role, comm,
-    ) = _CONN.unpack_from(raw)  # fmt: skip
+    ) = _unpack_conn(raw)  # fmt: skip
     if kind in (_EVENT_OPEN, _EVENT_ADDR):
         key = conn_key(pid, fd, generation)
         known_role = _ROLES.get(role, Role.UNKNOWN)
