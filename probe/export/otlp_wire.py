@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from typing import Final
 
 import probe
 from probe.trace.span import (
@@ -40,7 +41,7 @@ MAX_CACHED_STRING = 256
 _VARINT, _FIXED64, _LEN = 0, 1, 2
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _ONE_BYTE = [bytes((n,)) for n in range(0x80)]
-_FIXED64_LE = struct.Struct("<Q").pack
+_FIXED64_LE: Final = struct.Struct("<Q").pack
 _DOUBLE_LE = struct.Struct("<d").pack
 
 
@@ -131,6 +132,21 @@ def _fixed64_field(tag: bytes, value: int) -> bytes:
     return tag + _FIXED64_LE(value) if value else b""
 
 
+def _add_bytes(parts: list[bytes], tag: bytes, value: bytes) -> None:
+    """`_bytes_field`, as pieces of a join (a string's too, encoded)."""
+    if value:
+        parts.append(tag)
+        parts.append(_varint(len(value)))
+        parts.append(value)
+
+
+def _add_fixed64(parts: list[bytes], tag: bytes, value: int) -> None:
+    """`_fixed64_field`, as pieces of a join."""
+    if value:
+        parts.append(tag)
+        parts.append(_FIXED64_LE(value))
+
+
 def _any_value(value: AttributeValue) -> bytes:
     """The body of an AnyValue: exactly one member of its oneof, written even when empty."""
     # bool first: it is a subclass of int
@@ -165,12 +181,6 @@ def _attribute_fields(tag: bytes, attributes: Attributes) -> list[bytes]:
     ]
 
 
-# Values whose pairs are cached: hashable, and equal only when they encode alike
-# but for True == 1, which the cached type tells apart. Floats are left out,
-# since 0.0 == -0.0.
-_CACHED_TYPES = frozenset({str, int, bool})
-
-
 class _CachedAttributes:
     """Attributes as KeyValue fields of one tag, remembering the pairs it has encoded.
 
@@ -191,8 +201,12 @@ class _CachedAttributes:
     def append_fields(self, out: list[bytes], attributes: Attributes) -> None:
         by_key = self._fields
         for key, value in attributes.items():
+            # Values whose pairs are cached: str, int and bool, hashable and equal
+            # only when they encode alike but for True == 1, which the cached type
+            # tells apart (floats are not: 0.0 == -0.0). Compared one by one: a
+            # set's lookup measured 8 ns more an attribute.
             value_type = type(value)
-            if value_type not in _CACHED_TYPES:
+            if value_type is not str and value_type is not int and value_type is not bool:
                 out.append(self._encode(key, value))
                 continue
             by_value = by_key.get(key)
@@ -288,15 +302,15 @@ class TraceRequestEncoder:
         return field
 
     def _span_field(self, span: Span) -> bytes:
-        parts = [
-            _bytes_field(_SPAN_TRACE_ID, span.trace_id),
-            _bytes_field(_SPAN_SPAN_ID, span.span_id),
-            _bytes_field(_SPAN_PARENT_SPAN_ID, span.parent_span_id or b""),
-            _string_field(_SPAN_NAME, span.name),
-            _KIND_FIELDS[span.kind],
-            _fixed64_field(_SPAN_START_TIME, span.start_time_unix_nano),
-            _fixed64_field(_SPAN_END_TIME, span.end_time_unix_nano),
-        ]
+        # The fields' pieces, joined once: no bytes made per field on the way.
+        parts: list[bytes] = []
+        _add_bytes(parts, _SPAN_TRACE_ID, span.trace_id)
+        _add_bytes(parts, _SPAN_SPAN_ID, span.span_id)
+        _add_bytes(parts, _SPAN_PARENT_SPAN_ID, span.parent_span_id or b"")
+        _add_bytes(parts, _SPAN_NAME, span.name.encode())
+        parts.append(_KIND_FIELDS[span.kind])
+        _add_fixed64(parts, _SPAN_START_TIME, span.start_time_unix_nano)
+        _add_fixed64(parts, _SPAN_END_TIME, span.end_time_unix_nano)
         if span.shared_attributes:
             parts.append(self._shared_fields(span.shared_attributes))
         self._span_attributes.append_fields(parts, span.attributes)
