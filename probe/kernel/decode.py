@@ -134,6 +134,22 @@ def _endpoint(family: int, addr: bytes, port: int) -> Endpoint | None:
     return endpoint(address, port)
 
 
+# The keys of the connections whose records were read lately, by generation
+# (the kernel's clock when it first saw the connection): a connection sends
+# many records, and its key is built at the first. A CLOSE takes its own out.
+_keys: dict[int, ConnKey] = {}
+
+
+def _key(pid: int, fd: int, generation: int) -> ConnKey:
+    key = _keys.get(generation)
+    if key is None or key[0] != pid or key[1] != fd:  # two in one nanosecond: rebuilt
+        key = conn_key(pid, fd, generation)
+        if len(_keys) >= MAX_REMEMBERED:
+            _keys.clear()
+        _keys[generation] = key
+    return key
+
+
 def _comm(raw: bytes) -> str:
     comm = _comms.get(raw)
     if comm is None:
@@ -156,7 +172,7 @@ def decode(raw: bytes) -> KernelEvent | None:
         if direction not in _DIRECTIONS:
             return None
         return DataEvent(
-            key=conn_key(pid, fd, generation),
+            key=_key(pid, fd, generation),
             tid=tid,
             enter_ns=timestamp_ns,
             exit_ns=exit_ns,
@@ -175,7 +191,7 @@ def decode(raw: bytes) -> KernelEvent | None:
         local_addr, local_port, local_family, peer_addr, peer_port, peer_family, role, comm,
     ) = _unpack_conn(raw)  # fmt: skip
     if kind in (_EVENT_OPEN, _EVENT_ADDR):
-        key = conn_key(pid, fd, generation)
+        key = _key(pid, fd, generation)
         known_role = _ROLES.get(role, Role.UNKNOWN)
         local = _endpoint(local_family, local_addr, local_port)
         peer = _endpoint(peer_family, peer_addr, peer_port)
@@ -185,7 +201,9 @@ def decode(raw: bytes) -> KernelEvent | None:
             return ConnOpen(key, tid, timestamp_ns, known_role, local, peer, _comm(comm))
         return AddressUpdate(key, tid, timestamp_ns, known_role, local, peer, _comm(comm))
     if kind == _EVENT_CLOSE:
-        return ConnClose(key=conn_key(pid, fd, generation), tid=tid, timestamp_ns=timestamp_ns)
+        key = _key(pid, fd, generation)
+        del _keys[generation]
+        return ConnClose(key=key, tid=tid, timestamp_ns=timestamp_ns)
     if kind == _EVENT_EXIT:
         return ProcessExit(pid=pid, timestamp_ns=timestamp_ns)
     if kind == _EVENT_EXEC:

@@ -222,6 +222,32 @@ def test_decode_converts_each_address_and_name_apart(monkeypatch) -> None:
         assert len(decode_module._comms) <= 4
 
 
+def test_decode_remembers_keys_boundedly_until_close(monkeypatch) -> None:
+    """A connection's key is built once and reused; a key remembered for a
+    generation never answers for another connection of the same generation;
+    a CLOSE forgets its own; the memory is bounded."""
+    monkeypatch.setattr(decode_module, "MAX_REMEMBERED", 4)
+    monkeypatch.setattr(decode_module, "_keys", {})
+    data = ffi.new("struct probe_data_event *")
+    close = ffi.new("struct probe_conn_event *")
+
+    def key_of(record, kind: int, pid: int, fd: int, generation: int) -> ConnKey:
+        _header(record, kind, pid=pid, fd=fd, generation=generation)
+        event = _decode(record, DATA_HEADER_SIZE if kind == lib.PROBE_EVENT_DATA else None)
+        assert event is not None and event.key == ConnKey(pid, fd, generation)
+        return event.key
+
+    first = key_of(data, lib.PROBE_EVENT_DATA, 7, 3, 99)
+    assert key_of(data, lib.PROBE_EVENT_DATA, 7, 3, 99) is first  # built once
+    assert key_of(data, lib.PROBE_EVENT_DATA, 8, 3, 99) != first  # same generation, not it
+    assert key_of(data, lib.PROBE_EVENT_DATA, 8, 4, 99) != first
+    key_of(close, lib.PROBE_EVENT_CLOSE, 8, 4, 99)
+    assert 99 not in decode_module._keys  # a CLOSE forgets its connection
+    for generation in range(100, 110):
+        key_of(data, lib.PROBE_EVENT_DATA, 7, 3, generation)
+        assert len(decode_module._keys) <= 4
+
+
 def test_decode_unknown_family_is_no_address() -> None:
     record = ffi.new("struct probe_conn_event *")
     _header(record, lib.PROBE_EVENT_ADDR)
