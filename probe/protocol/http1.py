@@ -5,7 +5,8 @@ into `HttpRequest` or `HttpResponse` messages. The bytes come from syscalls
 whose payload holds only the first bytes of what each syscall moved, so the
 stream has gaps; framing is therefore done here, counting bytes by syscall
 sizes, and httptools only parses complete (or cut-short) message heads, each
-distinct head once (keep-alive traffic repeats them byte for byte).
+distinct head once (keep-alive traffic repeats them byte for byte; a stream
+knows the head it read last again by comparing bytes).
 
 Framing rules, as RFC 9112 section 6 gives them:
 
@@ -166,6 +167,7 @@ def _fields(head: bytes) -> tuple[tuple[str, str], ...]:
 class _ParsedHead(NamedTuple):
     """What a head says; it depends on the head's bytes alone."""
 
+    head: bytes  # the bytes it was parsed from (the parse cache's key, not a copy)
     version: str
     headers: tuple[tuple[str, str], ...]
     body: int  # _Body: how the fields frame it (a response's request may overrule them)
@@ -210,6 +212,7 @@ def _parse_request(head: bytes) -> _ParsedHead:
     else:
         body, length = _Body.NONE, 0
     return _ParsedHead(
+        head,
         parts.version,
         headers,
         body,
@@ -231,6 +234,7 @@ def _parse_response(head: bytes) -> _ParsedHead:
     else:
         body, length = _Body.UNTIL_CLOSE, 0
     return _ParsedHead(
+        head,
         parts.version,
         headers,
         body,
@@ -269,6 +273,7 @@ class MessageStream:
         "_start_ns",
         "_tid",
         "_goroutine",
+        "_last_parsed",
     )
 
     def __init__(self, sink: StreamSink, stats: Stats) -> None:
@@ -289,6 +294,10 @@ class MessageStream:
         self._start_ns = 0
         self._tid = 0
         self._goroutine = 0
+        # The head this stream parsed last: kept-alive traffic repeats it byte
+        # for byte, found again here with a comparison, where the parse cache
+        # hashes the head and the start line is matched against a pattern.
+        self._last_parsed: _ParsedHead | None = None
 
     def feed(
         self, payload: bytes, size: int, first_ns: int, last_ns: int, tid: int, goroutine: int = 0
@@ -343,6 +352,19 @@ class MessageStream:
         """
         raise NotImplementedError
 
+    def _parse_head(self, head: bytes) -> _ParsedHead:
+        """What ``head`` says, through the parse cache (`_parse_request` or `_parse_response`)."""
+        raise NotImplementedError
+
+    def _parsed(self, head: bytes) -> _ParsedHead:
+        last = self._last_parsed
+        if last is not None and head == last.head:
+            return last
+        parsed = self._parse_head(head)
+        if len(head) <= HEAD_CACHE_MAX:  # one the parse cache keeps too; a longer one is not held
+            self._last_parsed = parsed
+        return parsed
+
     # -- the state machine: data is None for bytes moved but not captured
 
     def _run(self, data: bytes | None, end: int) -> None:
@@ -387,7 +409,8 @@ class MessageStream:
             cut = data.find(b"\r\n\r\n", pos, end)
             if cut >= 0:
                 head = data[pos : cut + 4]
-                if self._looks_like_start(head):
+                last = self._last_parsed
+                if (last is not None and head == last.head) or self._looks_like_start(head):
                     self._confirmed = True
                     self._sink.message_started(self)
                     self._start_message(head, truncated=False)
@@ -568,8 +591,11 @@ class RequestStream(MessageStream):
     def _looks_like_start(self, data: bytes | bytearray) -> bool | None:
         return looks_like_request(data)
 
+    def _parse_head(self, head: bytes) -> _ParsedHead:
+        return _parse_request(head)
+
     def _read_head(self, head: bytes) -> tuple[HttpRequest, int, int]:
-        parsed = _parse_request(head)
+        parsed = self._parsed(head)
         request = HttpRequest(
             version=parsed.version,
             headers=list(parsed.headers),
@@ -591,8 +617,11 @@ class ResponseStream(MessageStream):
     def _looks_like_start(self, data: bytes | bytearray) -> bool | None:
         return looks_like_response(data)
 
+    def _parse_head(self, head: bytes) -> _ParsedHead:
+        return _parse_response(head)
+
     def _read_head(self, head: bytes) -> tuple[HttpResponse, int, int]:
-        parsed = _parse_response(head)
+        parsed = self._parsed(head)
         response = HttpResponse(
             version=parsed.version,
             headers=list(parsed.headers),

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from probe.protocol import http1
 from probe.protocol.http1 import (
     HEAD_CACHE_MAX,
     MAX_HEAD_SIZE,
@@ -477,3 +478,27 @@ def test_a_head_too_long_to_remember_is_read_every_time() -> None:
     for _ in range(2):
         f.feed(b"HTTP/1.1 200 OK\r\n" + padding + b"Content-Length: 3\r\n\r\nabc")
     assert [(m.status_code, m.body_size, len(m.headers)) for m in f.ended] == [(200, 3, 2)] * 2
+
+
+def test_a_stream_reads_a_head_it_just_read_without_parsing_it_again(monkeypatch) -> None:
+    calls = []
+    parse = http1._parse_request
+
+    def counted(head: bytes):
+        calls.append(head)
+        return parse(head)
+
+    monkeypatch.setattr(http1, "_parse_request", counted)
+    other = CURL_GET.replace(b"page=2", b"page=3")
+    long = CURL_GET[:-2] + b"X-Pad: " + b"p" * HEAD_CACHE_MAX + b"\r\n\r\n"
+    f = requests()
+    for head in (CURL_GET, CURL_GET, CURL_GET, other, other, CURL_GET, long, long, CURL_GET):
+        f.feed(head)
+    assert [len(head) for head in calls] == [
+        len(h) for h in (CURL_GET, other, CURL_GET, long, long)
+    ]
+    assert [m.target for m in f.ended] == ["/api/items?page=2"] * 3 + ["/api/items?page=3"] * 2 + [
+        "/api/items?page=2"
+    ] * 4
+    f.feed(b"NOT HTTP\r\n\r\n")  # after a remembered head, bytes that are no head still fail
+    assert f.stats["parse_errors"] == 1
