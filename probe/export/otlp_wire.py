@@ -117,23 +117,14 @@ _STATUS_CODE_FIELDS = {
 }
 
 
-def _bytes_field(tag: bytes, value: bytes) -> bytes:
-    """An implicit-presence bytes field: left out when empty."""
-    return _len_field(tag, value) if value else b""
-
-
 def _string_field(tag: bytes, text: str) -> bytes:
     """An implicit-presence string field: left out when empty."""
     return _len_field(tag, text.encode()) if text else b""
 
 
-def _fixed64_field(tag: bytes, value: int) -> bytes:
-    """An implicit-presence fixed64 field: left out when zero."""
-    return tag + _FIXED64_LE(value) if value else b""
-
-
 def _add_bytes(parts: list[bytes], tag: bytes, value: bytes) -> None:
-    """`_bytes_field`, as pieces of a join (a string's too, encoded)."""
+    """An implicit-presence bytes field (a string's too, encoded), left out
+    when empty, as pieces of the caller's join: no bytes made for it here."""
     if value:
         parts.append(tag)
         parts.append(_varint(len(value)))
@@ -141,7 +132,7 @@ def _add_bytes(parts: list[bytes], tag: bytes, value: bytes) -> None:
 
 
 def _add_fixed64(parts: list[bytes], tag: bytes, value: int) -> None:
-    """`_fixed64_field`, as pieces of a join."""
+    """An implicit-presence fixed64 field, left out when zero, as pieces of a join."""
     if value:
         parts.append(tag)
         parts.append(_FIXED64_LE(value))
@@ -335,18 +326,16 @@ class TraceRequestEncoder:
 
 
 def _event_field(event: SpanEvent) -> bytes:
-    parts = [
-        _fixed64_field(_EVENT_TIME, event.time_unix_nano),
-        _string_field(_EVENT_NAME, event.name),
-        *_attribute_fields(_EVENT_ATTRIBUTES, event.attributes),
-    ]
+    parts: list[bytes] = []
+    _add_fixed64(parts, _EVENT_TIME, event.time_unix_nano)
+    _add_bytes(parts, _EVENT_NAME, event.name.encode())
+    parts += _attribute_fields(_EVENT_ATTRIBUTES, event.attributes)
     return _len_field(_SPAN_EVENTS, b"".join(parts))  # written even when empty, as repeated
 
 
 def _link_field(link: SpanLink) -> bytes:
-    parts = [
-        _bytes_field(_LINK_TRACE_ID, link.trace_id),
-        _bytes_field(_LINK_SPAN_ID, link.span_id),
-        *_attribute_fields(_LINK_ATTRIBUTES, link.attributes),
-    ]
+    parts: list[bytes] = []
+    _add_bytes(parts, _LINK_TRACE_ID, link.trace_id)
+    _add_bytes(parts, _LINK_SPAN_ID, link.span_id)
+    parts += _attribute_fields(_LINK_ATTRIBUTES, link.attributes)
     return _len_field(_SPAN_LINKS, b"".join(parts))
