@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Mapping
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from probe.kernel.contract import DATA_HEADER_SIZE, ffi, flat_struct, lib
 from probe.kernel.events import (
@@ -107,15 +107,17 @@ _ROLES = {member.value: member for member in Role}
 # programs'), and every connection's record carries two addresses and a
 # name: each is converted once. Past this many, the memory starts over.
 MAX_REMEMBERED = 4096
+K = TypeVar("K")
+V = TypeVar("V")
 _addresses: dict[bytes, str] = {}
 _comms: dict[bytes, str] = {}
 
 
-def _remember(remembered: dict[bytes, str], raw: bytes, text: str) -> str:
+def _remember(remembered: dict[K, V], key: K, value: V) -> V:
     if len(remembered) >= MAX_REMEMBERED:
         remembered.clear()
-    remembered[raw] = text
-    return text
+    remembered[key] = value
+    return value
 
 
 def _endpoint(family: int, addr: bytes, port: int) -> Endpoint | None:
@@ -136,17 +138,15 @@ def _endpoint(family: int, addr: bytes, port: int) -> Endpoint | None:
 
 # The keys of the connections whose records were read lately, by generation
 # (the kernel's clock when it first saw the connection): a connection sends
-# many records, and its key is built at the first. A CLOSE takes its own out.
+# many records, and its key is built at the first. A CLOSE takes its own out;
+# past MAX_REMEMBERED, the memory starts over too.
 _keys: dict[int, ConnKey] = {}
 
 
 def _key(pid: int, fd: int, generation: int) -> ConnKey:
     key = _keys.get(generation)
     if key is None or key[0] != pid or key[1] != fd:  # two in one nanosecond: rebuilt
-        key = conn_key(pid, fd, generation)
-        if len(_keys) >= MAX_REMEMBERED:
-            _keys.clear()
-        _keys[generation] = key
+        key = _remember(_keys, generation, conn_key(pid, fd, generation))
     return key
 
 
