@@ -32,6 +32,16 @@
 static long (*read_user)(void *dst, u32 size, const void *unsafe_ptr) =
 	(void *)BPF_FUNC_probe_read_user;
 
+/* What every syscall exit tracepoint hands its program (the format files
+ * under tracefs' events/syscalls/sys_exit_*): one layout for all of them, so
+ * one program can serve the exits of several syscalls. */
+struct syscall_exit_ctx {
+	u64 common; /* common_type, common_flags, common_preempt_count, common_pid */
+	s32 nr;     /* __syscall_nr */
+	s32 _pad;
+	long ret;
+};
+
 /* The user-space ABI's socket addresses and message header, as the syscalls
  * take them. The kernel's own headers for them (<linux/in.h>,
  * <linux/socket.h>) pull in most of its internal headers, for another 0.3 s
@@ -164,7 +174,7 @@ struct syscall_args {
 	s32 fd;
 	u8 syscall; /* enum probe_syscall, or one of the SYSCALL_* below */
 	u8 thread;  /* THREAD_* bits: the thread's state, kept across its syscalls */
-	u8 _pad[2];
+	u16 nr;     /* data syscalls: the syscall's number, matched at its exit */
 };
 /* Bits of syscall_args.thread: what is known of the thread, so that a syscall
  * need not look it up again. The first two are set by the uprobes, so that
@@ -229,17 +239,26 @@ static __always_inline void save_into(struct syscall_args *slot, const struct sy
 	slot->thread = thread;
 }
 
-/* The thread's saved syscall, if it is `syscall`; marks it taken. Every
- * program passes its own syscall as a literal, and the copy carries that
- * literal: the compiler then keeps only the code for that syscall's way of
- * passing its buffer (plain, iovecs, msghdr), in each program. */
+/* The thread's saved syscall, if it is `syscall`; marks it taken. */
 static __always_inline bool take_syscall(u32 tid, u8 syscall, struct syscall_args *call)
 {
 	struct syscall_args *slot = thread_syscall(tid, false);
 	if (!slot || slot->syscall != syscall)
 		return false;
 	*call = *slot;
-	call->syscall = syscall;
+	slot->syscall = SYSCALL_NONE;
+	return true;
+}
+
+/* The thread's saved data syscall (PROBE_SYS_READ to PROBE_SYS_SENDFILE), if
+ * it is the one returning now, number `nr`; marks it taken. */
+static __always_inline bool take_data_syscall(u32 tid, s32 nr, struct syscall_args *call)
+{
+	struct syscall_args *slot = thread_syscall(tid, false);
+	if (!slot || slot->syscall < PROBE_SYS_READ || slot->syscall > PROBE_SYS_SENDFILE ||
+	    slot->nr != nr)
+		return false;
+	*call = *slot;
 	slot->syscall = SYSCALL_NONE;
 	return true;
 }

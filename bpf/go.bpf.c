@@ -249,20 +249,22 @@ int go_tls_handshake_enter(struct pt_regs *ctx)
 	return go_tls_enter(ctx, GO_TLS_HANDSHAKE);
 }
 
-/* The return instructions of those: RAX = bytes moved (Read and Write).
- * The plaintext goes out on the *Conn's socket, as a traced connection. */
-static __always_inline int go_tls_return(struct pt_regs *ctx, u8 op)
+/* The return instructions of Read and Write: RAX = bytes moved. The
+ * plaintext goes out on the *Conn's socket, as a traced connection. One
+ * program for both (see ssl_return() in tls.bpf.c): the goroutine's saved
+ * call says which returned. */
+int go_tls_data_return(struct pt_regs *ctx)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	u32 pid = id >> 32, tid = (u32)id;
 	struct go_key key = go_key_of(pid, ctx->r14);
 	struct go_tls_call *found = go_tls_call.lookup(&key);
-	if (!found || found->op != op)
+	if (!found || found->op == GO_TLS_HANDSHAKE)
 		return 0;
 	struct go_tls_call call = *found;
 	go_tls_call.delete(&key);
 	long ret = (long)ctx->ax;
-	if (op == GO_TLS_HANDSHAKE || ret <= 0)
+	if (ret <= 0)
 		return 0;
 
 	struct go_key conn_key = go_key_of(pid, call.conn);
@@ -271,9 +273,9 @@ static __always_inline int go_tls_return(struct pt_regs *ctx, u8 op)
 		count(PROBE_COUNTER_TLS_NO_SOCKET);
 		return 0;
 	}
-	struct syscall_args args = {
-		.enter_ns = call.enter_ns, .buf = call.buf, .len = call.len, .fd = *fd, .syscall = op};
-	u8 direction = op == GO_TLS_READ ? PROBE_INGRESS : PROBE_EGRESS;
+	struct syscall_args args = {.enter_ns = call.enter_ns, .buf = call.buf, .len = call.len,
+				    .fd = *fd, .syscall = call.op};
+	u8 direction = call.op == GO_TLS_READ ? PROBE_INGRESS : PROBE_EGRESS;
 	struct probe_data_event *event = data_event(pid, tid, &args, ret, direction);
 	if (!event)
 		return 0;
@@ -283,17 +285,14 @@ static __always_inline int go_tls_return(struct pt_regs *ctx, u8 op)
 	return 0;
 }
 
-int go_tls_read_return(struct pt_regs *ctx)
-{
-	return go_tls_return(ctx, GO_TLS_READ);
-}
-
-int go_tls_write_return(struct pt_regs *ctx)
-{
-	return go_tls_return(ctx, GO_TLS_WRITE);
-}
-
+/* The return instructions of handshakeContext: its call ends, unless it ran
+ * inside a Read or Write, whose call it left in place. */
 int go_tls_handshake_return(struct pt_regs *ctx)
 {
-	return go_tls_return(ctx, GO_TLS_HANDSHAKE);
+	u32 pid = bpf_get_current_pid_tgid() >> 32;
+	struct go_key key = go_key_of(pid, ctx->r14);
+	struct go_tls_call *found = go_tls_call.lookup(&key);
+	if (found && found->op == GO_TLS_HANDSHAKE)
+		go_tls_call.delete(&key);
+	return 0;
 }

@@ -49,8 +49,8 @@ static __always_inline struct data_scratch *take_scratch(void)
  * entry says nothing of when its bytes arrived (it may have blocked), so an
  * ingress event is timed by its return alone, and the clock, 30-65 ns a
  * call here, is not read for the reads of every process. */
-static __always_inline int save_data_args(s32 fd, const void *buf, u64 len, u8 syscall,
-					  u8 direction)
+static __always_inline int save_data_args(s32 nr, s32 fd, const void *buf, u64 len,
+					  u8 syscall, u8 direction)
 {
 	struct syscall_args *slot = wanted_thread(bpf_get_current_pid_tgid());
 	if (!slot)
@@ -62,8 +62,16 @@ static __always_inline int save_data_args(s32 fd, const void *buf, u64 len, u8 s
 	args.buf = (u64)buf;
 	args.len = len;
 	args.syscall = syscall;
+	args.nr = nr;
 	save_into(slot, &args);
 	return 0;
+}
+
+static __always_inline u8 direction_of(u8 syscall)
+{
+	bool reads = syscall == PROBE_SYS_READ || syscall == PROBE_SYS_READV ||
+		     syscall == PROBE_SYS_RECVFROM || syscall == PROBE_SYS_RECVMSG;
+	return reads ? PROBE_INGRESS : PROBE_EGRESS;
 }
 
 static __always_inline bool is_vectored(u8 syscall)
@@ -541,12 +549,17 @@ static __always_inline void emit_data(struct probe_data_event *event)
 	*(volatile u64 *)&scratch->busy = 0;
 }
 
-static __always_inline int data_returned(long ret, u8 syscall, u8 direction)
+/* The exit of every data syscall, read to sendfile64: one program, which
+ * probe/kernel/loader.py attaches to each of their exit tracepoints. A copy
+ * per syscall, each compiled for its own way of passing its buffer (plain,
+ * iovecs, msghdr), made LLVM's work at every start nine times as long. */
+int data_syscall_exit(struct syscall_exit_ctx *ctx)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	u32 pid = id >> 32, tid = (u32)id;
+	long ret = ctx->ret;
 	struct syscall_args call;
-	if (!take_syscall(tid, syscall, &call) || ret <= 0)
+	if (!take_data_syscall(tid, ctx->nr, &call) || ret <= 0)
 		return 0;
 
 	resolve_msghdr(&call);
@@ -555,7 +568,7 @@ static __always_inline int data_returned(long ret, u8 syscall, u8 direction)
 		tls->fd = call.fd;
 		mark_tls_connection(pid, call.fd);
 	}
-	struct probe_data_event *event = data_event(pid, tid, &call, ret, direction);
+	struct probe_data_event *event = data_event(pid, tid, &call, ret, direction_of(call.syscall));
 	if (!event)
 		return 0;
 	if (call.thread & THREAD_GO_SYSCALL)
@@ -566,91 +579,55 @@ static __always_inline int data_returned(long ret, u8 syscall, u8 direction)
 
 TRACEPOINT_PROBE(syscalls, sys_enter_read)
 {
-	return save_data_args(args->fd, args->buf, args->count, PROBE_SYS_READ, PROBE_INGRESS);
-}
-
-TRACEPOINT_PROBE(syscalls, sys_exit_read)
-{
-	return data_returned(args->ret, PROBE_SYS_READ, PROBE_INGRESS);
+	return save_data_args(args->__syscall_nr, args->fd, args->buf, args->count, PROBE_SYS_READ,
+			      PROBE_INGRESS);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_write)
 {
-	return save_data_args(args->fd, args->buf, args->count, PROBE_SYS_WRITE, PROBE_EGRESS);
-}
-
-TRACEPOINT_PROBE(syscalls, sys_exit_write)
-{
-	return data_returned(args->ret, PROBE_SYS_WRITE, PROBE_EGRESS);
+	return save_data_args(args->__syscall_nr, args->fd, args->buf, args->count,
+			      PROBE_SYS_WRITE, PROBE_EGRESS);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_readv)
 {
-	return save_data_args(args->fd, args->vec, args->vlen, PROBE_SYS_READV, PROBE_INGRESS);
-}
-
-TRACEPOINT_PROBE(syscalls, sys_exit_readv)
-{
-	return data_returned(args->ret, PROBE_SYS_READV, PROBE_INGRESS);
+	return save_data_args(args->__syscall_nr, args->fd, args->vec, args->vlen, PROBE_SYS_READV,
+			      PROBE_INGRESS);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_writev)
 {
-	return save_data_args(args->fd, args->vec, args->vlen, PROBE_SYS_WRITEV, PROBE_EGRESS);
-}
-
-TRACEPOINT_PROBE(syscalls, sys_exit_writev)
-{
-	return data_returned(args->ret, PROBE_SYS_WRITEV, PROBE_EGRESS);
+	return save_data_args(args->__syscall_nr, args->fd, args->vec, args->vlen,
+			      PROBE_SYS_WRITEV, PROBE_EGRESS);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom)
 {
-	return save_data_args(args->fd, args->ubuf, args->size, PROBE_SYS_RECVFROM, PROBE_INGRESS);
-}
-
-TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom)
-{
-	return data_returned(args->ret, PROBE_SYS_RECVFROM, PROBE_INGRESS);
+	return save_data_args(args->__syscall_nr, args->fd, args->ubuf, args->size,
+			      PROBE_SYS_RECVFROM, PROBE_INGRESS);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_sendto)
 {
-	return save_data_args(args->fd, args->buff, args->len, PROBE_SYS_SENDTO, PROBE_EGRESS);
-}
-
-TRACEPOINT_PROBE(syscalls, sys_exit_sendto)
-{
-	return data_returned(args->ret, PROBE_SYS_SENDTO, PROBE_EGRESS);
+	return save_data_args(args->__syscall_nr, args->fd, args->buff, args->len,
+			      PROBE_SYS_SENDTO, PROBE_EGRESS);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg)
 {
-	return save_data_args(args->fd, args->msg, 0, PROBE_SYS_RECVMSG, PROBE_INGRESS);
-}
-
-TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg)
-{
-	return data_returned(args->ret, PROBE_SYS_RECVMSG, PROBE_INGRESS);
+	return save_data_args(args->__syscall_nr, args->fd, args->msg, 0, PROBE_SYS_RECVMSG,
+			      PROBE_INGRESS);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg)
 {
-	return save_data_args(args->fd, args->msg, 0, PROBE_SYS_SENDMSG, PROBE_EGRESS);
-}
-
-TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg)
-{
-	return data_returned(args->ret, PROBE_SYS_SENDMSG, PROBE_EGRESS);
+	return save_data_args(args->__syscall_nr, args->fd, args->msg, 0, PROBE_SYS_SENDMSG,
+			      PROBE_EGRESS);
 }
 
 /* sendfile moves body bytes the probe never sees: counted, not copied. */
 TRACEPOINT_PROBE(syscalls, sys_enter_sendfile64)
 {
-	return save_data_args(args->out_fd, 0, args->count, PROBE_SYS_SENDFILE, PROBE_EGRESS);
-}
-
-TRACEPOINT_PROBE(syscalls, sys_exit_sendfile64)
-{
-	return data_returned(args->ret, PROBE_SYS_SENDFILE, PROBE_EGRESS);
+	return save_data_args(args->__syscall_nr, args->out_fd, 0, args->count, PROBE_SYS_SENDFILE,
+			      PROBE_EGRESS);
 }

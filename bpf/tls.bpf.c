@@ -100,14 +100,14 @@ static __always_inline long bytes_moved(struct pt_regs *ctx, const struct tls_ca
 }
 
 static __always_inline void send_plaintext(u32 pid, u32 tid, const struct tls_call *call, s32 fd,
-					   long moved, u8 direction)
+					   long moved)
 {
 	struct syscall_args args = {};
 	args.enter_ns = call->enter_ns;
 	args.buf = call->buf;
 	args.fd = fd;
-	/* A literal, as in take_syscall(): the library call's return is this program's. */
-	args.syscall = direction == PROBE_INGRESS ? PROBE_SYS_SSL_READ : PROBE_SYS_SSL_WRITE;
+	args.syscall = call->syscall;
+	u8 direction = call->syscall == PROBE_SYS_SSL_READ ? PROBE_INGRESS : PROBE_EGRESS;
 	/* A connection open before the probe is picked up here if its
 	 * plaintext looks like HTTP (data_event sniffs it). */
 	struct probe_data_event *event = data_event(pid, tid, &args, moved, direction);
@@ -118,7 +118,10 @@ static __always_inline void send_plaintext(u32 pid, u32 tid, const struct tls_ca
 	emit_data(event);
 }
 
-static __always_inline int ssl_return(struct pt_regs *ctx, u8 direction)
+/* The return of SSL_read, SSL_write and their _ex variants; the call's
+ * saved entry says which. One program, not one per direction: each copy of
+ * data_event() is LLVM's work at every start. */
+int ssl_return(struct pt_regs *ctx)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	u32 pid = id >> 32, tid = (u32)id;
@@ -141,7 +144,7 @@ static __always_inline int ssl_return(struct pt_regs *ctx, u8 direction)
 	}
 	long moved = bytes_moved(ctx, &call);
 	if (moved > 0 && fd >= 0)
-		send_plaintext(pid, tid, &call, fd, moved, direction);
+		send_plaintext(pid, tid, &call, fd, moved);
 	else if (moved > 0)
 		count(PROBE_COUNTER_TLS_NO_SOCKET);
 	/* After sending: a connection picked up by its plaintext exists now. */
@@ -162,11 +165,6 @@ int ssl_read_ex_enter(struct pt_regs *ctx)
 	return ssl_enter(ctx, PROBE_SYS_SSL_READ, PT_REGS_PARM4(ctx));
 }
 
-int ssl_read_return(struct pt_regs *ctx)
-{
-	return ssl_return(ctx, PROBE_INGRESS);
-}
-
 /* int SSL_write(SSL *ssl, const void *buf, int num) */
 int ssl_write_enter(struct pt_regs *ctx)
 {
@@ -177,11 +175,6 @@ int ssl_write_enter(struct pt_regs *ctx)
 int ssl_write_ex_enter(struct pt_regs *ctx)
 {
 	return ssl_enter(ctx, PROBE_SYS_SSL_WRITE, PT_REGS_PARM4(ctx));
-}
-
-int ssl_write_return(struct pt_regs *ctx)
-{
-	return ssl_return(ctx, PROBE_EGRESS);
 }
 
 /* A thread that ends inside a TLS call (killed) never returns from it:

@@ -18,23 +18,22 @@ DEBUGFS = Path("/sys/kernel/debug")
 BTF = Path("/sys/kernel/btf/vmlinux")
 
 # Tracepoints the programs in bpf/ attach to.
+# The syscalls that move a connection's bytes: one BPF program serves all
+# their exits (bpf/socket_data.bpf.c, data_syscall_exit).
+DATA_SYSCALLS = (
+    "read",
+    "write",
+    "readv",
+    "writev",
+    "recvfrom",
+    "sendto",
+    "recvmsg",
+    "sendmsg",
+    "sendfile64",
+)
 REQUIRED_TRACEPOINTS = [
     f"syscalls/sys_{edge}_{call}"
-    for call in (
-        "connect",
-        "accept",
-        "accept4",
-        "close",
-        "read",
-        "write",
-        "readv",
-        "writev",
-        "recvfrom",
-        "sendto",
-        "recvmsg",
-        "sendmsg",
-        "sendfile64",
-    )
+    for call in ("connect", "accept", "accept4", "close", *DATA_SYSCALLS)
     for edge in ("enter", "exit")
 ] + ["sock/inet_sock_set_state", "sched/sched_process_exit", "sched/sched_process_exec"]
 

@@ -55,8 +55,8 @@ GROUPS = (
         GoFunction("net/http.(*persistConn).writeLoop", "go_conn_loop_enter"),
     ),
     (
-        GoFunction("crypto/tls.(*Conn).Read", "go_tls_read_enter", "go_tls_read_return"),
-        GoFunction("crypto/tls.(*Conn).Write", "go_tls_write_enter", "go_tls_write_return"),
+        GoFunction("crypto/tls.(*Conn).Read", "go_tls_read_enter", "go_tls_data_return"),
+        GoFunction("crypto/tls.(*Conn).Write", "go_tls_write_enter", "go_tls_data_return"),
         GoFunction(
             "crypto/tls.(*Conn).handshakeContext",
             "go_tls_handshake_enter",

@@ -66,6 +66,7 @@ _RESCAN_AFTER_EXEC_S = 0.1
 # thousands) is handed on in slices, so it is never all in memory as objects.
 MAX_BATCH = 1024
 TASK_STORAGE_FLAG = "-DPROBE_TASK_STORAGE"
+DATA_EXIT = b"data_syscall_exit"  # the program of features.DATA_SYSCALLS' exits
 # Tracepoints and uprobes detached side by side when stopping (see _detach_all).
 _DETACH_THREADS = 32
 
@@ -312,9 +313,14 @@ class EventSource:
 
 
 def _load(bpf_class: Any, cflags: list[str]) -> Any:
-    """bcc's BPF object, compiled and loaded; ProbeError if the kernel refuses."""
+    """bcc's BPF object, compiled, loaded and attached; ProbeError if the
+    kernel refuses. bcc attaches each `TRACEPOINT_PROBE` as it loads them; the
+    one program of every data syscall's exit is attached here."""
     try:
-        return bpf_class(text=program_source().encode(), cflags=cflags)
+        bpf = bpf_class(text=program_source().encode(), cflags=cflags)
+        for call in features.DATA_SYSCALLS:
+            bpf.attach_tracepoint(tp=f"syscalls:sys_exit_{call}".encode(), fn_name=DATA_EXIT)
+        return bpf
     except Exception as error:
         raise features.ProbeError(
             f"The kernel did not accept probe's BPF programs ({error}). The compiler "

@@ -24,10 +24,10 @@ from probe.stats import Stats
 
 # function -> (BPF program at its entry, BPF program at its return)
 PROGRAMS = {
-    "SSL_read": (b"ssl_read_enter", b"ssl_read_return"),
-    "SSL_read_ex": (b"ssl_read_ex_enter", b"ssl_read_return"),
-    "SSL_write": (b"ssl_write_enter", b"ssl_write_return"),
-    "SSL_write_ex": (b"ssl_write_ex_enter", b"ssl_write_return"),
+    "SSL_read": (b"ssl_read_enter", b"ssl_return"),
+    "SSL_read_ex": (b"ssl_read_ex_enter", b"ssl_return"),
+    "SSL_write": (b"ssl_write_enter", b"ssl_return"),
+    "SSL_write_ex": (b"ssl_write_ex_enter", b"ssl_return"),
 }
 _REQUIRED = ("SSL_read", "SSL_write")  # the _ex variants exist from OpenSSL 1.1.1 on
 _LDCONFIG_LIBSSL = re.compile(r"^\s*libssl\.so\S*\s.*=>\s*(\S+)$", re.M)
