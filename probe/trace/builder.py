@@ -85,9 +85,26 @@ class SpanBuilder:
         else:  # the last thing seen of the exchange
             end_ns = max([request.end_ns, *[info.end_ns for info in exchange.informational]])
 
-        shared = _shared_attributes(exchange.connection, kind)
-        attributes = {} if shared is not None else _connection_attributes(exchange.connection, kind)
-        self._add_attributes(attributes, exchange, kind, method)
+        conn = exchange.connection
+        path, query, authority = _split_target(request.target)
+        # What a connection's requests usually repeat: the server they name,
+        # their HTTP version and user agent.
+        repeated = (
+            authority or request.header("host"),
+            request.version,
+            request.header("user-agent"),
+        )
+        template = _template(conn, kind, repeated)
+        if template is None:  # the connection's first span: all its own
+            attributes = _connection_attributes(conn, kind)
+            _add_repeated_attributes(attributes, conn, kind, repeated)
+            shared = None
+        else:
+            attributes = {}
+            if template.repeated is None:
+                _add_repeated_attributes(attributes, conn, kind, repeated)
+            shared = template.attributes
+        self._add_attributes(attributes, exchange, kind, method, path, query, repeated[0])
         span = Span(  # positional where it can: keywords cost on every span
             method if method != OTHER else "HTTP",
             kind,
@@ -116,43 +133,40 @@ class SpanBuilder:
         return span
 
     def _add_attributes(
-        self, attrs: Attributes, exchange: HttpExchange, kind: SpanKind, method: str
+        self,
+        attrs: Attributes,
+        exchange: HttpExchange,
+        kind: SpanKind,
+        method: str,
+        path: str | None,
+        query: str,
+        authority: str | None,
     ) -> None:
-        """This exchange's own attributes, beside its connection's."""
+        """This exchange's own attributes, beside its connection's and those
+        its requests repeat (`_add_repeated_attributes`)."""
         conn, request, response = exchange.connection, exchange.request, exchange.response
         attrs["http.request.method"] = method
         if method == OTHER:
             attrs["http.request.method_original"] = request.method
 
-        path, query, authority = _split_target(request.target)
         if query and self._redact_query:
             query = _redact(query)
         if path is not None:
             attrs["url.path"] = path
         if query:
             attrs["url.query"] = query
-
-        # The server is named as the client asked for it (Host, or the
-        # proxy-style absolute target); the socket's own end fills the gaps.
-        host, port = _split_authority(authority or request.header("host"))
-        if kind is SpanKind.CLIENT:
-            _set_address(attrs, _SERVER, host, port, conn.peer)
+        if kind is SpanKind.CLIENT and path is not None:
+            host, port = _split_authority(authority)
             if not host and conn.peer is not None:
                 host, port = conn.peer.address, conn.peer.port
-            if host and path is not None:
+            if host:
                 scheme = _scheme(conn)
                 attrs["url.full"] = f"{scheme}://{_origin(scheme, host, port)}{path}" + (
                     f"?{query}" if query else ""
                 )
-        elif kind is SpanKind.SERVER:
-            _set_address(attrs, _SERVER, host, port, conn.local)
 
         if response is not None:
             attrs["http.response.status_code"] = response.status_code
-        attrs["network.protocol.version"] = request.version
-        if user_agent := request.header("user-agent"):
-            attrs["user_agent.original"] = user_agent
-
         if request.body_size:
             attrs["http.request.body.size"] = request.body_size
         for name, request_attribute, _ in self._capture_headers:
@@ -171,16 +185,26 @@ class SpanBuilder:
         attrs["thread.id"] = request.tid
 
 
+# (authority, HTTP version, user agent) of a request: its attributes that a
+# connection's requests usually repeat (_add_repeated_attributes).
+_Repeated = tuple[str | None, str, str | None]
+
+
 class _SpanTemplate:
-    """What every span of one connection shares (`Span.shared_attributes`),
-    and what it was made from: a connection's role and TLS are learnt before
-    its first exchange ends, and are checked in case they were not."""
+    """What the spans of one connection share (`Span.shared_attributes`), and
+    what it was made from: a connection's role and TLS are learnt before its
+    first exchange ends, and are checked in case they were not; ``repeated``
+    is the request values its attributes include, None once they were seen
+    to vary on the connection (its attributes are then the connection's alone)."""
 
-    __slots__ = ("role", "tls", "attributes")
+    __slots__ = ("role", "tls", "repeated", "attributes")
 
-    def __init__(self, role: Role, tls: bool, attributes: Attributes) -> None:
+    def __init__(
+        self, role: Role, tls: bool, repeated: _Repeated | None, attributes: Attributes
+    ) -> None:
         self.role = role
         self.tls = tls
+        self.repeated = repeated
         self.attributes = attributes
 
 
@@ -188,20 +212,47 @@ class _SpanTemplate:
 _FIRST_SPAN_BUILT: Final = "first span built"
 
 
-def _shared_attributes(conn: ConnectionInfo, kind: SpanKind) -> Attributes | None:
-    """The attributes the spans of a connection share, one dict from its second
-    span on; None for its first. A connection that carries a single exchange
-    (a new connection per request) would pay for a template it never reuses."""
+def _template(conn: ConnectionInfo, kind: SpanKind, repeated: _Repeated) -> _SpanTemplate | None:
+    """The template of the connection's spans, from its second span on; None
+    for its first. A connection that carries a single exchange (a new
+    connection per request) would pay for a template it never reuses, and
+    one whose requests vary in what they usually repeat, for a template per
+    request: it shares its connection's attributes alone from then on."""
     template = conn.span_template
+    shared: _Repeated | None = repeated
     if isinstance(template, _SpanTemplate):
         if template.role == conn.role and template.tls == conn.tls:
-            return template.attributes
+            if template.repeated is None or template.repeated == repeated:
+                return template
+            shared = None  # they vary: the connection's attributes alone from now on
+        elif template.repeated is None:  # role or TLS learnt late: made again, as it was
+            shared = None
     elif template is None:
         conn.span_template = _FIRST_SPAN_BUILT
         return None
     attributes = _connection_attributes(conn, kind)
-    conn.span_template = _SpanTemplate(conn.role, conn.tls, attributes)
-    return attributes
+    if shared is not None:
+        _add_repeated_attributes(attributes, conn, kind, shared)
+    template = _SpanTemplate(conn.role, conn.tls, shared, attributes)
+    conn.span_template = template
+    return template
+
+
+def _add_repeated_attributes(
+    attrs: Attributes, conn: ConnectionInfo, kind: SpanKind, repeated: _Repeated
+) -> None:
+    """The attributes of a request's `_Repeated` values."""
+    authority, version, user_agent = repeated
+    # The server is named as the client asked for it (Host, or the
+    # proxy-style absolute target); the socket's own end fills the gaps.
+    if kind is not SpanKind.INTERNAL:
+        host, port = _split_authority(authority)
+        _set_address(
+            attrs, _SERVER, host, port, conn.peer if kind is SpanKind.CLIENT else conn.local
+        )
+    attrs["network.protocol.version"] = version
+    if user_agent:
+        attrs["user_agent.original"] = user_agent
 
 
 def _connection_attributes(conn: ConnectionInfo, kind: SpanKind) -> Attributes:

@@ -506,6 +506,70 @@ def test_spans_of_one_connection_share_its_attributes_from_the_second_on(builder
         assert span.all_attributes()["url.path"] == ["/a", "/0", "/1"][n]
 
 
+def on_one_connection(exchanges: list[HttpExchange]) -> list[HttpExchange]:
+    for each in exchanges[1:]:
+        each.connection = exchanges[0].connection
+    return exchanges
+
+
+@pytest.mark.parametrize("role", [Role.SERVER, Role.CLIENT])
+def test_what_a_connections_requests_repeat_is_shared_with_it(builder, role):
+    user_agent = [("host", "shop.example:8443"), ("user-agent", "curl/8.5")]
+    spans = [
+        builder.build(each)
+        for each in on_one_connection([exchange(role, headers=user_agent) for _ in range(3)])
+    ]
+
+    shared = spans[1].shared_attributes
+    assert shared is not None and spans[2].shared_attributes is shared
+    assert shared["server.address"] == "shop.example" and shared["server.port"] == 8443
+    assert shared["network.protocol.version"] == "1.1"
+    assert shared["user_agent.original"] == "curl/8.5"
+    assert spans[1].attributes.keys() == {
+        "http.request.method", "url.path", "http.response.status_code", "thread.id"
+    } | ({"url.full"} if role is Role.CLIENT else set())  # fmt: skip
+    assert spans[1].all_attributes() == spans[0].attributes
+
+
+def test_a_connection_whose_requests_vary_shares_its_own_attributes_alone(builder):
+    hosts = ["a.example", "a.example", "a.example", "b.example", "a.example", "a.example"]
+    exchanges = on_one_connection([exchange(headers=[("host", host)]) for host in hosts])
+    spans = [builder.build(each) for each in exchanges]
+
+    assert [span.all_attributes()["server.address"] for span in spans] == hosts
+    assert "server.address" in spans[2].shared_attributes
+    # From the first change on: one template, the connection's attributes alone.
+    varying = spans[3].shared_attributes
+    assert "server.address" not in varying and "network.peer.port" in varying
+    assert all(span.shared_attributes is varying for span in spans[4:])
+    assert spans[5].attributes["server.address"] == "a.example"
+    # As varying once its TLS is learnt late.
+    exchanges[0].connection.tls = True
+    after = builder.build(exchanges[0]).shared_attributes
+    assert after["url.scheme"] == "https" and "server.address" not in after
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    role=st.sampled_from([Role.SERVER, Role.CLIENT]),
+    requests=st.lists(
+        st.tuples(st.sampled_from(["a.example", "b.example:81", ""]), st.sampled_from(["x", ""])),
+        min_size=1,
+        max_size=8,
+    ),
+)
+def test_a_span_on_a_busy_connection_has_the_attributes_of_one_on_its_own(role, requests):
+    builder = SpanBuilder(ResourceDetector("/nonexistent", hostname="h"), MonotonicClock(0))
+
+    def made(host: str, user_agent: str) -> HttpExchange:
+        return exchange(role, headers=[("host", host), ("user-agent", user_agent)])
+
+    exchanges = on_one_connection([made(*each) for each in requests])
+    for each, (host, user_agent) in zip(exchanges, requests, strict=True):
+        alone = builder.build(made(host, user_agent)).attributes
+        assert builder.build(each).all_attributes() == alone
+
+
 def test_a_connection_found_to_be_tls_gets_a_new_template(builder):
     first = exchange(Role.SERVER)
     builder.build(first)
