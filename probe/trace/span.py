@@ -6,6 +6,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Final
 
 # OpenTelemetry's attribute values: a primitive, or a homogeneous array of one.
 AttributeValue = str | bool | int | float | list[str] | list[bool] | list[int] | list[float]
@@ -49,24 +50,54 @@ class SpanLink:
     attributes: Attributes = field(default_factory=dict)
 
 
-# Ids must be unique, not secret: a PRNG seeded once from the OS costs a
-# fraction of os.urandom, which is a syscall per id (and every syscall of
-# the probe passes through the tracepoints it attaches).
-_ids = random.Random(os.urandom(32))
-
-
-def new_trace_id() -> bytes:
-    return (_ids.getrandbits(128) or 1).to_bytes(16, "big")  # all-zero is invalid
-
-
-def new_span_id() -> bytes:
-    return (_ids.getrandbits(64) or 1).to_bytes(8, "big")
-
-
 # The ids of a span built before it is linked: all zero, which W3C and OTLP
 # hold invalid, so never taken for real ones. The linker gives the real ids.
 UNSET_TRACE_ID = bytes(16)
 UNSET_SPAN_ID = bytes(8)
+
+_POOL_BYTES: Final = 4096
+
+
+class RandomIds:
+    """Random ids, cut from a pool of random bytes drawn 4 KiB at a time: a
+    slice of the pool costs about half a draw of its own.
+
+    Ids must be unique, not secret: a PRNG seeded once from the OS costs a
+    fraction of os.urandom, which is a syscall per draw (and every syscall
+    of the probe passes through the tracepoints it attaches). Not for
+    threads to share: the linker draws every id, on the pipeline's thread."""
+
+    __slots__ = ("random", "_pool", "_at")
+
+    def __init__(self) -> None:
+        self.random = random.Random(os.urandom(32))
+        self._pool = b""
+        self._at = 0
+
+    def take(self, unset: bytes) -> bytes:
+        """An id of the size of ``unset``, the all-zero id (UNSET_TRACE_ID or
+        UNSET_SPAN_ID), which W3C and OTLP hold invalid: never that one."""
+        size = len(unset)
+        while True:
+            at = self._at
+            if at + size > len(self._pool):
+                self._pool = self.random.getrandbits(_POOL_BYTES * 8).to_bytes(_POOL_BYTES, "big")
+                at = 0
+            self._at = at + size
+            taken = self._pool[at : at + size]
+            if taken != unset:
+                return taken
+
+
+_ids: Final = RandomIds()
+
+
+def new_trace_id() -> bytes:
+    return _ids.take(UNSET_TRACE_ID)
+
+
+def new_span_id() -> bytes:
+    return _ids.take(UNSET_SPAN_ID)
 
 
 @dataclass(slots=True, init=False)
