@@ -44,19 +44,25 @@ static __always_inline struct data_scratch *take_scratch(void)
 	return 0;
 }
 
+static __always_inline u8 direction_of(u8 syscall)
+{
+	bool reads = syscall == PROBE_SYS_READ || syscall == PROBE_SYS_READV ||
+		     syscall == PROBE_SYS_RECVFROM || syscall == PROBE_SYS_RECVMSG;
+	return reads ? PROBE_INGRESS : PROBE_EGRESS;
+}
+
 /* Saves a data syscall's arguments at its entry, unless its thread's name is
  * excluded (thread_excluded). Only a write's entry time is taken: a read's
  * entry says nothing of when its bytes arrived (it may have blocked), so an
  * ingress event is timed by its return alone, and the clock, 30-65 ns a
  * call here, is not read for the reads of every process. */
-static __always_inline int save_data_args(s32 nr, s32 fd, const void *buf, u64 len,
-					  u8 syscall, u8 direction)
+static __always_inline int save_data_args(s32 nr, s32 fd, const void *buf, u64 len, u8 syscall)
 {
 	struct syscall_args *slot = wanted_thread(bpf_get_current_pid_tgid());
 	if (!slot)
 		return 0;
 	struct syscall_args args = {};
-	if (direction == PROBE_EGRESS)
+	if (direction_of(syscall) == PROBE_EGRESS)
 		args.enter_ns = bpf_ktime_get_ns();
 	args.fd = fd;
 	args.buf = (u64)buf;
@@ -65,13 +71,6 @@ static __always_inline int save_data_args(s32 nr, s32 fd, const void *buf, u64 l
 	args.nr = nr;
 	save_into(slot, &args);
 	return 0;
-}
-
-static __always_inline u8 direction_of(u8 syscall)
-{
-	bool reads = syscall == PROBE_SYS_READ || syscall == PROBE_SYS_READV ||
-		     syscall == PROBE_SYS_RECVFROM || syscall == PROBE_SYS_RECVMSG;
-	return reads ? PROBE_INGRESS : PROBE_EGRESS;
 }
 
 static __always_inline bool is_vectored(u8 syscall)
@@ -568,7 +567,8 @@ int data_syscall_exit(struct syscall_exit_ctx *ctx)
 		tls->fd = call.fd;
 		mark_tls_connection(pid, call.fd);
 	}
-	struct probe_data_event *event = data_event(pid, tid, &call, ret, direction_of(call.syscall));
+	u8 direction = direction_of(call.syscall);
+	struct probe_data_event *event = data_event(pid, tid, &call, ret, direction);
 	if (!event)
 		return 0;
 	if (call.thread & THREAD_GO_SYSCALL)
@@ -579,55 +579,50 @@ int data_syscall_exit(struct syscall_exit_ctx *ctx)
 
 TRACEPOINT_PROBE(syscalls, sys_enter_read)
 {
-	return save_data_args(args->__syscall_nr, args->fd, args->buf, args->count, PROBE_SYS_READ,
-			      PROBE_INGRESS);
+	return save_data_args(args->__syscall_nr, args->fd, args->buf, args->count, PROBE_SYS_READ);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_write)
 {
 	return save_data_args(args->__syscall_nr, args->fd, args->buf, args->count,
-			      PROBE_SYS_WRITE, PROBE_EGRESS);
+			      PROBE_SYS_WRITE);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_readv)
 {
-	return save_data_args(args->__syscall_nr, args->fd, args->vec, args->vlen, PROBE_SYS_READV,
-			      PROBE_INGRESS);
+	return save_data_args(args->__syscall_nr, args->fd, args->vec, args->vlen, PROBE_SYS_READV);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_writev)
 {
 	return save_data_args(args->__syscall_nr, args->fd, args->vec, args->vlen,
-			      PROBE_SYS_WRITEV, PROBE_EGRESS);
+			      PROBE_SYS_WRITEV);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom)
 {
 	return save_data_args(args->__syscall_nr, args->fd, args->ubuf, args->size,
-			      PROBE_SYS_RECVFROM, PROBE_INGRESS);
+			      PROBE_SYS_RECVFROM);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_sendto)
 {
 	return save_data_args(args->__syscall_nr, args->fd, args->buff, args->len,
-			      PROBE_SYS_SENDTO, PROBE_EGRESS);
+			      PROBE_SYS_SENDTO);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg)
 {
-	return save_data_args(args->__syscall_nr, args->fd, args->msg, 0, PROBE_SYS_RECVMSG,
-			      PROBE_INGRESS);
+	return save_data_args(args->__syscall_nr, args->fd, args->msg, 0, PROBE_SYS_RECVMSG);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg)
 {
-	return save_data_args(args->__syscall_nr, args->fd, args->msg, 0, PROBE_SYS_SENDMSG,
-			      PROBE_EGRESS);
+	return save_data_args(args->__syscall_nr, args->fd, args->msg, 0, PROBE_SYS_SENDMSG);
 }
 
 /* sendfile moves body bytes the probe never sees: counted, not copied. */
 TRACEPOINT_PROBE(syscalls, sys_enter_sendfile64)
 {
-	return save_data_args(args->__syscall_nr, args->out_fd, 0, args->count, PROBE_SYS_SENDFILE,
-			      PROBE_EGRESS);
+	return save_data_args(args->__syscall_nr, args->out_fd, 0, args->count, PROBE_SYS_SENDFILE);
 }
