@@ -17,7 +17,6 @@ TRACEFS = Path("/sys/kernel/tracing")
 DEBUGFS = Path("/sys/kernel/debug")
 BTF = Path("/sys/kernel/btf/vmlinux")
 
-# Tracepoints the programs in bpf/ attach to.
 # The syscalls that move a connection's bytes: one BPF program serves all
 # their exits (bpf/socket_data.bpf.c, data_syscall_exit).
 DATA_SYSCALLS = (
@@ -31,6 +30,7 @@ DATA_SYSCALLS = (
     "sendmsg",
     "sendfile64",
 )
+# Tracepoints the programs in bpf/ attach to.
 REQUIRED_TRACEPOINTS = [
     f"syscalls/sys_{edge}_{call}"
     for call in ("connect", "accept", "accept4", "close", *DATA_SYSCALLS)

@@ -96,14 +96,11 @@ class SpanBuilder:
         )
         template = _template(conn, kind, repeated)
         if template is None:  # the connection's first span: all its own
-            attributes = _connection_attributes(conn, kind)
-            _add_repeated_attributes(attributes, conn, kind, repeated)
-            shared = None
+            attributes, shared = _connection_attributes(conn, kind), None
         else:
-            attributes = {}
-            if template.repeated is None:
-                _add_repeated_attributes(attributes, conn, kind, repeated)
-            shared = template.attributes
+            attributes, shared = {}, template.attributes
+        if template is None or template.repeated is None:
+            _add_repeated_attributes(attributes, conn, kind, repeated)
         self._add_attributes(attributes, exchange, kind, method, path, query, repeated[0])
         span = Span(  # positional where it can: keywords cost on every span
             method if method != OTHER else "HTTP",
@@ -143,7 +140,8 @@ class SpanBuilder:
         authority: str | None,
     ) -> None:
         """This exchange's own attributes, beside its connection's and those
-        its requests repeat (`_add_repeated_attributes`)."""
+        its requests repeat (`_add_repeated_attributes`). ``authority`` is the
+        server the request names: its target's authority, else its Host."""
         conn, request, response = exchange.connection, exchange.request, exchange.response
         attrs["http.request.method"] = method
         if method == OTHER:
