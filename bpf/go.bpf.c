@@ -275,8 +275,8 @@ int go_tls_data_return(struct pt_regs *ctx)
 	}
 	struct syscall_args args = {.enter_ns = call.enter_ns, .buf = call.buf, .len = call.len,
 				    .fd = *fd, .syscall = call.op};
-	u8 direction = call.op == GO_TLS_READ ? PROBE_INGRESS : PROBE_EGRESS;
-	struct probe_data_event *event = data_event(pid, tid, &args, ret, direction);
+	struct probe_data_event *event =
+		data_event(pid, tid, &args, ret, direction_of(args.syscall));
 	if (!event)
 		return 0;
 	event->goroutine = go_works_for(pid, ctx->r14);

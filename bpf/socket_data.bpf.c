@@ -44,10 +44,12 @@ static __always_inline struct data_scratch *take_scratch(void)
 	return 0;
 }
 
+/* Which way a call of this kind (enum probe_syscall) moves bytes. */
 static __always_inline u8 direction_of(u8 syscall)
 {
 	bool reads = syscall == PROBE_SYS_READ || syscall == PROBE_SYS_READV ||
-		     syscall == PROBE_SYS_RECVFROM || syscall == PROBE_SYS_RECVMSG;
+		     syscall == PROBE_SYS_RECVFROM || syscall == PROBE_SYS_RECVMSG ||
+		     syscall == PROBE_SYS_SSL_READ || syscall == PROBE_SYS_GO_TLS_READ;
 	return reads ? PROBE_INGRESS : PROBE_EGRESS;
 }
 

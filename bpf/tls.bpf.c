@@ -107,10 +107,10 @@ static __always_inline void send_plaintext(u32 pid, u32 tid, const struct tls_ca
 	args.buf = call->buf;
 	args.fd = fd;
 	args.syscall = call->syscall;
-	u8 direction = call->syscall == PROBE_SYS_SSL_READ ? PROBE_INGRESS : PROBE_EGRESS;
 	/* A connection open before the probe is picked up here if its
 	 * plaintext looks like HTTP (data_event sniffs it). */
-	struct probe_data_event *event = data_event(pid, tid, &args, moved, direction);
+	struct probe_data_event *event =
+		data_event(pid, tid, &args, moved, direction_of(args.syscall));
 	if (!event)
 		return;
 	event->flags |= PROBE_DATA_TLS;
