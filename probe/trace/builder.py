@@ -44,16 +44,20 @@ _SERVER = ("server.address", "server.port")
 _CLIENT = ("client.address", "client.port")
 _NETWORK_PEER = ("network.peer.address", "network.peer.port")
 _NETWORK_LOCAL = ("network.local.address", "network.local.port")
+# Shared attributes of connections' first spans, by what they are made from
+# (SpanBuilder._first_span_attributes); started over when full.
+MAX_FIRST_SPAN_TEMPLATES = 4096
 
 
 class SpanBuilder:
-    """Builds spans for exchanges; holds only configuration, so one serves all connections."""
+    """Builds spans for exchanges; one serves all connections."""
 
     __slots__ = (
         "_resources",
         "_clock",
         "_redact_query",
         "_capture_headers",
+        "_first_spans",
     )
 
     def __init__(
@@ -74,6 +78,7 @@ class SpanBuilder:
             for name in dict.fromkeys(h.lower() for h in capture_headers)
             if capture_credentials or name not in CREDENTIAL_HEADERS
         )
+        self._first_spans: dict[tuple[object, ...], Attributes] = {}
 
     def build(self, exchange: HttpExchange) -> Span:
         """The exchange's span, without its ids: SpanLinker gives them."""
@@ -95,12 +100,12 @@ class SpanBuilder:
             request.header("user-agent"),
         )
         template = _template(conn, kind, repeated)
-        if template is None:  # the connection's first span: all its own
-            attributes, shared = _connection_attributes(conn, kind), None
+        if template is None:  # the connection's first span
+            attributes, shared = self._first_span_attributes(conn, kind, repeated)
         else:
             attributes, shared = {}, template.attributes
-        if template is None or template.repeated is None:
-            _add_repeated_attributes(attributes, conn, kind, repeated)
+            if template.repeated is None:
+                _add_repeated_attributes(attributes, conn, kind, repeated)
         self._add_attributes(attributes, exchange, kind, method, path, query, repeated[0])
         span = Span(  # positional where it can: keywords cost on every span
             method if method != OTHER else "HTTP",
@@ -128,6 +133,41 @@ class SpanBuilder:
             span.status_message = exchange.error or ""
             span.attributes["error.type"] = error_type
         return span
+
+    def _first_span_attributes(
+        self, conn: ConnectionInfo, kind: SpanKind, repeated: _Repeated
+    ) -> tuple[Attributes, Attributes | None]:
+        """A connection's first span's (own, shared) attributes of its connection
+        and `_Repeated` values. Its own are its client's end (a server's peer, a
+        client's ephemeral port); the rest it shares with the first spans of the
+        other connections to its server end, which a new connection per request
+        makes by the thousand: built and encoded once, not per span."""
+        peer, local = conn.peer, conn.local
+        key: tuple[object, ...]
+        if kind is SpanKind.SERVER:
+            key = (kind, conn.tls, local, repeated)
+        elif kind is SpanKind.CLIENT:
+            key = (kind, conn.tls, local.address if local is not None else None, peer, repeated)
+        else:  # a connection whose role is not known: rare, all its own
+            attributes = _connection_attributes(conn, kind)
+            _add_repeated_attributes(attributes, conn, kind, repeated)
+            return attributes, None
+        own: Attributes = {}
+        if kind is SpanKind.SERVER:
+            _set_address(own, _CLIENT, None, None, peer)
+            _set_address(own, _NETWORK_PEER, None, None, peer)
+        elif local is not None and local.port:
+            own[_NETWORK_LOCAL[1]] = local.port
+        shared = self._first_spans.get(key)
+        if shared is None:
+            shared = _connection_attributes(conn, kind)
+            _add_repeated_attributes(shared, conn, kind, repeated)
+            for name in own:
+                del shared[name]
+            if len(self._first_spans) >= MAX_FIRST_SPAN_TEMPLATES:
+                self._first_spans.clear()
+            self._first_spans[key] = shared
+        return own, shared
 
     def _add_attributes(
         self,
@@ -212,8 +252,9 @@ _FIRST_SPAN_BUILT: Final = "first span built"
 
 def _template(conn: ConnectionInfo, kind: SpanKind, repeated: _Repeated) -> _SpanTemplate | None:
     """The template of the connection's spans, from its second span on; None
-    for its first. A connection that carries a single exchange (a new
-    connection per request) would pay for a template it never reuses, and
+    for its first (which shares with the first spans of like connections:
+    `SpanBuilder._first_span_attributes`). A connection that carries a single
+    exchange (a new connection per request) would pay for a template it never reuses, and
     one whose requests vary in what they usually repeat, for a template per
     request: it shares its connection's attributes alone from then on."""
     template = conn.span_template

@@ -11,11 +11,18 @@ from hypothesis import strategies as st
 from probe.export.jsonl import span_to_dict
 from probe.kernel.events import ConnKey, Endpoint, Role
 from probe.protocol.model import ConnectionInfo, HttpExchange, HttpRequest, HttpResponse
+from probe.trace import builder as builder_module
 from probe.trace import clock
 from probe.trace.builder import SpanBuilder
 from probe.trace.clock import MonotonicClock
 from probe.trace.resource import ResourceDetector
-from probe.trace.span import UNSET_SPAN_ID, UNSET_TRACE_ID, SpanEvent, SpanKind, StatusCode
+from probe.trace.span import (
+    UNSET_SPAN_ID,
+    UNSET_TRACE_ID,
+    SpanEvent,
+    SpanKind,
+    StatusCode,
+)
 
 OFFSET = 1_700_000_000_000_000_000
 PID, TID = 4242, 4243
@@ -495,15 +502,67 @@ def test_spans_of_one_connection_share_its_attributes_from_the_second_on(builder
         each.connection = connection
     spans = [builder.build(each) for each in (first, *later)]
 
-    # A connection that carries one exchange makes no template: all its own.
-    assert spans[0].shared_attributes is None
+    # The first span shares with like connections' first spans (below), not
+    # with its own connection: one that carries one exchange makes no template.
     shared = spans[1].shared_attributes
     assert shared and spans[2].shared_attributes is shared  # one dict, for exporters to reuse
+    assert spans[0].shared_attributes is not shared
     assert "url.scheme" in shared and "network.peer.port" in shared
     assert not shared.keys() & spans[1].attributes.keys()  # disjoint, as Span says
     for n, span in enumerate(spans):
-        assert span.all_attributes().keys() == spans[0].attributes.keys()
+        assert span.all_attributes().keys() == spans[0].all_attributes().keys()
         assert span.all_attributes()["url.path"] == ["/a", "/0", "/1"][n]
+
+
+# Each role's client end, and the attributes of it that a span keeps its own.
+SERVER_OWN = {"client.address", "client.port", "network.peer.address", "network.peer.port"}
+CLIENT_ENDS = {Role.SERVER: ("peer", SERVER_OWN), Role.CLIENT: ("local", {"network.local.port"})}
+
+
+@pytest.mark.parametrize("role", [Role.SERVER, Role.CLIENT])
+def test_first_spans_to_one_server_share_all_but_their_client_end(builder, role):
+    client_end, own = CLIENT_ENDS[role]
+    here = (SERVER_PEER if role is Role.SERVER else CLIENT_LOCAL).address
+    # A server's clients come from any host; a client's connections from its own.
+    ends = [(here, 40001), (here, 40002), ("10.0.0.3" if role is Role.SERVER else here, 40003)]
+
+    def from_end(address: str, port: int, **changes: object) -> HttpExchange:
+        return exchange(role, **{client_end: Endpoint(address, port)}, **changes)  # type: ignore[arg-type]
+
+    exchanges = [from_end(*end) for end in ends]
+    spans = [builder.build(each) for each in exchanges]
+
+    shared = spans[0].shared_attributes
+    assert shared is not None and all(span.shared_attributes is shared for span in spans)
+    for span, (address, port) in zip(spans, ends, strict=True):
+        expected = {name: port if name.endswith(".port") else address for name in own}
+        assert {name: span.attributes[name] for name in own} == expected
+        assert not shared.keys() & span.attributes.keys()
+    # The same attributes as the connection's own template gives its second span.
+    second = builder.build(exchanges[0])
+    assert second.shared_attributes is not shared
+    assert second.all_attributes() == spans[0].all_attributes()
+    # Another server end, Host or TLS: another dict.
+    server_end = "local" if role is Role.SERVER else "peer"
+    others = [
+        builder.build(from_end(here, 40004, headers=[("host", "other.example")])),
+        builder.build(from_end(here, 40005, **{server_end: Endpoint("10.9.9.9", 9999)})),
+    ]
+    over_tls = from_end(here, 40006)
+    over_tls.connection.tls = True
+    others.append(builder.build(over_tls))
+    assert all(span.shared_attributes is not shared for span in others)
+    assert others[0].all_attributes()["server.address"] == "other.example"
+    assert others[1].all_attributes()[f"network.{server_end}.port"] == 9999
+    assert others[2].all_attributes()["url.scheme"] == "https"
+
+
+def test_first_span_templates_are_bounded(builder, monkeypatch):
+    monkeypatch.setattr(builder_module, "MAX_FIRST_SPAN_TEMPLATES", 4)
+    for n in range(10):
+        span = builder.build(exchange(headers=[("host", f"h{n}.example")]))
+        assert span.all_attributes()["server.address"] == f"h{n}.example"
+    assert 0 < len(builder._first_spans) <= 4
 
 
 def on_one_connection(exchanges: list[HttpExchange]) -> list[HttpExchange]:
@@ -528,7 +587,7 @@ def test_what_a_connections_requests_repeat_is_shared_with_it(builder, role):
     assert spans[1].attributes.keys() == {
         "http.request.method", "url.path", "http.response.status_code", "thread.id"
     } | ({"url.full"} if role is Role.CLIENT else set())  # fmt: skip
-    assert spans[1].all_attributes() == spans[0].attributes
+    assert spans[1].all_attributes() == spans[0].all_attributes()
 
 
 def test_a_connection_whose_requests_vary_shares_its_own_attributes_alone(builder):
@@ -566,7 +625,7 @@ def test_a_span_on_a_busy_connection_has_the_attributes_of_one_on_its_own(role, 
 
     exchanges = on_one_connection([made(*each) for each in requests])
     for each, (host, user_agent) in zip(exchanges, requests, strict=True):
-        alone = builder.build(made(host, user_agent)).attributes
+        alone = builder.build(made(host, user_agent)).all_attributes()
         assert builder.build(each).all_attributes() == alone
 
 
