@@ -80,6 +80,9 @@ _CONN, _ = flat_struct(
         "comm",
     ),
 )
+# A CLOSE's and an EXIT's header alone: their addresses and name are not
+# read, and unpacking them would make three bytes objects a record.
+_CONN_HEADER, _ = flat_struct("struct probe_conn_event", only=_HEADER_NAMES)
 # Their sizes and bound unpack methods, read once: compiled, a Final is a
 # constant of the C code, where a Struct's method is looked up at every call.
 _TYPE_SIZE: Final = _TYPE.size
@@ -87,6 +90,7 @@ _CONN_SIZE: Final = _CONN.size
 _unpack_type: Final = _TYPE.unpack_from
 _unpack_data: Final = _DATA.unpack_from
 _unpack_conn: Final = _CONN.unpack_from
+_unpack_conn_header: Final = _CONN_HEADER.unpack_from
 # Constants and enum members by value, read once: not a cffi attribute
 # lookup or an enum call per record.
 _EVENT_DATA: Final = lib.PROBE_EVENT_DATA
@@ -109,7 +113,8 @@ _ROLES = {member.value: member for member in Role}
 MAX_REMEMBERED = 4096
 K = TypeVar("K")
 V = TypeVar("V")
-_addresses: dict[bytes, str] = {}
+_ipv4_addresses: dict[bytes, str] = {}  # by the whole field: no slice made to look one up
+_ipv6_addresses: dict[bytes, str] = {}
 _comms: dict[bytes, str] = {}
 
 
@@ -122,15 +127,15 @@ def _remember(remembered: dict[K, V], key: K, value: V) -> V:
 
 def _endpoint(family: int, addr: bytes, port: int) -> Endpoint | None:
     if family == _AF_INET:
-        raw = addr[:4]  # 4 bytes: an IPv6 address, 16, never meets it
-        address = _addresses.get(raw)
+        address = _ipv4_addresses.get(addr)
         if address is None:
-            address = _remember(_addresses, raw, socket.inet_ntop(socket.AF_INET, raw))
+            text = socket.inet_ntop(socket.AF_INET, addr[:4])
+            address = _remember(_ipv4_addresses, addr, text)
     elif family == _AF_INET6:
-        address = _addresses.get(addr)
+        address = _ipv6_addresses.get(addr)
         if address is None:
             text = unmap_ipv4(socket.inet_ntop(socket.AF_INET6, addr))
-            address = _remember(_addresses, addr, text)
+            address = _remember(_ipv6_addresses, addr, text)
     else:
         return None
     return endpoint(address, port)
@@ -186,6 +191,13 @@ def decode(raw: bytes) -> KernelEvent | None:
         )
     if len(raw) < _CONN_SIZE:
         return None
+    if kind in (_EVENT_CLOSE, _EVENT_EXIT):
+        tid, pid, fd, generation, timestamp_ns = _unpack_conn_header(raw)
+        if kind == _EVENT_EXIT:
+            return ProcessExit(pid=pid, timestamp_ns=timestamp_ns)
+        key = _key(pid, fd, generation)
+        del _keys[generation]
+        return ConnClose(key=key, tid=tid, timestamp_ns=timestamp_ns)
     (
         tid, pid, fd, generation, timestamp_ns,
         local_addr, local_port, local_family, peer_addr, peer_port, peer_family, role, comm,
@@ -200,12 +212,6 @@ def decode(raw: bytes) -> KernelEvent | None:
         if kind == _EVENT_OPEN:
             return ConnOpen(key, tid, timestamp_ns, known_role, local, peer, _comm(comm))
         return AddressUpdate(key, tid, timestamp_ns, known_role, local, peer, _comm(comm))
-    if kind == _EVENT_CLOSE:
-        key = _key(pid, fd, generation)
-        del _keys[generation]
-        return ConnClose(key=key, tid=tid, timestamp_ns=timestamp_ns)
-    if kind == _EVENT_EXIT:
-        return ProcessExit(pid=pid, timestamp_ns=timestamp_ns)
     if kind == _EVENT_EXEC:
         return ProcessExec(pid=pid, timestamp_ns=timestamp_ns, comm=_comm(comm))
     return None

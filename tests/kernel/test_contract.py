@@ -218,7 +218,8 @@ def test_decode_converts_each_address_and_name_apart(monkeypatch) -> None:
             assert event.local == Endpoint(local, 80)
             assert event.peer == Endpoint(peer.removeprefix("::ffff:"), 5000)
             assert event.comm == comm
-        assert len(decode_module._addresses) <= 4
+        assert len(decode_module._ipv4_addresses) <= 4
+        assert len(decode_module._ipv6_addresses) <= 4
         assert len(decode_module._comms) <= 4
 
 
