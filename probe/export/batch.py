@@ -101,7 +101,7 @@ _SHARED_ATTRIBUTE_SIZE = 48
 def estimate_size(span: Span) -> int:
     """Roughly the bytes a span holds, without walking it deeply: cheap for the hot thread."""
     size = 160 + len(span.name) + len(span.status_message) + _attributes_size(span.attributes)
-    if span.shared_attributes:  # a connection's, shared with its other spans: not walked
+    if span.shared_attributes:  # shared with other spans (a connection's): not walked
         size += _SHARED_ATTRIBUTE_SIZE * len(span.shared_attributes)
     for event in span.events:
         size += 48 + len(event.name) + _attributes_size(event.attributes)

@@ -3,7 +3,7 @@
 Filling the official protobuf messages field by field was the export thread's
 largest cost (issue 6). The request is simple enough to write by hand, and most
 of it repeats from span to span: a process's resource, the scope, the attributes
-a connection's spans share (`Span.shared_attributes`), and most other attribute
+spans share (`Span.shared_attributes`: a connection's), and most other attribute
 pairs (method, server address, port, user agent...). Those are encoded once and
 their bytes reused.
 

@@ -252,11 +252,12 @@ _FIRST_SPAN_BUILT: Final = "first span built"
 
 def _template(conn: ConnectionInfo, kind: SpanKind, repeated: _Repeated) -> _SpanTemplate | None:
     """The template of the connection's spans, from its second span on; None
-    for its first (which shares with the first spans of like connections:
-    `SpanBuilder._first_span_attributes`). A connection that carries a single
-    exchange (a new connection per request) would pay for a template it never reuses, and
-    one whose requests vary in what they usually repeat, for a template per
-    request: it shares its connection's attributes alone from then on."""
+    for its first, which shares with the first spans of like connections
+    instead (`SpanBuilder._first_span_attributes`). A connection that carries
+    a single exchange (a new connection per request) would pay for a template
+    it never reuses, and one whose requests vary in what they usually repeat,
+    for a template per request: it shares its connection's attributes alone
+    from then on."""
     template = conn.span_template
     shared: _Repeated | None = repeated
     if isinstance(template, _SpanTemplate):

@@ -111,10 +111,11 @@ def new_span_id() -> bytes:
 class Span:
     """One operation. Its attributes are ``attributes``, its own, together with
     ``shared_attributes``: those it has in common with other spans (of its
-    connection), one dict for all of them. The two never name the same key, and
-    a shared dict does not change once a span holds it, so that exporters may
-    encode it once, by identity (as they do resources). `all_attributes` merges
-    them."""
+    connection; a connection's first span, with the first spans of other
+    connections to the same server end), one dict for all of them. The two
+    never name the same key, and a shared dict does not change once a span
+    holds it, so that exporters may encode it once, by identity (as they do
+    resources). `all_attributes` merges them."""
 
     name: str
     kind: SpanKind
