@@ -16,13 +16,7 @@ from probe.trace import clock
 from probe.trace.builder import SpanBuilder
 from probe.trace.clock import MonotonicClock
 from probe.trace.resource import ResourceDetector
-from probe.trace.span import (
-    UNSET_SPAN_ID,
-    UNSET_TRACE_ID,
-    SpanEvent,
-    SpanKind,
-    StatusCode,
-)
+from probe.trace.span import UNSET_SPAN_ID, UNSET_TRACE_ID, SpanEvent, SpanKind, StatusCode
 
 OFFSET = 1_700_000_000_000_000_000
 PID, TID = 4242, 4243
