@@ -275,8 +275,7 @@ int go_tls_data_return(struct pt_regs *ctx)
 	}
 	struct syscall_args args = {.enter_ns = call.enter_ns, .buf = call.buf, .len = call.len,
 				    .fd = *fd, .syscall = call.op};
-	struct probe_data_event *event =
-		data_event(pid, tid, &args, ret, direction_of(args.syscall));
+	struct probe_data_event *event = data_event(pid, tid, &args, ret);
 	if (!event)
 		return 0;
 	event->goroutine = go_works_for(pid, ctx->r14);

@@ -492,12 +492,14 @@ static __always_inline u64 go_socket_goroutine(u32 pid, u32 tid, s32 fd);
 /* The data event of a call that moved ret > 0 bytes on a traced connection,
  * built in a scratch slot with no goroutine and no flags, numbered with its
  * exchange; 0 when the fd is not traced. Also used for plaintext at TLS
- * libraries, where `call` describes the library call. Always send it with
- * emit_data(), which gives the slot back. */
+ * libraries, where `call` describes the library call; its kind says which
+ * way the bytes went. Always send it with emit_data(), which gives the slot
+ * back. */
 static __always_inline struct probe_data_event *data_event(u32 pid, u32 tid,
 							   const struct syscall_args *call,
-							   long ret, u8 direction)
+							   long ret)
 {
+	u8 direction = direction_of(call->syscall);
 	struct probe_conn_key key = {.pid = pid, .fd = call->fd};
 	struct probe_conn_state *state = conns.lookup(&key);
 	if (!state && call->syscall != PROBE_SYS_SENDFILE)
@@ -569,8 +571,7 @@ int data_syscall_exit(struct syscall_exit_ctx *ctx)
 		tls->fd = call.fd;
 		mark_tls_connection(pid, call.fd);
 	}
-	u8 direction = direction_of(call.syscall);
-	struct probe_data_event *event = data_event(pid, tid, &call, ret, direction);
+	struct probe_data_event *event = data_event(pid, tid, &call, ret);
 	if (!event)
 		return 0;
 	if (call.thread & THREAD_GO_SYSCALL)

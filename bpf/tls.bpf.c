@@ -109,8 +109,7 @@ static __always_inline void send_plaintext(u32 pid, u32 tid, const struct tls_ca
 	args.syscall = call->syscall;
 	/* A connection open before the probe is picked up here if its
 	 * plaintext looks like HTTP (data_event sniffs it). */
-	struct probe_data_event *event =
-		data_event(pid, tid, &args, moved, direction_of(args.syscall));
+	struct probe_data_event *event = data_event(pid, tid, &args, moved);
 	if (!event)
 		return;
 	event->flags |= PROBE_DATA_TLS;
