@@ -248,6 +248,9 @@ class Bench:
         if config == PROBE:
             with probe(self.sink, self.settings) as traced:
                 self.probe_figures["ready_s"][repeat] = traced.ready_s
+                self.probe_figures["verified_instructions"][repeat] = (
+                    observe.bpf_verified_instructions(traced.child.pid)
+                )
                 for workload in workloads:
                     self.measure(workload, config, repeat, traced)
                 memory = observe.memory(traced.child.pid)

@@ -267,7 +267,8 @@ def summary(report: Mapping, targets: Iterable[Mapping]) -> str:
                     )
     probe = report["probe"]
     lines.append(
-        f"probe process: ready {_fmt_summary(probe.get('ready_s'))} s, RSS steady "
+        f"probe process: ready {_fmt_summary(probe.get('ready_s'))} s (the verifier "
+        f"walked {_fmt_summary(probe.get('verified_instructions'), 0)} instructions), RSS steady "
         f"{_fmt_summary(probe.get('rss_steady_mb'), 1)} MB, peak "
         f"{_fmt_summary(probe.get('rss_peak_mb'), 1)} MB"
     )
