@@ -314,13 +314,24 @@ static __always_inline bool withheld(struct probe_conn_state *state, u32 tid,
  * adds credit, an exchange costs a second's share of the rate, and a second's
  * worth may gather, so a burst after a quiet spell is traced whole and a
  * sustained excess is shed evenly. */
-#define EXCHANGE_COST_NS (1000000000LL / PROBE_EXCHANGE_RATE)
 #define EXCHANGE_BURST_NS 1000000000LL
 struct exchange_budget {
 	s64 refilled_ns; /* when credit was last added */
 	s64 credit_ns;
 };
 BPF_ARRAY(exchange_budget, struct exchange_budget, 1);
+
+/* What an exchange costs now, in ns of credit: user space lowers the rate
+ * while the CPU is short and raises it back to PROBE_EXCHANGE_RATE after
+ * (probe/kernel/governor.py). Until it first writes, the rate compiled in. */
+BPF_ARRAY(exchange_cost, s64, 1);
+
+static __always_inline s64 exchange_cost_ns(void)
+{
+	u32 zero = 0;
+	s64 *cost = exchange_cost.lookup(&zero);
+	return cost && *cost > 0 ? *cost : 1000000000LL / PROBE_EXCHANGE_RATE;
+}
 
 /* The bucket, its credit added for the time since it was last: 0 if missing.
  * Two CPUs may both add the same moment's credit, or one overwrite the
@@ -429,8 +440,9 @@ static __always_inline bool shed(const struct probe_conn_key *key,
 			pair_ends(key, state);
 		struct exchange_budget *budget = starts ? refilled_budget(now) : 0;
 		if (budget) {
+			s64 cost = exchange_cost_ns();
 			bool was_shed = bits & PROBE_EXCHANGE_SHED;
-			u64 over = budget->credit_ns < EXCHANGE_COST_NS;
+			u64 over = budget->credit_ns < cost;
 			u64 pays = 2; /* a new exchange: counted if shed, paid for if not */
 			/* Where the verdict would change, bytes that do not start a
 			 * request go on with the exchange before them, as a body sent
@@ -448,7 +460,7 @@ static __always_inline bool shed(const struct probe_conn_key *key,
 				if (over)
 					count(PROBE_COUNTER_SHED);
 				else
-					__sync_fetch_and_add(&budget->credit_ns, -EXCHANGE_COST_NS);
+					__sync_fetch_and_add(&budget->credit_ns, -cost);
 			}
 			bits &= ~PROBE_EXCHANGE_SHED;
 			if (over)

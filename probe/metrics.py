@@ -52,6 +52,8 @@ COUNTERS = {
 # Stats entries that go up and down.
 GAUGES = {
     "connections_tracked": "Connections tracked now",
+    "exchange_rate_limit": "Exchanges traced per second at most now (0: no limit); "
+    "lowered while the CPU is short",
 }
 
 

@@ -259,11 +259,13 @@ class Pipeline:
         shed = counters["exchanges_shed"]
         now = time.monotonic()
         if shed > self._shed_told and now - self._shed_told_at >= SHED_WARNING_INTERVAL_S:
+            limit, most = self.source.exchange_rate, self.source.options.exchange_rate
             log.warning(
-                "over the limit of %d exchanges a second: %d exchanges shed in the kernel, "
+                "over the limit of %d exchanges a second%s: %d exchanges shed in the kernel, "
                 "not traced (%d in all); --max-exchange-rate or capture.max_exchange_rate "
                 "raises it",
-                self.source.options.exchange_rate,
+                limit,
+                f" (lowered from {most} while the CPU is short)" if limit < most else "",
                 shed - self._shed_told,
                 shed,
             )

@@ -69,6 +69,7 @@ TASK_STORAGE_FLAG = "-DPROBE_TASK_STORAGE"
 DATA_EXIT = b"data_syscall_exit"  # the program of features.DATA_SYSCALLS' exits
 # Tracepoints and uprobes detached side by side when stopping (see _detach_all).
 _DETACH_THREADS = 32
+NS_PER_S = 1_000_000_000
 
 
 @dataclass(slots=True)
@@ -140,6 +141,8 @@ class EventSource:
         self.options = options
         self.stats = stats
         self.notes: list[str] = []  # things done on the user's behalf, to print
+        # Exchanges traced per second at most now (0: no limit); see set_exchange_rate.
+        self.exchange_rate = options.exchange_rate
         self._bpf: Any = None  # bcc's BPF object (bcc has no type information)
         self._registry = ConnectionRegistry(self, stats, options.ports, on_open)
         # The per-record callback: batches data records, hands the rest to the registry.
@@ -168,6 +171,7 @@ class EventSource:
     def start(self) -> None:
         """Compile and attach every program; raise ProbeError if impossible."""
         self.notes += features.prepare()
+        self.stats["exchange_rate_limit"] = self.exchange_rate
         cflags = self.options.cflags()
         try:
             from bcc import BPF  # noqa: PLC0415 - checked by features.prepare()
@@ -256,6 +260,19 @@ class EventSource:
         self.discovery.tick()
         batch, reader.batch = reader.batch, []
         return batch
+
+    def set_exchange_rate(self, rate: int) -> None:
+        """Trace at most ``rate`` exchanges a second from now on, host-wide
+        (probe/kernel/governor.py moves it under CPU pressure). Only a limit
+        compiled in (`ProbeOptions.exchange_rate`) can be moved."""
+        assert self._bpf is not None, "start() first"
+        if not self.options.exchange_rate:
+            raise ValueError("no exchange rate limit was compiled in: nothing to move")
+        if rate <= 0:
+            raise ValueError(f"exchange rate {rate}: 1 or more, please")
+        table = self._bpf[b"exchange_cost"]
+        table[ctypes.c_int(0)] = ctypes.c_int64(NS_PER_S // rate)
+        self.exchange_rate = self.stats["exchange_rate_limit"] = rate
 
     def kernel_counter(self, counter: int) -> int:
         """Sum over CPUs of one `enum probe_counter` slot."""

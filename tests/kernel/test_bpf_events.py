@@ -501,6 +501,49 @@ def test_an_accepted_connection_whose_every_exchange_is_shed_sends_nothing() -> 
     assert served == asked  # the client ends whose exchange was traced, and only those
 
 
+def test_the_exchange_rate_moves_at_run_time() -> None:
+    """The limit compiled in is the most; user space lowers it (and raises it
+    back) at run time, as the CPU-pressure governor does: 200 exchanges back
+    to back are traced whole under 100,000 a second, in part under 5, whole
+    again back under 100,000. The limit in force is reported."""
+    port = free_port()
+    count = 200
+    stats = Stats()
+    with EventSource(ProbeOptions(ports=(port,), exchange_rate=100_000), stats) as source:
+        assert stats["exchange_rate_limit"] == 100_000
+
+        def conversation() -> tuple[int, int]:
+            """(requests traced at the server end, exchanges shed, both ends)."""
+            shed_before = source.kernel_counters()["exchanges_shed"]
+            peer = subprocess.Popen([sys.executable, str(PEERS), "conversation", str(port), "200"])
+            assert peer.wait(20) == 0
+            events = collect(
+                source,
+                lambda evs: any(isinstance(e, ProcessExit) and e.pid == peer.pid for e in evs),
+            )
+            [server] = [e.key for e in events if isinstance(e, ConnOpen) and e.role == Role.SERVER]
+            traced = len(_exchanges(events, server, Direction.INGRESS))
+            return traced, source.kernel_counters()["exchanges_shed"] - shed_before
+
+        assert conversation() == (count, 0)
+        source.set_exchange_rate(5)
+        assert stats["exchange_rate_limit"] == source.exchange_rate == 5
+        traced, shed = conversation()
+        assert 0 < traced < count and 2 * traced + shed == 2 * count
+        source.set_exchange_rate(100_000)
+        assert conversation() == (count, 0)
+        with pytest.raises(ValueError):
+            source.set_exchange_rate(0)
+
+
+def test_without_a_limit_compiled_in_there_is_no_rate_to_move() -> None:
+    with (
+        EventSource(ProbeOptions(exchange_rate=0), Stats()) as source,
+        pytest.raises(ValueError, match="no exchange rate limit"),
+    ):
+        source.set_exchange_rate(100)
+
+
 def test_a_body_sent_after_100_continue_goes_with_its_head() -> None:
     """Over the rate, the body of a request sent after "100 Continue" starts
     bytes the asking way again, as a new request would: it keeps its head's

@@ -35,6 +35,18 @@ def test_shedding_is_counted_and_told_once_a_while(monkeypatch, caplog) -> None:
     assert "--max-exchange-rate" in message
 
 
+def test_shedding_under_a_lowered_limit_says_so(monkeypatch, caplog) -> None:
+    stats = Stats()
+    source = EventSource(ProbeOptions(exchange_rate=500), stats)
+    source.exchange_rate = 125  # as set_exchange_rate leaves it, the CPU being short
+    pipeline = Pipeline(source, [], stats)
+    monkeypatch.setattr(source, "kernel_counters", lambda: counters(exchanges_shed=7))
+    with caplog.at_level(logging.WARNING, logger="probe.pipeline"):
+        pipeline._read_kernel_counters()
+    [message] = caplog.messages
+    assert "limit of 125 exchanges a second (lowered from 500 while the CPU is short)" in message
+
+
 @pytest.mark.parametrize("name", sorted(KERNEL_COUNTERS.values()))
 def test_every_kernel_counter_reaches_stats(monkeypatch, name) -> None:
     stats = Stats()
