@@ -42,6 +42,9 @@ The YAML file (every key optional; the variables are in brackets)::
       max_exchange_rate: 10000         # exchanges traced per second, host-wide; the rest
                                        # are shed in the kernel and counted; 0: no limit
                                        # [PROBE_MAX_EXCHANGE_RATE]
+      cpu_pressure_limit: 0.1          # while tasks wait for a CPU this share of the time,
+                                       # trace fewer exchanges; 0: never [PROBE_CPU_PRESSURE_LIMIT]
+      min_exchange_rate: 1000          # ... but at least these a second [PROBE_MIN_EXCHANGE_RATE]
       credentials: false               # keep Authorization, Cookie... [PROBE_CAPTURE_CREDENTIALS]
       redact_query: true               # blank query values in URLs [PROBE_REDACT_QUERY]
       header_allowlist: [user-agent]   # headers recorded as attributes [PROBE_HEADER_ALLOWLIST]
@@ -79,6 +82,12 @@ DEFAULT_GRPC_ENDPOINT = "http://localhost:4317"
 # kernel sheds whole exchanges and counts them (probe_exchanges_shed_total),
 # so the probe's cost stays bounded on a saturated node (bench/README.md).
 DEFAULT_EXCHANGE_RATE = 10_000
+# The least it is lowered to while the CPU is short: still a trace of each
+# kind of request every second or so on a busy node.
+DEFAULT_MIN_EXCHANGE_RATE = 1_000
+# The share of time tasks wait for a CPU at which it is lowered: this VM read
+# 2-3 % at 5,000 requests a second, 11-28 % saturated with the probe.
+DEFAULT_CPU_PRESSURE_LIMIT = 0.1
 DEFAULT_HTTP_ENDPOINT = "http://localhost:4318/v1/traces"
 _GENERIC_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
 
@@ -112,6 +121,12 @@ class ProbeConfig:
     nice: int = 10
     capture_size: int = 4096
     max_exchange_rate: int = DEFAULT_EXCHANGE_RATE
+    # While tasks wait for a CPU this share of the time or more (Linux's CPU
+    # pressure), the exchange rate limit is lowered, down to min_exchange_rate,
+    # and raised back once the pressure passes (probe/kernel/governor.py).
+    # 0: the limit stays where it is.
+    min_exchange_rate: int = DEFAULT_MIN_EXCHANGE_RATE
+    cpu_pressure_limit: float = DEFAULT_CPU_PRESSURE_LIMIT
     capture_credentials: bool = False
     redact_query: bool = True
     header_allowlist: tuple[str, ...] = ()
@@ -158,16 +173,27 @@ def _int(minimum: int, maximum: int | None = None) -> Callable[[object], int]:
     return parse
 
 
-def _seconds(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(f"expected a number of seconds, got {value!r}")
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(f"expected a number of seconds, got {value!r}") from None
-    if not number >= 0:  # also rejects NaN
-        raise ValueError(f"must be at least 0, got {value!r}")
-    return number
+def _number(what: str, below: float | None = None) -> Callable[[object], float]:
+    """A number from 0, and under ``below`` if given."""
+
+    def parse(value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError(f"expected {what}, got {value!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"expected {what}, got {value!r}") from None
+        if not number >= 0:  # also rejects NaN
+            raise ValueError(f"must be at least 0, got {value!r}")
+        if below is not None and not number < below:
+            raise ValueError(f"must be under {below:g}, got {value!r}")
+        return number
+
+    return parse
+
+
+_seconds = _number("a number of seconds")
+_share = _number("a share, 0 to 1", below=1)
 
 
 def _bool(value: object) -> bool:
@@ -292,6 +318,15 @@ _SETTINGS = (
     _Setting("capture_size", "capture.size", _int(1), ("PROBE_CAPTURE_SIZE",)),
     _Setting(
         "max_exchange_rate", "capture.max_exchange_rate", _int(0), ("PROBE_MAX_EXCHANGE_RATE",)
+    ),
+    _Setting(
+        "min_exchange_rate", "capture.min_exchange_rate", _int(1), ("PROBE_MIN_EXCHANGE_RATE",)
+    ),
+    _Setting(
+        "cpu_pressure_limit",
+        "capture.cpu_pressure_limit",
+        _share,
+        ("PROBE_CPU_PRESSURE_LIMIT",),
     ),
     _Setting("capture_credentials", "capture.credentials", _bool, ("PROBE_CAPTURE_CREDENTIALS",)),
     _Setting("redact_query", "capture.redact_query", _bool, ("PROBE_REDACT_QUERY",)),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import os
 import sys
 
@@ -19,6 +20,7 @@ from probe.commands.capture import (
 from probe.config import ConfigError, ProbeConfig, load
 from probe.export.otlp import create_processor
 from probe.kernel.features import ProbeError
+from probe.kernel.governor import RateGovernor, cpu_stall_us
 from probe.kernel.loader import EventSource, ProbeOptions
 from probe.logs import configure
 from probe.metrics import MetricsServer
@@ -129,6 +131,27 @@ def kernel_options(config: ProbeConfig) -> ProbeOptions:
     )
 
 
+def rate_governor(config: ProbeConfig, source: EventSource) -> RateGovernor | None:
+    """What lowers the exchange rate limit while the CPU is short, if it can:
+    there must be a limit, a pressure limit, and a kernel that reports CPU
+    pressure (said once, in the log, if not)."""
+    if not config.max_exchange_rate or not config.cpu_pressure_limit:
+        return None
+    if cpu_stall_us() is None:
+        logging.getLogger(__name__).info(
+            "this kernel does not report CPU pressure (/proc/pressure/cpu): the exchange "
+            "rate limit stays at %d a second however short the CPU",
+            config.max_exchange_rate,
+        )
+        return None
+    return RateGovernor(
+        source.set_exchange_rate,
+        maximum=config.max_exchange_rate,
+        minimum=min(config.min_exchange_rate, config.max_exchange_rate),
+        pressure_limit=config.cpu_pressure_limit,
+    )
+
+
 def lower_priority(nice: int) -> None:
     """Give every thread of this process ``nice``; threads started later
     (export, metrics, gRPC's own) inherit it. Linux keeps a nice value per
@@ -179,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
             config.otlp_protocol, config.otlp_endpoint, host, port,
         )  # fmt: skip
         print("ready", file=sys.stderr, flush=True)
+        governor = rate_governor(config, source)
         pipeline = Pipeline(
             source,
             [processor],
@@ -196,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
             redact_query=config.redact_query,
             capture_headers=config.header_allowlist,
             link_wait_ns=args.link_wait_ms * 1_000_000,
+            on_tick=[governor.tick] if governor else [],
             untraced_endpoints=exporter_endpoints(config.otlp_endpoint),
         )
         # What start-up made (modules, bcc's tables, parsers, caches) lives as

@@ -13,6 +13,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from probe.kernel.governor import PRESSURE_FILE
+
 TRACEFS = Path("/sys/kernel/tracing")
 DEBUGFS = Path("/sys/kernel/debug")
 BTF = Path("/sys/kernel/btf/vmlinux")
@@ -183,6 +185,14 @@ def findings() -> list[Finding]:
             "task-storage",
             task_storage_available(),
             "per-thread syscall state (Linux 5.12+ with BTF); else an LRU hash",
+            False,
+        )
+    )
+    results.append(
+        Finding(
+            "cpu-pressure",
+            PRESSURE_FILE.exists(),
+            f"{PRESSURE_FILE}: while the CPU is short, fewer exchanges are traced",
             False,
         )
     )

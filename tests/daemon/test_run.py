@@ -311,3 +311,48 @@ def test_metrics_on_localhost_only_and_counters_move() -> None:
     assert after["probe_spans_exported_total"] == 8
     assert after["probe_events_total"] > before.get("probe_events_total", 0)
     assert after["probe_resident_memory_bytes"] > 0
+
+
+def _wait_for_metric(url: str, name: str, wanted, timeout: float) -> float:
+    """Scrape until ``wanted(value)``; the last value read."""
+    deadline = time.monotonic() + timeout
+    value = _scrape(url).get(name, -1.0)
+    while not wanted(value) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        value = _scrape(url).get(name, -1.0)
+    return value
+
+
+@pytest.mark.skipif(
+    not Path("/proc/pressure/cpu").exists(), reason="this kernel does not report CPU pressure"
+)
+def test_the_exchange_rate_limit_falls_while_the_cpu_is_short_and_comes_back() -> None:
+    """Twice as many busy processes as CPUs make every task wait for one: the
+    daemon lowers its exchange rate limit toward the floor, says so, and
+    raises it back to the maximum once they are gone."""
+    maximum, floor = 10_000, 100
+    with daemon(
+        OTEL_EXPORTER_OTLP_TRACES_ENDPOINT="http://127.0.0.1:9/v1/traces",
+        PROBE_MAX_EXCHANGE_RATE=str(maximum),
+        PROBE_MIN_EXCHANGE_RATE=str(floor),
+        PROBE_CPU_PRESSURE_LIMIT="0.1",
+    ) as probe:
+        url = probe.metrics_url()
+        busy = [
+            subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(2 * (os.cpu_count() or 1))
+        ]
+        try:
+            lowered = _wait_for_metric(
+                url, "probe_exchange_rate_limit", lambda v: 0 < v <= floor, 20
+            )
+        finally:
+            for process in busy:
+                process.kill()
+                process.wait()
+        raised = _wait_for_metric(url, "probe_exchange_rate_limit", lambda v: v == maximum, 30)
+        assert probe.stop() == 0
+    log = "\n".join(probe.lines)
+    assert lowered == floor, log
+    assert raised == maximum, log
+    assert "the CPU is short" in log and "no longer short: tracing up to 10000" in log

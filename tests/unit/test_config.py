@@ -33,6 +33,8 @@ def test_defaults():
     assert config.capture_credentials is False
     assert config.redact_query is True
     assert config.max_exchange_rate == 10_000
+    assert config.min_exchange_rate == 1_000
+    assert config.cpu_pressure_limit == 0.1
 
 
 def test_grpc_protocol_has_its_own_default_endpoint():
@@ -163,6 +165,8 @@ nice: 5
 capture:
   size: 1024
   max_exchange_rate: 500
+  min_exchange_rate: 50
+  cpu_pressure_limit: 0.25
   credentials: true
   redact_query: false
   header_allowlist: [User-Agent, x-request-id]
@@ -196,6 +200,8 @@ def test_every_setting_from_the_file(config_file):
         nice=5,
         capture_size=1024,
         max_exchange_rate=500,
+        min_exchange_rate=50,
+        cpu_pressure_limit=0.25,
         capture_credentials=True,
         redact_query=False,
         header_allowlist=("user-agent", "x-request-id"),
@@ -251,6 +257,8 @@ def test_probe_variables():
             "PROBE_HEADER_ALLOWLIST": "Accept",
             "PROBE_REDACT_QUERY": "false",
             "PROBE_MAX_EXCHANGE_RATE": "0",
+            "PROBE_MIN_EXCHANGE_RATE": "20",
+            "PROBE_CPU_PRESSURE_LIMIT": "0",
         },
     )
     assert config.metrics_address == ("127.0.0.1", 0)
@@ -261,6 +269,8 @@ def test_probe_variables():
     assert config.header_allowlist == ("accept",)
     assert config.redact_query is False
     assert config.max_exchange_rate == 0  # no limit
+    assert config.min_exchange_rate == 20
+    assert config.cpu_pressure_limit == 0  # the limit never moves
 
 
 def test_empty_variables_are_ignored():
@@ -301,6 +311,12 @@ def test_empty_variables_are_ignored():
         ({"PROBE_PORTS": "80,70000"}, "PROBE_PORTS: must be between 1 and 65535, got 70000"),
         ({"PROBE_NICE": "-5"}, "PROBE_NICE: must be between 0 and 19, got -5"),
         ({"PROBE_MAX_EXCHANGE_RATE": "-1"}, "PROBE_MAX_EXCHANGE_RATE: must be at least 0"),
+        ({"PROBE_MIN_EXCHANGE_RATE": "0"}, "PROBE_MIN_EXCHANGE_RATE: must be at least 1"),
+        ({"PROBE_CPU_PRESSURE_LIMIT": "1"}, "PROBE_CPU_PRESSURE_LIMIT: must be under 1, got '1'"),
+        (
+            {"PROBE_CPU_PRESSURE_LIMIT": "10%"},
+            "PROBE_CPU_PRESSURE_LIMIT: expected a share, 0 to 1, got '10%'",
+        ),
         (
             {"PROBE_METRICS_ADDRESS": "9464"},
             "PROBE_METRICS_ADDRESS: expected host:port, got '9464'",

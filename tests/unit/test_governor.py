@@ -1,0 +1,120 @@
+"""The exchange rate limit under CPU pressure (probe.kernel.governor), driven
+by a made-up clock and stall counter."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from probe.kernel.governor import INTERVAL_S, RateGovernor, cpu_stall_us
+
+PSI = (
+    "some avg10=12.50 avg60=3.10 avg300=0.80 total=397636569\n"
+    "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
+)
+
+
+def test_the_stall_time_is_the_some_lines_total(tmp_path) -> None:
+    path = tmp_path / "cpu"
+    path.write_text(PSI)
+    assert cpu_stall_us(path) == 397636569
+    path.write_text("full avg10=0.00 total=5\n")
+    assert cpu_stall_us(path) is None
+    path.write_text("some avg10=1.00 total=lots\n")
+    assert cpu_stall_us(path) is None
+    assert cpu_stall_us(tmp_path / "absent") is None
+
+
+class Node:
+    """A clock and a stall counter that advance together by a given pressure."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.stalled_us = 0
+        self.rates: list[int] = []
+
+    def run(self, governor: RateGovernor, pressure: float, seconds: float) -> None:
+        for _ in range(round(seconds / INTERVAL_S)):
+            self.now += INTERVAL_S
+            self.stalled_us += round(pressure * INTERVAL_S * 1e6)
+            governor.tick()
+
+    def governor(self, **kwargs: object) -> RateGovernor:
+        settings = {"maximum": 10_000, "minimum": 1_000, "pressure_limit": 0.1, **kwargs}
+        return RateGovernor(
+            self.rates.append,
+            stall_us=lambda: self.stalled_us,
+            clock=lambda: self.now,
+            **settings,  # type: ignore[arg-type]
+        )
+
+
+def test_under_pressure_the_rate_halves_each_interval_down_to_the_floor(caplog) -> None:
+    node = Node()
+    governor = node.governor()
+    with caplog.at_level(logging.INFO, logger="probe.kernel.governor"):
+        node.run(governor, pressure=0.25, seconds=2)
+    assert node.rates == [5_000, 2_500, 1_250, 1_000]
+    assert governor.rate == 1_000
+    # Told once, as it starts: not at every step.
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "waited for one 25% of the time" in caplog.text
+    assert "at most 5000 a second for now, not 10000" in caplog.text
+
+
+def test_once_the_pressure_passes_the_rate_grows_back_to_the_maximum(caplog) -> None:
+    node = Node()
+    governor = node.governor()
+    node.run(governor, pressure=0.5, seconds=2)
+    node.rates.clear()
+    with caplog.at_level(logging.INFO, logger="probe.kernel.governor"):
+        node.run(governor, pressure=0.01, seconds=5)
+    assert node.rates[-1] == 10_000 == governor.rate
+    assert node.rates == sorted(node.rates)  # a quarter more each time, never past the maximum
+    assert all(b <= a * 1.25 + 1 for a, b in zip([1_000, *node.rates], node.rates, strict=False))
+    assert "no longer short: tracing up to 10000" in caplog.text
+
+
+def test_between_half_the_limit_and_the_limit_the_rate_holds() -> None:
+    node = Node()
+    governor = node.governor()
+    node.run(governor, pressure=0.2, seconds=0.5)
+    held = governor.rate
+    node.rates.clear()
+    node.run(governor, pressure=0.07, seconds=3)
+    assert node.rates == [] and governor.rate == held < 10_000
+
+
+def test_a_quiet_node_keeps_every_exchange_and_ticks_between_intervals_do_nothing() -> None:
+    node = Node()
+    governor = node.governor()
+    node.run(governor, pressure=0.03, seconds=3)
+    assert node.rates == [] and governor.rate == 10_000
+    node.stalled_us += 10**6  # a whole second stalled, read no sooner than the interval
+    governor.tick()
+    assert node.rates == []
+
+
+def test_without_pressure_figures_the_rate_stays() -> None:
+    rates: list[int] = []
+    clock = iter(range(100))
+    governor = RateGovernor(
+        rates.append,
+        maximum=10_000,
+        minimum=1_000,
+        pressure_limit=0.1,
+        stall_us=lambda: None,
+        clock=lambda: float(next(clock)),
+    )
+    for _ in range(10):
+        governor.tick()
+    assert rates == [] and governor.rate == 10_000
+
+
+@pytest.mark.parametrize(
+    ("minimum", "maximum", "limit"), [(0, 10, 0.1), (11, 10, 0.1), (1, 10, 0.0), (1, 10, 1.0)]
+)
+def test_settings_out_of_range_are_refused(minimum: int, maximum: int, limit: float) -> None:
+    with pytest.raises(ValueError):
+        RateGovernor(lambda rate: None, maximum=maximum, minimum=minimum, pressure_limit=limit)
