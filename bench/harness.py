@@ -50,7 +50,7 @@ from bench.workloads import (
     measured_with,
 )
 from probe.compiled import MODULES
-from probe.config import DEFAULT_EXCHANGE_RATE
+from probe.config import DEFAULT_CPU_PRESSURE_LIMIT, DEFAULT_EXCHANGE_RATE
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -441,6 +441,10 @@ def run(settings: Settings) -> dict[str, object]:
         # Over it the probe sheds exchanges in the kernel (see completeness at saturation).
         "probe_exchange_rate": (
             DEFAULT_EXCHANGE_RATE if settings.exchange_rate is None else settings.exchange_rate
+        ),
+        # ... lowered while tasks wait for a CPU this share of the time.
+        "probe_cpu_pressure_limit": float(
+            os.environ.get("PROBE_CPU_PRESSURE_LIMIT") or DEFAULT_CPU_PRESSURE_LIMIT
         ),
         "kernel": platform.release(),
         "cpus": os.cpu_count(),

@@ -190,13 +190,17 @@ def _fmt_summary(summary: Mapping | None, digits: int = 2) -> str:
     return f"{mid} [{low}-{high}]"
 
 
-def _exchange_limit(rate: object) -> str:
-    """The probe's exchange rate limit, which its saturation figures depend on."""
+def _exchange_limit(rate: object, pressure_limit: object) -> str:
+    """The probe's exchange rate limit, and the CPU pressure that lowers it:
+    its saturation figures depend on both."""
     if not isinstance(rate, int):
         return ""
     if rate == 0:
         return ", with no exchange rate limit"
-    return f", and sheds exchanges over {rate:,} a second (see completeness at saturation)"
+    lowered = ""
+    if isinstance(pressure_limit, int | float) and pressure_limit > 0:
+        lowered = f", fewer while tasks wait for a CPU {pressure_limit:.0%} of the time"
+    return f", and sheds exchanges over {rate:,} a second{lowered} (see completeness at saturation)"
 
 
 def summary(report: Mapping, targets: Iterable[Mapping]) -> str:
@@ -213,7 +217,7 @@ def summary(report: Mapping, targets: Iterable[Mapping]) -> str:
             if meta.get("load_generator_traced")
             else "leaves the load generator untraced"
         )
-        + _exchange_limit(meta.get("probe_exchange_rate"))
+        + _exchange_limit(meta.get("probe_exchange_rate"), meta.get("probe_cpu_pressure_limit"))
     )
     for workload, phases in report["workloads"].items():
         lines.append(f"{workload}:")
