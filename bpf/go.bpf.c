@@ -273,8 +273,10 @@ int go_tls_data_return(struct pt_regs *ctx)
 		count(PROBE_COUNTER_TLS_NO_SOCKET);
 		return 0;
 	}
+	/* The kind as a constant the verifier sees (see send_plaintext() in tls.bpf.c). */
 	struct syscall_args args = {.enter_ns = call.enter_ns, .buf = call.buf, .len = call.len,
-				    .fd = *fd, .syscall = call.op};
+				    .fd = *fd,
+				    .syscall = call.op == GO_TLS_READ ? GO_TLS_READ : GO_TLS_WRITE};
 	struct probe_data_event *event = data_event(pid, tid, &args, ret);
 	if (!event)
 		return 0;
