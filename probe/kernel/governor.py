@@ -16,6 +16,7 @@ a second: 2-3 %) keeps every exchange traced.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -98,7 +99,16 @@ class RateGovernor:
             self._move(rate, pressure)
 
     def _move(self, rate: int, pressure: float) -> None:
-        self._set_rate(rate)
+        try:
+            self._set_rate(rate)
+        except Exception as error:  # noqa: BLE001 - bcc raises plain Exception
+            # The probe goes on tracing at the limit in force; only the governing stops.
+            log.warning(
+                "could not move the exchange rate limit (%s): it stays at %d a second",
+                error, self.rate,
+            )  # fmt: skip
+            self._due = math.inf
+            return
         if self.rate == self._maximum:
             log.warning(
                 "the CPU is short (tasks waited for one %.0f%% of the time): tracing fewer "

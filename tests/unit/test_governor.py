@@ -4,6 +4,7 @@ by a made-up clock and stall counter."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import pytest
 
@@ -40,13 +41,14 @@ class Node:
             self.stalled_us += round(pressure * INTERVAL_S * 1e6)
             governor.tick()
 
-    def governor(self, **kwargs: object) -> RateGovernor:
-        settings = {"maximum": 10_000, "minimum": 1_000, "pressure_limit": 0.1, **kwargs}
+    def governor(self, set_rate: Callable[[int], None] | None = None) -> RateGovernor:
         return RateGovernor(
-            self.rates.append,
+            set_rate or self.rates.append,
+            maximum=10_000,
+            minimum=1_000,
+            pressure_limit=0.1,
             stall_us=lambda: self.stalled_us,
             clock=lambda: self.now,
-            **settings,  # type: ignore[arg-type]
         )
 
 
@@ -94,6 +96,21 @@ def test_a_quiet_node_keeps_every_exchange_and_ticks_between_intervals_do_nothin
     node.stalled_us += 10**6  # a whole second stalled, read no sooner than the interval
     governor.tick()
     assert node.rates == []
+
+
+def test_a_limit_the_kernel_would_not_take_stops_the_governing_not_the_probe(caplog) -> None:
+    node = Node()
+
+    def refuse(rate: int) -> None:
+        node.rates.append(rate)
+        raise OSError("map update failed")
+
+    governor = node.governor(refuse)
+    with caplog.at_level(logging.WARNING, logger="probe.kernel.governor"):
+        node.run(governor, pressure=0.5, seconds=2)
+    assert node.rates == [5_000]  # tried once, then left alone
+    assert governor.rate == 10_000
+    assert "could not move the exchange rate limit (map update failed)" in caplog.text
 
 
 def test_without_pressure_figures_the_rate_stays() -> None:
