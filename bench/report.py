@@ -199,7 +199,10 @@ def _exchange_limit(rate: object, pressure_limit: object) -> str:
         return ", with no exchange rate limit"
     lowered = ""
     if isinstance(pressure_limit, int | float) and pressure_limit > 0:
-        lowered = f", fewer while tasks wait for a CPU {pressure_limit:.0%} of the time"
+        lowered = (
+            f", fewer while the CPU is short (tasks waiting for one {pressure_limit:.0%}"
+            " of the time, under a fifth of it idle)"
+        )
     return f", and sheds exchanges over {rate:,} a second{lowered} (see completeness at saturation)"
 
 

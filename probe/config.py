@@ -122,8 +122,9 @@ class ProbeConfig:
     capture_size: int = 4096
     max_exchange_rate: int = DEFAULT_EXCHANGE_RATE
     # While tasks wait for a CPU this share of the time or more (Linux's CPU
-    # pressure), the exchange rate limit is lowered, down to min_exchange_rate,
-    # and raised back once the pressure passes (probe/kernel/governor.py).
+    # pressure) and under a fifth of it is idle, the exchange rate limit is
+    # lowered, down to min_exchange_rate, and raised back once that passes
+    # (probe/kernel/governor.py).
     # 0: the limit stays where it is.
     min_exchange_rate: int = DEFAULT_MIN_EXCHANGE_RATE
     cpu_pressure_limit: float = DEFAULT_CPU_PRESSURE_LIMIT

@@ -219,8 +219,9 @@ def test_summary_says_which_exchange_limit_the_probe_ran_with() -> None:
     )
     document["meta"]["probe_cpu_pressure_limit"] = 0.1
     assert first_line().endswith(
-        ", and sheds exchanges over 10,000 a second, fewer while tasks wait for a CPU"
-        " 10% of the time (see completeness at saturation)"
+        ", and sheds exchanges over 10,000 a second, fewer while the CPU is short (tasks"
+        " waiting for one 10% of the time, under a fifth of it idle) (see completeness at"
+        " saturation)"
     )
     document["meta"]["probe_exchange_rate"] = 0
     assert first_line().endswith(", with no exchange rate limit")

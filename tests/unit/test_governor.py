@@ -8,12 +8,21 @@ from collections.abc import Callable
 
 import pytest
 
-from probe.kernel.governor import INTERVAL_S, RateGovernor, cpu_stall_us
+from probe.kernel.governor import INTERVAL_S, RateGovernor, cpu_idle_ticks, cpu_stall_us
 
 PSI = (
     "some avg10=12.50 avg60=3.10 avg300=0.80 total=397636569\n"
     "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
 )
+
+
+def test_idle_ticks_are_idle_and_io_wait_of_all_cpus(tmp_path) -> None:
+    path = tmp_path / "stat"
+    path.write_text("cpu  100 5 50 800 20 1 2 3 0 0\ncpu0 50 2 25 400 10 0 1 1 0 0\n")
+    assert cpu_idle_ticks(path) == (820, 981)
+    path.write_text("intr 1 2 3\n")
+    assert cpu_idle_ticks(path) is None
+    assert cpu_idle_ticks(tmp_path / "absent") is None
 
 
 def test_the_stall_time_is_the_some_lines_total(tmp_path) -> None:
@@ -28,17 +37,23 @@ def test_the_stall_time_is_the_some_lines_total(tmp_path) -> None:
 
 
 class Node:
-    """A clock and a stall counter that advance together by a given pressure."""
+    """A clock, a stall counter and CPU ticks that advance together by a given
+    pressure and idle share."""
 
     def __init__(self) -> None:
         self.now = 100.0
         self.stalled_us = 0
+        self.idle_ticks = self.all_ticks = 0
         self.rates: list[int] = []
 
-    def run(self, governor: RateGovernor, pressure: float, seconds: float) -> None:
+    def run(
+        self, governor: RateGovernor, pressure: float, seconds: float, idle: float = 0.05
+    ) -> None:
         for _ in range(round(seconds / INTERVAL_S)):
             self.now += INTERVAL_S
             self.stalled_us += round(pressure * INTERVAL_S * 1e6)
+            self.all_ticks += 50  # two CPUs, 100 ticks a second
+            self.idle_ticks += round(idle * 50)
             governor.tick()
 
     def governor(self, set_rate: Callable[[int], None] | None = None) -> RateGovernor:
@@ -48,6 +63,7 @@ class Node:
             minimum=1_000,
             pressure_limit=0.1,
             stall_us=lambda: self.stalled_us,
+            idle_ticks=lambda: (self.idle_ticks, self.all_ticks),
             clock=lambda: self.now,
         )
 
@@ -61,7 +77,7 @@ def test_under_pressure_the_rate_halves_each_interval_down_to_the_floor(caplog) 
     assert governor.rate == 1_000
     # Told once, as it starts: not at every step.
     assert [r.levelname for r in caplog.records] == ["WARNING"]
-    assert "waited for one 25% of the time" in caplog.text
+    assert "waited for one 25% of the time, 4% of it idle" in caplog.text
     assert "at most 5000 a second for now, not 10000" in caplog.text
 
 
@@ -86,6 +102,19 @@ def test_between_half_the_limit_and_the_limit_the_rate_holds() -> None:
     node.rates.clear()
     node.run(governor, pressure=0.07, seconds=3)
     assert node.rates == [] and governor.rate == held < 10_000
+
+
+def test_pressure_with_cpu_to_spare_is_not_shortage() -> None:
+    """Tasks that wake in bursts wait for a CPU though a fifth or more of it
+    goes unused: the rate holds, and grows back if it was lowered."""
+    node = Node()
+    governor = node.governor()
+    node.run(governor, pressure=0.35, seconds=3, idle=0.4)
+    assert node.rates == [] and governor.rate == 10_000
+    node.run(governor, pressure=0.35, seconds=1, idle=0.1)
+    lowered = governor.rate
+    node.run(governor, pressure=0.35, seconds=5, idle=0.2)
+    assert lowered < 10_000 == governor.rate
 
 
 def test_a_quiet_node_keeps_every_exchange_and_ticks_between_intervals_do_nothing() -> None:
@@ -113,15 +142,18 @@ def test_a_limit_the_kernel_would_not_take_stops_the_governing_not_the_probe(cap
     assert "could not move the exchange rate limit (map update failed)" in caplog.text
 
 
-def test_without_pressure_figures_the_rate_stays() -> None:
+@pytest.mark.parametrize("missing", ["pressure", "idle"])
+def test_without_pressure_or_idle_figures_the_rate_stays(missing: str) -> None:
     rates: list[int] = []
     clock = iter(range(100))
+    ticks = iter(range(0, 1000, 10))
     governor = RateGovernor(
         rates.append,
         maximum=10_000,
         minimum=1_000,
         pressure_limit=0.1,
-        stall_us=lambda: None,
+        stall_us=lambda: None if missing == "pressure" else 10**6 * next(clock),
+        idle_ticks=lambda: None if missing == "idle" else (0, next(ticks)),
         clock=lambda: float(next(clock)),
     )
     for _ in range(10):
