@@ -69,8 +69,8 @@ def cpu_idle_ticks(path: Path = STAT_FILE) -> tuple[int, int] | None:
 
 
 class RateGovernor:
-    """Moves the kernel's exchange rate limit by CPU pressure; `tick()` after
-    every poll, it acts every `INTERVAL_S`.
+    """Moves the kernel's exchange rate limit by CPU pressure and idle time;
+    `tick()` after every poll, it acts every `INTERVAL_S`.
 
     ``set_rate`` changes the limit in the kernel (`EventSource.set_exchange_rate`,
     which reports it); ``stall_us``, ``idle_ticks`` and ``clock`` read the
