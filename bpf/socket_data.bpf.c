@@ -314,7 +314,8 @@ static __always_inline bool withheld(struct probe_conn_state *state, u32 tid,
  * adds credit, an exchange costs a second's share of the rate, and a second's
  * worth may gather, so a burst after a quiet spell is traced whole and a
  * sustained excess is shed evenly. */
-#define EXCHANGE_BURST_NS 1000000000LL
+#define NS_PER_SEC 1000000000LL
+#define EXCHANGE_BURST_NS NS_PER_SEC
 struct exchange_budget {
 	s64 refilled_ns; /* when credit was last added */
 	s64 credit_ns;
@@ -330,7 +331,7 @@ static __always_inline s64 exchange_cost_ns(void)
 {
 	u32 zero = 0;
 	s64 *cost = exchange_cost.lookup(&zero);
-	return cost && *cost > 0 ? *cost : 1000000000LL / PROBE_EXCHANGE_RATE;
+	return cost && *cost > 0 ? *cost : NS_PER_SEC / PROBE_EXCHANGE_RATE;
 }
 
 /* The bucket, its credit added for the time since it was last: 0 if missing.

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from probe.kernel.governor import PRESSURE_FILE
 from tests.helpers import free_port
 from tests.otlp_receiver import GrpcReceiver, HttpReceiver, decode_attributes, span_ids
 
@@ -323,9 +324,7 @@ def _wait_for_metric(url: str, name: str, wanted, timeout: float) -> float:
     return value
 
 
-@pytest.mark.skipif(
-    not Path("/proc/pressure/cpu").exists(), reason="this kernel does not report CPU pressure"
-)
+@pytest.mark.skipif(not PRESSURE_FILE.exists(), reason="this kernel does not report CPU pressure")
 def test_the_exchange_rate_limit_falls_while_the_cpu_is_short_and_comes_back() -> None:
     """Twice as many busy processes as CPUs make every task wait for one: the
     daemon lowers its exchange rate limit toward the floor, says so, and

@@ -422,17 +422,22 @@ def _exchanges(events: list, key: object, asking: Direction) -> list[tuple[bytes
     ]
 
 
+def _peer_events(source: EventSource, mode: str, port: int, count: int, wait_s: float) -> list:
+    """Run peers.py MODE PORT COUNT to its end: its events up to its exit."""
+    peer = subprocess.Popen([sys.executable, str(PEERS), mode, str(port), str(count)])
+    assert peer.wait(wait_s) == 0
+    return collect(
+        source, lambda evs: any(isinstance(e, ProcessExit) and e.pid == peer.pid for e in evs)
+    )
+
+
 def _over_the_rate(mode: str, count: int, wait_s: float = 20) -> tuple[list, int, int]:
     """peers.py MODE PORT COUNT with both ends traced under a limit of 5
     exchanges a second: its events up to its exit, the exchanges shed, and
     the records lost."""
     port = free_port()
     with EventSource(ProbeOptions(ports=(port,), exchange_rate=5), Stats()) as source:
-        peer = subprocess.Popen([sys.executable, str(PEERS), mode, str(port), str(count)])
-        assert peer.wait(wait_s) == 0
-        events = collect(
-            source, lambda evs: any(isinstance(e, ProcessExit) and e.pid == peer.pid for e in evs)
-        )
+        events = _peer_events(source, mode, port, count, wait_s)
         return events, source.kernel_counters()["exchanges_shed"], source.lost_events()
 
 
@@ -513,14 +518,9 @@ def test_the_exchange_rate_moves_at_run_time() -> None:
         assert stats["exchange_rate_limit"] == 100_000
 
         def conversation() -> tuple[int, int]:
-            """(requests traced at the server end, exchanges shed, both ends)."""
+            """Requests traced at the server end; exchanges shed at either end."""
             shed_before = source.kernel_counters()["exchanges_shed"]
-            peer = subprocess.Popen([sys.executable, str(PEERS), "conversation", str(port), "200"])
-            assert peer.wait(20) == 0
-            events = collect(
-                source,
-                lambda evs: any(isinstance(e, ProcessExit) and e.pid == peer.pid for e in evs),
-            )
+            events = _peer_events(source, "conversation", port, count, wait_s=20)
             [server] = [e.key for e in events if isinstance(e, ConnOpen) and e.role == Role.SERVER]
             traced = len(_exchanges(events, server, Direction.INGRESS))
             return traced, source.kernel_counters()["exchanges_shed"] - shed_before
