@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 from urllib.parse import urlsplit
 
 from probe.export.otlp import USER_AGENT
@@ -34,17 +35,17 @@ from probe.trace.span import Resource, Span
 
 log = logging.getLogger(__name__)
 
-KERNEL_COUNTERS_INTERVAL_S = 1.0
+KERNEL_COUNTERS_INTERVAL_S: Final = 1.0
 # Shedding over the exchange rate limit goes on as long as the load does: it
 # is told at most this often.
-SHED_WARNING_INTERVAL_S = 60.0
+SHED_WARNING_INTERVAL_S: Final = 60.0
 # How long a poll waits for the kernel's wakeup. Below the rate at which the
 # kernel wakes the reader (bpf/common.h, emit_record(): a share of the ring
 # buffer written, or a record that cannot wait), records are read this often:
 # a wakeup of the thread costs about 0.1 ms of CPU on the VM this was measured
 # on, warming caches included, and at 1,000 requests/s 500 ms rather than
 # 100 ms cost 1.9 us less per request (15.7 against 17.6, 4 runs each).
-POLL_MS = 500
+POLL_MS: Final = 500
 
 
 # Process descriptions whose ProcessFilter verdict is kept: far more than the
@@ -122,7 +123,7 @@ def exporter_endpoints(endpoint: str) -> frozenset[Endpoint]:
 
 
 # The User-Agent of every probe's exporter, whatever its version.
-_EXPORTER_AGENT = USER_AGENT.split("/", 1)[0] + "/"
+_EXPORTER_AGENT: Final = USER_AGENT.split("/", 1)[0] + "/"
 
 
 def is_own_export(request: HttpRequest) -> bool:

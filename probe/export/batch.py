@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from itertools import islice
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 from probe.stats import Stats
 from probe.trace.span import Attributes, Span
@@ -54,7 +54,7 @@ class SendOutcome:
     retry_after: float | None = None  # RETRYABLE: seconds the server asked us to wait
 
 
-SUCCESS = SendOutcome(Outcome.SUCCESS)
+SUCCESS: Final = SendOutcome(Outcome.SUCCESS)
 
 
 class BatchExporter(Protocol):
@@ -95,7 +95,7 @@ class _Entry:
 
 # About what _attributes_size counts for one of a connection's attributes
 # (an address or a port, under a name of some twenty characters).
-_SHARED_ATTRIBUTE_SIZE = 48
+_SHARED_ATTRIBUTE_SIZE: Final = 48
 
 
 def estimate_size(span: Span) -> int:

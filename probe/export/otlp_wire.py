@@ -33,16 +33,16 @@ from probe.trace.span import (
     StatusCode,
 )
 
-SCOPE_NAME = "probe"
+SCOPE_NAME: Final = "probe"
 
 # Strings longer than this are rarely repeated: not worth their memory in the cache.
-MAX_CACHED_STRING = 256
+MAX_CACHED_STRING: Final = 256
 
 _VARINT, _FIXED64, _LEN = 0, 1, 2
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-_ONE_BYTE = [bytes((n,)) for n in range(0x80)]
+_ONE_BYTE: Final = [bytes((n,)) for n in range(0x80)]
 _FIXED64_LE: Final = struct.Struct("<Q").pack
-_DOUBLE_LE = struct.Struct("<d").pack
+_DOUBLE_LE: Final = struct.Struct("<d").pack
 
 
 def _varint(value: int) -> bytes:
@@ -67,51 +67,51 @@ def _len_field(tag: bytes, payload: bytes) -> bytes:
 
 
 # ExportTraceServiceRequest, ResourceSpans, Resource, ScopeSpans, InstrumentationScope
-_REQUEST_RESOURCE_SPANS = _tag(1, _LEN)
-_RESOURCE_SPANS_RESOURCE = _tag(1, _LEN)
-_RESOURCE_SPANS_SCOPE_SPANS = _tag(2, _LEN)
-_RESOURCE_ATTRIBUTES = _tag(1, _LEN)
-_SCOPE_SPANS_SCOPE = _tag(1, _LEN)
-_SCOPE_SPANS_SPANS = _tag(2, _LEN)
-_SCOPE_NAME = _tag(1, _LEN)
-_SCOPE_VERSION = _tag(2, _LEN)
+_REQUEST_RESOURCE_SPANS: Final = _tag(1, _LEN)
+_RESOURCE_SPANS_RESOURCE: Final = _tag(1, _LEN)
+_RESOURCE_SPANS_SCOPE_SPANS: Final = _tag(2, _LEN)
+_RESOURCE_ATTRIBUTES: Final = _tag(1, _LEN)
+_SCOPE_SPANS_SCOPE: Final = _tag(1, _LEN)
+_SCOPE_SPANS_SPANS: Final = _tag(2, _LEN)
+_SCOPE_NAME: Final = _tag(1, _LEN)
+_SCOPE_VERSION: Final = _tag(2, _LEN)
 # Span
-_SPAN_TRACE_ID = _tag(1, _LEN)
-_SPAN_SPAN_ID = _tag(2, _LEN)
-_SPAN_PARENT_SPAN_ID = _tag(4, _LEN)
-_SPAN_NAME = _tag(5, _LEN)
-_SPAN_KIND = _tag(6, _VARINT)
-_SPAN_START_TIME = _tag(7, _FIXED64)
-_SPAN_END_TIME = _tag(8, _FIXED64)
-_SPAN_ATTRIBUTES = _tag(9, _LEN)
-_SPAN_EVENTS = _tag(11, _LEN)
-_SPAN_LINKS = _tag(13, _LEN)
-_SPAN_STATUS = _tag(15, _LEN)
+_SPAN_TRACE_ID: Final = _tag(1, _LEN)
+_SPAN_SPAN_ID: Final = _tag(2, _LEN)
+_SPAN_PARENT_SPAN_ID: Final = _tag(4, _LEN)
+_SPAN_NAME: Final = _tag(5, _LEN)
+_SPAN_KIND: Final = _tag(6, _VARINT)
+_SPAN_START_TIME: Final = _tag(7, _FIXED64)
+_SPAN_END_TIME: Final = _tag(8, _FIXED64)
+_SPAN_ATTRIBUTES: Final = _tag(9, _LEN)
+_SPAN_EVENTS: Final = _tag(11, _LEN)
+_SPAN_LINKS: Final = _tag(13, _LEN)
+_SPAN_STATUS: Final = _tag(15, _LEN)
 # Span.Event, Span.Link, Status
-_EVENT_TIME = _tag(1, _FIXED64)
-_EVENT_NAME = _tag(2, _LEN)
-_EVENT_ATTRIBUTES = _tag(3, _LEN)
-_LINK_TRACE_ID = _tag(1, _LEN)
-_LINK_SPAN_ID = _tag(2, _LEN)
-_LINK_ATTRIBUTES = _tag(4, _LEN)
-_STATUS_MESSAGE = _tag(2, _LEN)
-_STATUS_CODE = _tag(3, _VARINT)
+_EVENT_TIME: Final = _tag(1, _FIXED64)
+_EVENT_NAME: Final = _tag(2, _LEN)
+_EVENT_ATTRIBUTES: Final = _tag(3, _LEN)
+_LINK_TRACE_ID: Final = _tag(1, _LEN)
+_LINK_SPAN_ID: Final = _tag(2, _LEN)
+_LINK_ATTRIBUTES: Final = _tag(4, _LEN)
+_STATUS_MESSAGE: Final = _tag(2, _LEN)
+_STATUS_CODE: Final = _tag(3, _VARINT)
 # KeyValue, AnyValue, ArrayValue
-_KEY_VALUE_KEY = _tag(1, _LEN)
-_KEY_VALUE_VALUE = _tag(2, _LEN)
-_ANY_STRING = _tag(1, _LEN)
-_ANY_BOOL = _tag(2, _VARINT)
-_ANY_INT = _tag(3, _VARINT)
-_ANY_DOUBLE = _tag(4, _FIXED64)
-_ANY_ARRAY = _tag(5, _LEN)
-_ARRAY_VALUES = _tag(1, _LEN)
+_KEY_VALUE_KEY: Final = _tag(1, _LEN)
+_KEY_VALUE_VALUE: Final = _tag(2, _LEN)
+_ANY_STRING: Final = _tag(1, _LEN)
+_ANY_BOOL: Final = _tag(2, _VARINT)
+_ANY_INT: Final = _tag(3, _VARINT)
+_ANY_DOUBLE: Final = _tag(4, _FIXED64)
+_ANY_ARRAY: Final = _tag(5, _LEN)
+_ARRAY_VALUES: Final = _tag(1, _LEN)
 
 # Span.SpanKind and Status.StatusCode numbers, with their tags; UNSET status is no status.
-_KIND_FIELDS = {
+_KIND_FIELDS: Final = {
     kind: _SPAN_KIND + _varint(number)
     for kind, number in ((SpanKind.INTERNAL, 1), (SpanKind.SERVER, 2), (SpanKind.CLIENT, 3))
 }
-_STATUS_CODE_FIELDS = {
+_STATUS_CODE_FIELDS: Final = {
     StatusCode.OK: _STATUS_CODE + _varint(1),
     StatusCode.ERROR: _STATUS_CODE + _varint(2),
 }

@@ -42,7 +42,7 @@ _TYPE, _ = flat_struct(
     "struct probe_event_header", ffi.offsetof("struct probe_event_header", "tid")
 )
 # Every record starts with the same header fields.
-_HEADER_NAMES = (
+_HEADER_NAMES: Final = (
     "header.tid",
     "header.conn.pid",
     "header.conn.fd",
@@ -86,6 +86,7 @@ _CONN_HEADER, _ = flat_struct("struct probe_conn_event", only=_HEADER_NAMES)
 # Their sizes and bound unpack methods, read once: compiled, a Final is a
 # constant of the C code, where a Struct's method is looked up at every call.
 _TYPE_SIZE: Final = _TYPE.size
+_DATA_HEADER_SIZE: Final = DATA_HEADER_SIZE
 _CONN_SIZE: Final = _CONN.size
 _unpack_type: Final = _TYPE.unpack_from
 _unpack_data: Final = _DATA.unpack_from
@@ -102,8 +103,8 @@ _EVENT_EXEC: Final = lib.PROBE_EVENT_EXEC
 _DATA_TLS: Final = lib.PROBE_DATA_TLS
 _AF_INET: Final = lib.PROBE_AF_INET
 _AF_INET6: Final = lib.PROBE_AF_INET6
-_DIRECTIONS = {member.value: member for member in Direction}
-_ROLES = {member.value: member for member in Role}
+_DIRECTIONS: Final = {member.value: member for member in Direction}
+_ROLES: Final = {member.value: member for member in Role}
 
 
 # Addresses and process names, as the kernel sends them -> as text. A node's
@@ -113,9 +114,9 @@ _ROLES = {member.value: member for member in Role}
 MAX_REMEMBERED = 4096
 K = TypeVar("K")
 V = TypeVar("V")
-_ipv4_addresses: dict[bytes, str] = {}  # by the whole field: no slice made to look one up
-_ipv6_addresses: dict[bytes, str] = {}
-_comms: dict[bytes, str] = {}
+_ipv4_addresses: Final[dict[bytes, str]] = {}  # by the whole field: no slice made to look one up
+_ipv6_addresses: Final[dict[bytes, str]] = {}
+_comms: Final[dict[bytes, str]] = {}
 
 
 def _remember(remembered: dict[K, V], key: K, value: V) -> V:
@@ -145,7 +146,7 @@ def _endpoint(family: int, addr: bytes, port: int) -> Endpoint | None:
 # (the kernel's clock when it first saw the connection): a connection sends
 # many records, and its key is built at the first. A CLOSE takes its own out;
 # past MAX_REMEMBERED, the memory starts over too.
-_keys: dict[int, ConnKey] = {}
+_keys: Final[dict[int, ConnKey]] = {}
 
 
 def _key(pid: int, fd: int, generation: int) -> ConnKey:
@@ -168,7 +169,7 @@ def decode(raw: bytes) -> KernelEvent | None:
         return None
     (kind,) = _unpack_type(raw)
     if kind == _EVENT_DATA:
-        if len(raw) < DATA_HEADER_SIZE:
+        if len(raw) < _DATA_HEADER_SIZE:
             return None
         (
             tid, pid, fd, generation, timestamp_ns,
@@ -183,7 +184,7 @@ def decode(raw: bytes) -> KernelEvent | None:
             exit_ns=exit_ns,
             direction=_DIRECTIONS[direction],
             size=size,
-            payload=raw[DATA_HEADER_SIZE : DATA_HEADER_SIZE + captured],
+            payload=raw[_DATA_HEADER_SIZE : _DATA_HEADER_SIZE + captured],
             role=_ROLES.get(role, Role.UNKNOWN),
             goroutine=goroutine,
             tls=bool(flags & _DATA_TLS),

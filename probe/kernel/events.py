@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 
 class Direction(IntEnum):
@@ -41,7 +41,7 @@ class ConnKey(NamedTuple):
     generation: int
 
 
-_tuple_new = tuple.__new__
+_tuple_new: Final = tuple.__new__
 
 
 def conn_key(pid: int, fd: int, generation: int) -> ConnKey:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections import deque
 from collections.abc import Callable
+from typing import Final
 
 from probe.kernel.events import DataEvent, Direction, Role
 from probe.protocol.http1 import (
@@ -31,11 +32,11 @@ from probe.protocol.model import (
 )
 from probe.stats import Stats
 
-MAX_PENDING = 64  # requests awaiting a response, per connection
-MAX_EARLY = 8  # responses reported before their requests, per connection
+MAX_PENDING: Final = 64  # requests awaiting a response, per connection
+MAX_EARLY: Final = 8  # responses reported before their requests, per connection
 # HttpRequest.sequence: the kernel's exchange number, shifted past the order of
 # the requests within one exchange (pipelined requests share a number).
-SEQUENCE_SHIFT = 24
+SEQUENCE_SHIFT: Final = 24
 
 
 class _Pending:

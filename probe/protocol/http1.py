@@ -36,20 +36,20 @@ import httptools
 from probe.protocol.model import HttpMessage, HttpRequest, HttpResponse
 from probe.stats import Stats
 
-MAX_HEAD_SIZE = 64 * 1024  # a longer head is not HTTP worth buffering for
-MAX_CHUNK_LINE = 1024  # chunk size plus extensions
+MAX_HEAD_SIZE: Final = 64 * 1024  # a longer head is not HTTP worth buffering for
+MAX_CHUNK_LINE: Final = 1024  # chunk size plus extensions
 # Keep-alive traffic repeats its heads byte for byte (a client its request, a
 # server its response within the second of its Date): a head is parsed once,
 # then remembered, if it is at most HEAD_CACHE_MAX bytes long, among the
 # HEAD_CACHE_SIZE most recent of requests and as many of responses.
-HEAD_CACHE_SIZE = 256
-HEAD_CACHE_MAX = 2048
+HEAD_CACHE_SIZE: Final = 256
+HEAD_CACHE_MAX: Final = 2048
 
-_REQUEST_START = re.compile(rb"[A-Z][A-Z0-9_-]{0,31} ")
-_REQUEST_PREFIX = re.compile(rb"[A-Z][A-Z0-9_-]{0,31}\Z")
-_RESPONSE_START = b"HTTP/1."
-_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
-_VERSIONS = ("1.0", "1.1")
+_REQUEST_START: Final = re.compile(rb"[A-Z][A-Z0-9_-]{0,31} ")
+_REQUEST_PREFIX: Final = re.compile(rb"[A-Z][A-Z0-9_-]{0,31}\Z")
+_RESPONSE_START: Final = b"HTTP/1."
+_CHUNK_SIZE: Final = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_VERSIONS: Final = ("1.0", "1.1")
 
 _Parser = TypeVar("_Parser", httptools.HttpRequestParser, httptools.HttpResponseParser)
 

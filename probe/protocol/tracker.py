@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Final
 
 from probe.kernel.events import (
     ConnClose,
@@ -36,10 +37,10 @@ from probe.stats import Stats
 Resolver = Callable[[int, int], tuple[Endpoint | None, Endpoint | None]]
 """(pid, fd) -> (local, peer) addresses of a connection opened before the probe."""
 
-CLOSED = "connection closed before response"
-EXITED = "process exited before response"
-EVICTED = "connection evicted before response"
-STOPPED = "probe stopped before response"
+CLOSED: Final = "connection closed before response"
+EXITED: Final = "process exited before response"
+EVICTED: Final = "connection evicted before response"
+STOPPED: Final = "probe stopped before response"
 
 # A client connection by (its local address, its peer's): the local address
 # is None while unknown, and then the connection may be any server's peer.

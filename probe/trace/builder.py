@@ -27,23 +27,25 @@ from probe.trace.span import (
     StatusCode,
 )
 
-KNOWN_METHODS = frozenset(
+KNOWN_METHODS: Final = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY"}
 )
-CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
-REDACTED = "REDACTED"
-OTHER = "_OTHER"  # the conventions' value for anything outside a known set
-INFORMATIONAL_EVENT = "http.informational_response"
+CREDENTIAL_HEADERS: Final = frozenset(
+    {"authorization", "proxy-authorization", "cookie", "set-cookie"}
+)
+REDACTED: Final = "REDACTED"
+OTHER: Final = "_OTHER"  # the conventions' value for anything outside a known set
+INFORMATIONAL_EVENT: Final = "http.informational_response"
 
-_KINDS = {Role.SERVER: SpanKind.SERVER, Role.CLIENT: SpanKind.CLIENT}
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+_KINDS: Final = {Role.SERVER: SpanKind.SERVER, Role.CLIENT: SpanKind.CLIENT}
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 # error.type must stay low-cardinality: a short token is kept, free text is not.
-_ERROR_TOKEN = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_ERROR_TOKEN: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
 # (address, port) attribute names, spelled out once rather than per span
-_SERVER = ("server.address", "server.port")
-_CLIENT = ("client.address", "client.port")
-_NETWORK_PEER = ("network.peer.address", "network.peer.port")
-_NETWORK_LOCAL = ("network.local.address", "network.local.port")
+_SERVER: Final = ("server.address", "server.port")
+_CLIENT: Final = ("client.address", "client.port")
+_NETWORK_PEER: Final = ("network.peer.address", "network.peer.port")
+_NETWORK_LOCAL: Final = ("network.local.address", "network.local.port")
 # Shared attributes of connections' first spans, by what they are made from
 # (SpanBuilder._first_span_attributes); started over when full.
 MAX_FIRST_SPAN_TEMPLATES = 4096

@@ -54,6 +54,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Final
 
 from probe.kernel.events import ConnKey, Endpoint, Role
 from probe.protocol.model import ConnectionInfo, HttpExchange, HttpRequest
@@ -61,31 +62,31 @@ from probe.stats import Stats
 from probe.trace.span import Attributes, Span, SpanLink, new_span_id, new_trace_id
 from probe.trace.traceparent import find_traceparent
 
-TRACEPARENT = "traceparent"
-SAME_HOST = "same_host"
-GOROUTINE = "goroutine"
-THREAD = "thread"
-INFERRED = "inferred"
-NONE = "none"
+TRACEPARENT: Final = "traceparent"
+SAME_HOST: Final = "same_host"
+GOROUTINE: Final = "goroutine"
+THREAD: Final = "thread"
+INFERRED: Final = "inferred"
+NONE: Final = "none"
 
-RULE_ATTRIBUTE = "probe.link.rule"
-INFERRED_ATTRIBUTE = "probe.link.inferred"
-DEFAULT_WAIT_NS = 500_000_000
-MAX_CONTEXTS = 65536  # requests in progress
+RULE_ATTRIBUTE: Final = "probe.link.rule"
+INFERRED_ATTRIBUTE: Final = "probe.link.inferred"
+DEFAULT_WAIT_NS: Final = 500_000_000
+MAX_CONTEXTS: Final = 65536  # requests in progress
 # Ended spans awaiting their trace. Each holds a whole span (a few KB), so
 # this bound is what caps the linker's memory: 8192 is more than 8,000 spans
 # a second waiting the default 500 ms.
-MAX_HELD_SPANS = 8192
-MAX_PROCESSES = 4096  # cached answers to "is this process Go?"
+MAX_HELD_SPANS: Final = 8192
+MAX_PROCESSES: Final = 4096  # cached answers to "is this process Go?"
 # Server connections whose client end is known to be untraced. Forgetting one
 # costs only a wait: its next request waits again.
-MAX_LONE_CONNECTIONS = 16384
+MAX_LONE_CONNECTIONS: Final = 16384
 
 _RequestKey = tuple[ConnKey, int]  # a connection and the request's order on it
 _Wire = tuple[Endpoint, Endpoint, int]  # (client's address, server's address, order)
 _Slot = tuple[int, str, int]  # (pid, "thread" | "goroutine" | "process", id)
-_LINKED_ROLES = frozenset({Role.CLIENT, Role.SERVER})  # UNKNOWN: never inferred
-_LINK_COUNTERS = {
+_LINKED_ROLES: Final = frozenset({Role.CLIENT, Role.SERVER})  # UNKNOWN: never inferred
+_LINK_COUNTERS: Final = {
     rule: f"links_{rule}" for rule in (TRACEPARENT, SAME_HOST, GOROUTINE, THREAD, INFERRED, NONE)
 }
 

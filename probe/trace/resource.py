@@ -18,7 +18,7 @@ import socket
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 from urllib.parse import unquote
 
 from probe.trace.span import Attributes, Resource
@@ -26,10 +26,10 @@ from probe.trace.span import Attributes, Resource
 if TYPE_CHECKING:  # imported by the daemon only: it loads the kubernetes client
     from probe.trace.kubernetes import PodMetadata
 
-UNKNOWN_SERVICE = "unknown_service"
+UNKNOWN_SERVICE: Final = "unknown_service"
 # Images of one process kept described: an earlier image's connections mostly
 # end at the exec (close-on-exec), and a process rarely execs more than once.
-IMAGES_KEPT = 4
+IMAGES_KEPT: Final = 4
 
 
 class _Process:
@@ -48,13 +48,13 @@ class _Process:
 # A container runtime names the process's cgroup after the container's 64-hex
 # id: "/docker/<id>", "docker-<id>.scope", "cri-containerd-<id>.scope",
 # "crio-<id>.scope", "libpod-<id>.scope", "/kubepods/.../pod<uid>/<id>".
-_CONTAINER_SEGMENT = re.compile(r"(?:[\w.-]*?[-:])?([0-9a-f]{64})(?:\.scope)?")
+_CONTAINER_SEGMENT: Final = re.compile(r"(?:[\w.-]*?[-:])?([0-9a-f]{64})(?:\.scope)?")
 
 # The kubelet names a pod's cgroup after the pod's UID: "pod<uid>" with the
 # cgroupfs driver, "kubepods[-<qos>]-pod<uid>.slice" with the systemd one,
 # which turns the UID's dashes into underscores. A static pod's UID is a hash
 # without dashes.
-_POD_SEGMENT = re.compile(
+_POD_SEGMENT: Final = re.compile(
     r"(?:kubepods(?:-[a-z]+)?-)?pod([0-9a-f]{8}(?:[-_]?[0-9a-f]{4}){3}[-_]?[0-9a-f]{12})(?:\.slice)?"
 )
 

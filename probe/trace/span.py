@@ -59,8 +59,8 @@ class SpanLink:
 
 # The ids of a span built before it is linked: all zero, which W3C and OTLP
 # hold invalid, so never taken for real ones. The linker gives the real ids.
-UNSET_TRACE_ID = bytes(16)
-UNSET_SPAN_ID = bytes(8)
+UNSET_TRACE_ID: Final = bytes(16)
+UNSET_SPAN_ID: Final = bytes(8)
 
 _POOL_BYTES: Final = 4096
 
