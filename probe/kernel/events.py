@@ -41,13 +41,14 @@ class ConnKey(NamedTuple):
     generation: int
 
 
-_tuple_new: Final = tuple.__new__
+# Named tuples built in C: a named tuple's own ``__new__`` is Python code.
+tuple_new: Final = tuple.__new__
 
 
 def conn_key(pid: int, fd: int, generation: int) -> ConnKey:
     """``ConnKey(pid, fd, generation)``, built in C: a named tuple's own
     ``__new__`` is Python code, about 150 ns more, and every record has a key."""
-    return _tuple_new(ConnKey, (pid, fd, generation))
+    return tuple_new(ConnKey, (pid, fd, generation))
 
 
 class Endpoint(NamedTuple):
@@ -57,7 +58,7 @@ class Endpoint(NamedTuple):
 
 def endpoint(address: str, port: int) -> Endpoint:
     """``Endpoint(address, port)``, built in C, as `conn_key` builds keys."""
-    return _tuple_new(Endpoint, (address, port))
+    return tuple_new(Endpoint, (address, port))
 
 
 @dataclass(slots=True, init=False)

@@ -54,9 +54,9 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, NamedTuple
 
-from probe.kernel.events import ConnKey, Endpoint, Role
+from probe.kernel.events import ConnKey, Endpoint, Role, tuple_new
 from probe.protocol.model import ConnectionInfo, HttpExchange, HttpRequest
 from probe.stats import Stats
 from probe.trace.span import Attributes, Span, SpanLink, new_span_id, new_trace_id
@@ -84,11 +84,20 @@ MAX_LONE_CONNECTIONS: Final = 16384
 
 _RequestKey = tuple[ConnKey, int]  # a connection and the request's order on it
 _Wire = tuple[Endpoint, Endpoint, int]  # (client's address, server's address, order)
-_Slot = tuple[int, str, int]  # (pid, "thread" | "goroutine" | "process", id)
 _LINKED_ROLES: Final = frozenset({Role.CLIENT, Role.SERVER})  # UNKNOWN: never inferred
 _LINK_COUNTERS: Final = {
     rule: f"links_{rule}" for rule in (TRACEPARENT, SAME_HOST, GOROUTINE, THREAD, INFERRED, NONE)
 }
+
+
+class _Slot(NamedTuple):
+    """Where a SERVER span is served while in progress. A named tuple, built
+    once a request: compiled, a plain tuple type is kept unboxed and made into
+    a new tuple object (its ints into new int objects) at every dict it keys."""
+
+    pid: int
+    kind: str  # "thread", "goroutine", or "process" (a Go program's, no goroutine known)
+    id: int  # the thread's or goroutine's id; 0 for a process
 
 
 @dataclass(eq=False, slots=True, init=False)
@@ -297,9 +306,9 @@ class SpanLinker:
     def _find_server(self, context: _Context, pid: int, request: HttpRequest) -> None:
         """Inside the process: the SERVER span this CLIENT request was made for."""
         slot = self._slot(pid, request)
-        servers = self._in_progress.get(slot) if slot[1] != "process" else None
+        servers = self._in_progress.get(slot) if slot.kind != "process" else None
         if servers is not None and len(servers) == 1:
-            self._adopt(context, servers[0], GOROUTINE if slot[1] == "goroutine" else THREAD)
+            self._adopt(context, servers[0], GOROUTINE if slot.kind == "goroutine" else THREAD)
             return
         if not servers and pid in self._slots_by_pid:  # handed to another thread, or no goroutine
             servers = [s for k in self._slots_by_pid[pid] for s in self._in_progress[k]]
@@ -312,17 +321,27 @@ class SpanLinker:
         """Registers an in-progress SERVER span where its CLIENT requests will look."""
         slot = self._slot(pid, request)
         context.slot = slot
-        self._in_progress.setdefault(slot, []).append(context)
-        self._slots_by_pid.setdefault(pid, set()).add(slot)
+        servers = self._in_progress.get(slot)
+        if servers is not None:
+            servers.append(context)
+            return
+        self._in_progress[slot] = [context]  # a slot is in both or in neither
+        slots = self._slots_by_pid.get(pid)
+        if slots is None:
+            self._slots_by_pid[pid] = {slot}
+        else:
+            slots.add(slot)
 
     def _slot(self, pid: int, request: HttpRequest) -> _Slot:
         if request.goroutine:
-            return (pid, "goroutine", request.goroutine)
+            return tuple_new(_Slot, (pid, "goroutine", request.goroutine))
         if pid not in self._go:
             if len(self._go) >= MAX_PROCESSES:
                 self._go.clear()
             self._go[pid] = self._is_go(pid)
-        return (pid, "process", 0) if self._go[pid] else (pid, "thread", request.tid)
+        if self._go[pid]:
+            return tuple_new(_Slot, (pid, "process", 0))
+        return tuple_new(_Slot, (pid, "thread", request.tid))
 
     def _wake_servers(self, client: _Context) -> None:
         """A CLIENT request reported after the SERVER end it caused (ring-buffer order)."""
@@ -370,17 +389,18 @@ class SpanLinker:
 
     def _unregister(self, context: _Context) -> None:
         """The request ended or was forgotten: it is no longer anyone's candidate."""
-        if context.slot is not None:
-            servers = self._in_progress.get(context.slot)
+        slot = context.slot
+        if slot is not None:
+            servers = self._in_progress.get(slot)
             if servers is not None and context in servers:
                 servers.remove(context)
                 if not servers:
-                    del self._in_progress[context.slot]
-                    slots = self._slots_by_pid.get(context.slot[0])
+                    del self._in_progress[slot]
+                    slots = self._slots_by_pid.get(slot.pid)
                     if slots is not None:
-                        slots.discard(context.slot)
+                        slots.discard(slot)
                         if not slots:
-                            del self._slots_by_pid[context.slot[0]]
+                            del self._slots_by_pid[slot.pid]
             context.slot = None
         if context.role == Role.CLIENT and context.wire is not None:
             clients = self._clients.get(context.wire)
