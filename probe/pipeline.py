@@ -271,7 +271,7 @@ class Pipeline:
                 shed,
             )
             self._shed_told, self._shed_told_at = shed, now
-        for name, value in counters.items():  # totals: set, not added (Stats is a Counter)
+        for name, value in counters.items():  # totals: set, not added
             self.stats[name] = value
 
     def drain(self) -> None:
