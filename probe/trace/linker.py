@@ -180,7 +180,9 @@ class SpanLinker:
         self._client_end = client_end
         self._max_contexts = max_contexts
         self._max_held = max_held
-        self._started: OrderedDict[_RequestKey, _Context] = OrderedDict()
+        # In the order they started (a dict's): the oldest is evicted first. Not
+        # an OrderedDict, whose every insertion and pop costs a method call.
+        self._started: dict[_RequestKey, _Context] = {}
         self._held: OrderedDict[_Context, None] = OrderedDict()  # ended, trace not final
         self._in_progress: dict[_Slot, list[_Context]] = {}  # SERVER spans by slot
         self._slots_by_pid: dict[int, set[_Slot]] = {}
@@ -205,7 +207,7 @@ class SpanLinker:
         if key in self._started:
             return
         if len(self._started) >= self._max_contexts:
-            _, evicted = self._started.popitem(last=False)
+            evicted = self._started.pop(next(iter(self._started)))
             self._unregister(evicted)
             self._stats["link_contexts_evicted"] += 1
         context = _Context(key, connection.role, request.start_ns)
