@@ -10,7 +10,7 @@ client's local address, learnt after connect() returned) is decoded into a
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
 from probe.kernel.contract import DATA_HEADER_SIZE, ffi, flat_struct, lib
@@ -232,8 +232,8 @@ class RecordReader:
     def __init__(
         self,
         max_batch: int,
-        ignored: Mapping[ConnKey, None],
-        awaiting_address: Mapping[ConnKey, ConnOpen],
+        ignored: dict[ConnKey, None],
+        awaiting_address: dict[ConnKey, ConnOpen],
         settle: Callable[[KernelEvent, list[KernelEvent]], None],
     ) -> None:
         self.batch: list[KernelEvent] = []

@@ -60,6 +60,7 @@ class ConnectionTracker:
         "_by_pid",
         "_client_ends",
         "_sniffed",
+        "_recent",
     )
 
     def __init__(
@@ -77,6 +78,9 @@ class ConnectionTracker:
         self._max_connections = max_connections
         # insertion order doubles as recency order: the first entry is evicted first
         self._connections: OrderedDict[ConnKey, HttpConnection] = OrderedDict()
+        # The key last moved or added to the end, if still there: a connection's
+        # records come in runs, and each move is a method call (compiled).
+        self._recent: ConnKey | None = None
         self._by_pid: dict[int, set[ConnKey]] = {}
         # Open CLIENT connections, counted by addresses: those whose role was
         # CLIENT when added (a role is learnt later only for sniffed ones, and
@@ -95,8 +99,9 @@ class ConnectionTracker:
             connection = self._connections.get(event.key)
             if connection is None:
                 connection = self._unseen(event)
-            else:
+            elif event.key is not self._recent:  # decode gives a connection one key object
                 self._connections.move_to_end(event.key)
+                self._recent = event.key
             connection.feed(event)
         elif isinstance(event, ConnOpen):
             if event.key not in self._connections:
@@ -147,6 +152,7 @@ class ConnectionTracker:
             evicted.close(EVICTED)
         connection = HttpConnection(info, self._emit, self._stats, on_request=self._on_request)
         self._connections[info.key] = connection
+        self._recent = info.key
         self._by_pid.setdefault(info.key.pid, set()).add(info.key)
         end = _client_end(info)
         if end is not None:

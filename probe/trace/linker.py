@@ -78,6 +78,7 @@ MAX_CONTEXTS: Final = 65536  # requests in progress
 # a second waiting the default 500 ms.
 MAX_HELD_SPANS: Final = 8192
 MAX_PROCESSES: Final = 4096  # cached answers to "is this process Go?"
+MAX_THREAD_SLOTS: Final = 4096  # threads' slots kept to be used again
 # Server connections whose client end is known to be untraced. Forgetting one
 # costs only a wait: its next request waits again.
 MAX_LONE_CONNECTIONS: Final = 16384
@@ -152,6 +153,7 @@ class SpanLinker:
         "_held",
         "_in_progress",
         "_slots_by_pid",
+        "_thread_slots",
         "_clients",
         "_waiting",
         "_deadlines",
@@ -186,6 +188,7 @@ class SpanLinker:
         self._held: OrderedDict[_Context, None] = OrderedDict()  # ended, trace not final
         self._in_progress: dict[_Slot, list[_Context]] = {}  # SERVER spans by slot
         self._slots_by_pid: dict[int, set[_Slot]] = {}
+        self._thread_slots: dict[int, _Slot] = {}  # by thread id: a thread serves many requests
         self._clients: dict[_Wire, list[_Context]] = {}  # CLIENT requests in progress
         self._waiting: dict[_Wire, list[_Context]] = {}  # SERVER roots awaiting a client
         self._deadlines: deque[tuple[int, _Context]] = deque()
@@ -337,13 +340,19 @@ class SpanLinker:
     def _slot(self, pid: int, request: HttpRequest) -> _Slot:
         if request.goroutine:
             return tuple_new(_Slot, (pid, "goroutine", request.goroutine))
-        if pid not in self._go:
+        is_go = self._go.get(pid)
+        if is_go is None:
             if len(self._go) >= MAX_PROCESSES:
                 self._go.clear()
-            self._go[pid] = self._is_go(pid)
-        if self._go[pid]:
+            is_go = self._go[pid] = self._is_go(pid)
+        if is_go:
             return tuple_new(_Slot, (pid, "process", 0))
-        return tuple_new(_Slot, (pid, "thread", request.tid))
+        slot = self._thread_slots.get(request.tid)
+        if slot is None or slot.pid != pid:  # a thread id is reused only after its thread ended
+            if len(self._thread_slots) >= MAX_THREAD_SLOTS:
+                self._thread_slots.clear()
+            slot = self._thread_slots[request.tid] = tuple_new(_Slot, (pid, "thread", request.tid))
+        return slot
 
     def _wake_servers(self, client: _Context) -> None:
         """A CLIENT request reported after the SERVER end it caused (ring-buffer order)."""

@@ -80,6 +80,7 @@ class ResourceDetector:
         self._max_entries = max_entries
         self._hostname = socket.gethostname() if hostname is None else hostname
         self._cache: OrderedDict[int, _Process] = OrderedDict()
+        self._recent = -1  # the pid last moved or added to the end, if still there
 
     def detect(self, pid: int, comm: str = "", image: int | None = None) -> Resource:
         """The resource of ``pid`` as image number ``image`` (None: the image
@@ -96,7 +97,9 @@ class ResourceDetector:
                 process.current = image
             resource = process.resources.get(image)
             if resource is not None:
-                self._cache.move_to_end(pid)
+                if pid != self._recent:  # every span asks: most ask for the last pid again
+                    self._cache.move_to_end(pid)
+                    self._recent = pid
                 return resource
         attributes = self._read(pid, comm)
         resource = Resource(attributes)
@@ -108,6 +111,7 @@ class ResourceDetector:
         if "process.executable.name" in attributes and not (self._kubernetes and pod_pending):
             if process is None:
                 process = self._cache[pid] = _Process(image or 0)
+                self._recent = pid
                 if len(self._cache) > self._max_entries:
                     self._cache.popitem(last=False)
             process.remember(process.current if image is None else image, resource)

@@ -178,6 +178,20 @@ def test_an_event_loop_never_gets_a_silent_parent() -> None:
     assert host.stats["link_wait_expired"] == 2
 
 
+def test_a_thread_is_known_by_its_process_and_id() -> None:
+    """A thread's slot is kept for its next requests; another process's
+    request on a thread of the same id is not in that slot."""
+    host = Host(wait_ns=0)
+    _, a_in = host.connect(1, 2, 8080)
+    c_out, _ = host.connect(3, 4, 9090)
+    first = host.end(host.start(a_in, 10, tid=21), 11)  # process 2's thread 21, once
+    server = host.start(a_in, 12, tid=21, sequence=1)
+    client = host.start(c_out, 13, tid=21)  # process 3's thread 21
+    client_span, server_span = host.end(client, 14), host.end(server, 15)
+    assert client_span.parent_span_id is None and client_span.links == []
+    assert client_span.trace_id not in {first.trace_id, server_span.trace_id}
+
+
 def test_work_handed_to_another_thread_is_an_inferred_link() -> None:
     host = Host(wait_ns=0)
     _, a_in = host.connect(1, 2, 8080)

@@ -188,6 +188,22 @@ def test_cache_is_bounded_least_recently_used(tmp_path):
     assert detector.detect(2).attributes["service.name"] == "changed"
 
 
+def test_cache_recency_follows_every_detection(tmp_path):
+    detector = ResourceDetector(tmp_path, max_entries=2, hostname="node-1")
+    for pid in (1, 2, 3):
+        make_process(tmp_path, pid)
+    for pid in (1, 2, 1):
+        detector.detect(pid)
+    two = detector.detect(2)
+    detector.detect(2)  # 2 last asked for, twice: 1 is the older
+    detector.detect(3)  # evicts 1
+    for pid in (1, 2):
+        (tmp_path / str(pid) / "environ").write_bytes(b"OTEL_SERVICE_NAME=changed\0")
+
+    assert detector.detect(2) is two
+    assert detector.detect(1).attributes["service.name"] == "changed"
+
+
 def test_real_process_reads_as_expected():
     attributes = ResourceDetector(hostname="node-1").detect(os.getpid()).attributes
 

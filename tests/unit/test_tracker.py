@@ -70,6 +70,20 @@ def test_process_exit_closes_only_that_process(make_wire, recorder) -> None:
     assert recorder.stats["connections_closed"] == 2
 
 
+def test_connections_used_in_turn_are_evicted_by_their_last_use(make_wire, make_recorder) -> None:
+    """Recency follows every record, runs on one connection and turns between two."""
+    recorder = make_recorder(max_connections=2)
+    first = make_wire(key=ConnKey(1, 3, 1))
+    second = make_wire(clock=first.clock, key=ConnKey(1, 4, 2))
+    recorder.feed(first.open(), second.open(), first.read(GET), second.read(GET))
+    recorder.feed(second.write(OK), second.read(GET))  # a run on second: first is older
+    recorder.feed(make_wire(clock=first.clock, key=ConnKey(1, 5, 3)).open())
+    assert [(e.connection.key, e.error) for e in recorder.exchanges] == [
+        (second.key, None),
+        (first.key, "connection evicted before response"),
+    ]
+
+
 def test_least_recently_used_connection_is_evicted(make_wire, make_recorder) -> None:
     recorder = make_recorder(max_connections=2)
     first = make_wire(key=ConnKey(1, 3, 1))
