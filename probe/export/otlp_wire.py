@@ -37,6 +37,7 @@ SCOPE_NAME: Final = "probe"
 
 # Strings longer than this are rarely repeated: not worth their memory in the cache.
 MAX_CACHED_STRING: Final = 256
+MAX_CACHED_NAMES: Final = 4096  # span names (a method, or a method and a route)
 
 _VARINT, _FIXED64, _LEN = 0, 1, 2
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -115,6 +116,19 @@ _STATUS_CODE_FIELDS: Final = {
     StatusCode.OK: _STATUS_CODE + _varint(1),
     StatusCode.ERROR: _STATUS_CODE + _varint(2),
 }
+
+# A span's ids (16 and 8 bytes, as OTLP has them) and times, fields every span
+# has, each group packed in one call: (tag, length, id) per id; (tag, fixed64)
+# per time. Single-byte tags, which these field numbers have.
+_TRACE_ID_SIZE, _SPAN_ID_SIZE = 16, 8
+_IDS: Final = struct.Struct("<BB16sBB8s").pack
+_IDS_AND_PARENT: Final = struct.Struct("<BB16sBB8sBB8s").pack
+_TIMES: Final = struct.Struct("<BQBQ").pack
+_TRACE_ID_TAG: Final = _SPAN_TRACE_ID[0]
+_SPAN_ID_TAG: Final = _SPAN_SPAN_ID[0]
+_PARENT_SPAN_ID_TAG: Final = _SPAN_PARENT_SPAN_ID[0]
+_START_TIME_TAG: Final = _SPAN_START_TIME[0]
+_END_TIME_TAG: Final = _SPAN_END_TIME[0]
 
 
 def _string_field(tag: bytes, text: str) -> bytes:
@@ -247,6 +261,7 @@ class TraceRequestEncoder:
         # id(shared attributes) -> (them, their KeyValue fields), held as resources are:
         # the shared attributes of a connection's spans, encoded once per connection.
         self._shared: dict[int, tuple[Attributes, bytes]] = {}
+        self._names: dict[str, bytes] = {}  # span name -> its field: names repeat
         # id(resource) -> (resource, its Resource field). The entry holds the resource
         # so that its id cannot pass to another while cached; a Resource does not
         # change once made.
@@ -295,22 +310,56 @@ class TraceRequestEncoder:
     def _span_field(self, span: Span) -> bytes:
         # The fields' pieces, joined once: no bytes made per field on the way.
         parts: list[bytes] = []
-        _add_bytes(parts, _SPAN_TRACE_ID, span.trace_id)
-        _add_bytes(parts, _SPAN_SPAN_ID, span.span_id)
-        _add_bytes(parts, _SPAN_PARENT_SPAN_ID, span.parent_span_id or b"")
-        _add_bytes(parts, _SPAN_NAME, span.name.encode())
+        trace_id, span_id, parent_id = span.trace_id, span.span_id, span.parent_span_id
+        if len(trace_id) == _TRACE_ID_SIZE and len(span_id) == _SPAN_ID_SIZE:
+            if parent_id is None:
+                parts.append(_IDS(_TRACE_ID_TAG, 16, trace_id, _SPAN_ID_TAG, 8, span_id))
+            elif len(parent_id) == _SPAN_ID_SIZE:
+                parts.append(
+                    _IDS_AND_PARENT(
+                        _TRACE_ID_TAG, 16, trace_id, _SPAN_ID_TAG, 8, span_id,
+                        _PARENT_SPAN_ID_TAG, 8, parent_id,
+                    )
+                )  # fmt: skip
+            else:
+                self._add_ids(parts, span)
+        else:
+            self._add_ids(parts, span)
+        parts.append(self._name_field(span.name))
         parts.append(_KIND_FIELDS[span.kind])
-        _add_fixed64(parts, _SPAN_START_TIME, span.start_time_unix_nano)
-        _add_fixed64(parts, _SPAN_END_TIME, span.end_time_unix_nano)
+        start, end = span.start_time_unix_nano, span.end_time_unix_nano
+        if start and end:
+            parts.append(_TIMES(_START_TIME_TAG, start, _END_TIME_TAG, end))
+        else:
+            _add_fixed64(parts, _SPAN_START_TIME, start)
+            _add_fixed64(parts, _SPAN_END_TIME, end)
         if span.shared_attributes:
             parts.append(self._shared_fields(span.shared_attributes))
         self._span_attributes.append_fields(parts, span.attributes)
-        parts += map(_event_field, span.events)
-        parts += map(_link_field, span.links)
+        if span.events:  # each test saves a map and its call, most spans having none
+            parts += map(_event_field, span.events)
+        if span.links:
+            parts += map(_link_field, span.links)
         if span.status_code is not StatusCode.UNSET:
             status = _string_field(_STATUS_MESSAGE, span.status_message)
             parts.append(_len_field(_SPAN_STATUS, status + _STATUS_CODE_FIELDS[span.status_code]))
         return _len_field(_SCOPE_SPANS_SPANS, b"".join(parts))
+
+    @staticmethod
+    def _add_ids(parts: list[bytes], span: Span) -> None:
+        """Ids of other sizes than OTLP's, or an empty parent id: as they are."""
+        _add_bytes(parts, _SPAN_TRACE_ID, span.trace_id)
+        _add_bytes(parts, _SPAN_SPAN_ID, span.span_id)
+        _add_bytes(parts, _SPAN_PARENT_SPAN_ID, span.parent_span_id or b"")
+
+    def _name_field(self, name: str) -> bytes:
+        field = self._names.get(name)
+        if field is None:
+            field = _string_field(_SPAN_NAME, name)
+            if len(self._names) >= MAX_CACHED_NAMES:
+                self._names.clear()
+            self._names[name] = field
+        return field
 
     def _shared_fields(self, shared: Attributes) -> bytes:
         cached = self._shared.get(id(shared))

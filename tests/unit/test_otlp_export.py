@@ -124,6 +124,32 @@ def test_root_client_span_without_status():
     assert not span.HasField("status")
 
 
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"trace_id": b"\x07" * 4, "span_id": b"\x08" * 3},  # not OTLP's sizes: kept as they are
+        {"parent_span_id": b""},  # an empty parent: no parent
+        {"parent_span_id": b"\x09" * 9},
+        {"start_time_unix_nano": 0, "end_time_unix_nano": 5},  # zero: left out
+        {"end_time_unix_nano": 0, "name": ""},
+    ],
+)
+def test_ids_times_and_names_as_given(changes: dict) -> None:
+    spans = [full_span(**changes), full_span(**changes)]  # the second from the encoder's caches
+    request = decoded(spans)
+    for span, sent in zip(request.resource_spans[0].scope_spans[0].spans, spans, strict=True):
+        assert (span.trace_id, span.span_id, span.parent_span_id or None) == (
+            sent.trace_id,
+            sent.span_id,
+            sent.parent_span_id or None,
+        )
+        assert (span.start_time_unix_nano, span.end_time_unix_nano, span.name) == (
+            sent.start_time_unix_nano,
+            sent.end_time_unix_nano,
+            sent.name,
+        )
+
+
 def test_spans_are_grouped_by_resource_in_order():
     spans = [
         full_span(RESOURCE_A, name="a1"),
