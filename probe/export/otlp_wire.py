@@ -40,9 +40,15 @@ MAX_CACHED_STRING: Final = 256
 MAX_CACHED_NAMES: Final = 4096  # span names (a method, or a method and a route)
 
 _VARINT, _FIXED64, _LEN = 0, 1, 2
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_INT64_MIN: Final = -(2**63)
+_INT64_MAX: Final = 2**63 - 1
+# Below this, an int is one machine word to compiled code, where bigger ones
+# (such as the bounds above) take the slow way of every comparison.
+_SMALL_INT: Final = 2**62
 _ONE_BYTE: Final = [bytes((n,)) for n in range(0x80)]
 _FIXED64_LE: Final = struct.Struct("<Q").pack
+_TWO_BYTES: Final = struct.Struct("<BB").pack
+_THREE_BYTES: Final = struct.Struct("<BBB").pack
 _DOUBLE_LE: Final = struct.Struct("<d").pack
 
 
@@ -50,6 +56,11 @@ def _varint(value: int) -> bytes:
     """An unsigned integer in base-128, least significant group first."""
     if value < 0x80:
         return _ONE_BYTE[value]
+    # Two and three bytes (a span's size, a port) packed at once: no list made.
+    if value < 0x4000:
+        return _TWO_BYTES(value & 0x7F | 0x80, value >> 7)
+    if value < 0x20_0000:
+        return _THREE_BYTES(value & 0x7F | 0x80, value >> 7 & 0x7F | 0x80, value >> 14)
     groups = []
     while value >= 0x80:
         groups.append(value & 0x7F | 0x80)
@@ -161,6 +172,8 @@ def _any_value(value: AttributeValue) -> bytes:
     if isinstance(value, bool):
         return _ANY_BOOL + _ONE_BYTE[value]
     if isinstance(value, int):
+        if 0 <= value < _SMALL_INT:
+            return _ANY_INT + _varint(value)
         if not _INT64_MIN <= value <= _INT64_MAX:
             raise ValueError(f"attribute value out of int64 range: {value}")
         return _ANY_INT + _varint(value & 0xFFFF_FFFF_FFFF_FFFF)  # two's complement, 10 bytes
@@ -175,8 +188,12 @@ def _any_value(value: AttributeValue) -> bytes:
 def _key_value_field(tag: bytes, key_field: bytes, value: AttributeValue) -> bytes:
     """One attribute as a KeyValue field with the given tag; ``key_field`` is its key's."""
     any_value = _any_value(value)
-    value_field = _KEY_VALUE_VALUE + _varint(len(any_value)) + any_value
-    return tag + _varint(len(key_field) + len(value_field)) + key_field + value_field
+    any_size = _varint(len(any_value))
+    size = len(key_field) + len(_KEY_VALUE_VALUE) + len(any_size) + len(any_value)
+    # Sizes first, then one join: a pair that is not cached (a client's port, on
+    # a connection's first span) is encoded at each span, with no bytes made
+    # for the value field on the way.
+    return b"".join((tag, _varint(size), key_field, _KEY_VALUE_VALUE, any_size, any_value))
 
 
 def _attribute_fields(tag: bytes, attributes: Attributes) -> list[bytes]:

@@ -164,6 +164,15 @@ def test_spans_are_grouped_by_resource_in_order():
     assert grouped == [(RESOURCE_A.attributes, ["a1", "a2"]), (RESOURCE_B.attributes, ["b1"])]
 
 
+def test_varint_boundaries_round_trip():
+    """Ints and sizes at each width of their base-128 encoding (1 to 10 bytes)."""
+    edges = [0, 127, 128, 2**14 - 1, 2**14, 2**21 - 1, 2**21, 2**62 - 1, 2**62, 2**63 - 1]
+    attributes = {f"n{i}": n for i, n in enumerate(edges)}
+    attributes |= {"negative": -1, "lowest": -(2**63), "long": "x" * 2**14, "longer": "y" * 2**21}
+    span = only_span(decoded([full_span(attributes=attributes)]))
+    assert decode_attributes(span.attributes) == attributes
+
+
 attribute_values = st.one_of(
     st.text(max_size=20),
     st.booleans(),
