@@ -139,6 +139,8 @@ class HttpConnection:
             self._emit(
                 HttpExchange(self.info, pending.request, None, pending.informational, error=reason)
             )
+        self._requests.detach()
+        self._responses.detach()
 
     # -- StreamSink: what the streams report
 

@@ -86,6 +86,25 @@ class StreamSink(Protocol):
         """The method of the request the next response answers, if known."""
 
 
+class _DetachedSink:
+    """The sink of a stream whose connection is gone: hears nothing, knows nothing."""
+
+    def message_started(self, stream: MessageStream) -> None:
+        pass
+
+    def head_parsed(self, message: HttpMessage) -> None:
+        pass
+
+    def message_ended(self, message: HttpMessage) -> None:
+        pass
+
+    def answered_method(self) -> str | None:
+        return None
+
+
+_DETACHED: Final = _DetachedSink()
+
+
 # States and body framings are plain ints, not Enums: they are read at every
 # step of every syscall, and each read of an Enum member is a metaclass lookup.
 # Final: compiled (probe.compiled), they become constants in the C code.
@@ -339,6 +358,13 @@ class MessageStream:
         self._state = _State.STOPPED
         self._message = None
         self._buf.clear()
+
+    def detach(self) -> None:
+        """Let go of the sink, for good: a connection and its streams hold each
+        other, and once closed they are then freed at once, by reference
+        counting, not left for the cyclic garbage collector to find."""
+        self.stop()
+        self._sink = _DETACHED
 
     # -- what requests and responses do differently
 

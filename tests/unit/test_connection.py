@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -209,6 +211,20 @@ def test_close_before_response(wire, recorder) -> None:
         ("/slow", None, "connection closed before response"),
         ("/slower", None, "connection closed before response"),
     ]
+
+
+def test_a_closed_connection_leaves_no_cycle(wire, recorder) -> None:
+    """A connection and its streams let go of each other at close: freed by
+    reference counting, with no work left for the cyclic collector."""
+    gc.collect()
+    gc.disable()
+    try:
+        recorder.feed(wire.open(), wire.read(get()), wire.write(ok(b"x")), wire.read(get()))
+        recorder.feed(wire.close())
+        assert len(recorder.tracker) == 0 and len(recorder.exchanges) == 2
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
 
 
 def test_process_exit_before_response(wire, recorder) -> None:
