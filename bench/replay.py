@@ -26,6 +26,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from probe.commands.run import GC_YOUNG_THRESHOLD
 from probe.export.otlp_wire import TraceRequestEncoder
 from probe.kernel.contract import ffi, lib
 from probe.kernel.loader import EventSource, ProbeOptions
@@ -178,9 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     # As `probe run` does once started: what is alive now lives as long as
-    # the process, and full collections need not walk it.
+    # the process, and full collections need not walk it; the youngest
+    # generation is collected as seldom.
     gc.collect()
     gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     results = {
         pattern: measure(pattern, args.requests, args.repeats) for pattern in ("keepalive", "close")
     }
