@@ -86,6 +86,11 @@ def _data_record(fd: int, generation: int, at_ns: int, direction: int, payload: 
     return header + payload
 
 
+def records_of(pattern: str, requests: int) -> int:
+    """How many of `records`' first records are those of ``requests`` requests."""
+    return 1 + 2 * requests if pattern == "keepalive" else 4 * requests
+
+
 def records(pattern: str, requests: int) -> list[bytes]:
     """The kernel's records for ``requests`` requests, 10 us apart."""
     start = time.monotonic_ns()

@@ -12,6 +12,7 @@ DEBIAN_PACKAGES=(
     iproute2 procps                          # ip netns for tests, ps/pkill
     nginx curl golang-go openssl             # real servers and clients for tests
     wrk hey nghttp2-client                   # load generators for `make bench`
+    valgrind                                 # bench.instructions: instructions per request
 )
 
 say() { printf 'setup: %s\n' "$*" >&2; }
