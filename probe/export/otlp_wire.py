@@ -131,7 +131,8 @@ _STATUS_CODE_FIELDS: Final = {
 # A span's ids (16 and 8 bytes, as OTLP has them) and times, fields every span
 # has, each group packed in one call: (tag, length, id) per id; (tag, fixed64)
 # per time. Single-byte tags, which these field numbers have.
-_TRACE_ID_SIZE, _SPAN_ID_SIZE = 16, 8
+_TRACE_ID_SIZE: Final = 16
+_SPAN_ID_SIZE: Final = 8
 _IDS: Final = struct.Struct("<BB16sBB8s").pack
 _IDS_AND_PARENT: Final = struct.Struct("<BB16sBB8sBB8s").pack
 _TIMES: Final = struct.Struct("<BQBQ").pack
