@@ -331,12 +331,18 @@ class TraceRequestEncoder:
         trace_id, span_id, parent_id = span.trace_id, span.span_id, span.parent_span_id
         if len(trace_id) == _TRACE_ID_SIZE and len(span_id) == _SPAN_ID_SIZE:
             if parent_id is None:
-                parts.append(_IDS(_TRACE_ID_TAG, 16, trace_id, _SPAN_ID_TAG, 8, span_id))
+                parts.append(
+                    _IDS(
+                        _TRACE_ID_TAG, _TRACE_ID_SIZE, trace_id,
+                        _SPAN_ID_TAG, _SPAN_ID_SIZE, span_id,
+                    )
+                )  # fmt: skip
             elif len(parent_id) == _SPAN_ID_SIZE:
                 parts.append(
                     _IDS_AND_PARENT(
-                        _TRACE_ID_TAG, 16, trace_id, _SPAN_ID_TAG, 8, span_id,
-                        _PARENT_SPAN_ID_TAG, 8, parent_id,
+                        _TRACE_ID_TAG, _TRACE_ID_SIZE, trace_id,
+                        _SPAN_ID_TAG, _SPAN_ID_SIZE, span_id,
+                        _PARENT_SPAN_ID_TAG, _SPAN_ID_SIZE, parent_id,
                     )
                 )  # fmt: skip
             else:

@@ -92,9 +92,10 @@ _LINK_COUNTERS: Final = {
 
 
 class _Slot(NamedTuple):
-    """Where a SERVER span is served while in progress. A named tuple, built
-    once a request: compiled, a plain tuple type is kept unboxed and made into
-    a new tuple object (its ints into new int objects) at every dict it keys."""
+    """Where a SERVER span is served while in progress. A named tuple, one
+    object from start to end (a thread's kept for its next requests): compiled,
+    a plain tuple type is kept unboxed and made into a new tuple object (its
+    ints into new int objects) at every dict it keys."""
 
     pid: int
     kind: str  # "thread", "goroutine", or "process" (a Go program's, no goroutine known)
