@@ -101,4 +101,5 @@ fi
 # The hot path as C extensions (probe/compiled.py): a no-op when current.
 # Without them probe runs from source, at about twice the CPU.
 "$VENV/bin/python" scripts/compile.py || say "WARNING: the hot path was not compiled; probe runs from source"
+touch "$stamp"  # make's mark that this script, as it is now, has run
 say "ready: $VENV/bin/probe"
