@@ -65,14 +65,10 @@ def _count(pattern: str, requests: int, total: int) -> int:
 def _play(pattern: str, requests: int, total: int) -> None:
     """The child: the records of ``total`` requests made, the first ``requests``' played."""
     # Imported here: the parent only starts valgrind.
-    import gc
-
     from bench import replay
-    from probe.commands.run import GC_YOUNG_THRESHOLD
+    from probe.commands.run import settle_heap
     from probe.export.batch import SUCCESS, BatchSpanProcessor, SendOutcome
     from probe.export.otlp_wire import TraceRequestEncoder
-    from probe.kernel.loader import EventSource, ProbeOptions
-    from probe.pipeline import Pipeline, ProcessFilter
     from probe.stats import Stats
 
     class Discarding:
@@ -93,24 +89,12 @@ def _play(pattern: str, requests: int, total: int) -> None:
             pass
 
     records = replay.records(pattern, total)[: replay.records_of(pattern, requests)]
-    # As probe run holds its heap once started.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+    settle_heap()  # as probe run does once started
     stats = Stats()
     exporter = Discarding()
     processor = BatchSpanProcessor(exporter, stats, max_queue_size=8192)
-    source = EventSource(ProbeOptions(), stats)
-    excluded = ProcessFilter(exclude_comm_patterns=("wrk", "h2load"))
-    pipeline = Pipeline(source, [processor], stats, process_filter=excluded, link_wait_ns=0)
-    reader = source._reader  # the per-record callback libbcc would call
-    for first in range(0, len(records), replay.READ_BATCH):
-        for record in records[first : first + replay.READ_BATCH]:
-            reader(None, record, len(record))
-        batch, reader.batch = reader.batch, []
-        for event in batch:
-            pipeline.handle(event)
-        pipeline.tick()
+    pipeline, reader = replay.pipeline_for(processor, stats)
+    replay.play(records, pipeline, reader)
     processor.force_flush()
     processor.shutdown()
     if exporter.spans != requests:

@@ -17,7 +17,6 @@ the whole probe costs.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import statistics
@@ -26,9 +25,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from probe.commands.run import GC_YOUNG_THRESHOLD
+from probe.commands.run import settle_heap
 from probe.export.otlp_wire import TraceRequestEncoder
+from probe.export.processor import SpanProcessor
 from probe.kernel.contract import ffi, lib
+from probe.kernel.decode import RecordReader
 from probe.kernel.loader import EventSource, ProbeOptions
 from probe.pipeline import Pipeline, ProcessFilter
 from probe.stats import Stats
@@ -138,17 +139,17 @@ class _Encode:
         return self.force_flush()
 
 
-def replay(recorded: Sequence[bytes]) -> tuple[float, _Encode]:
-    """CPU seconds to read, decode and process ``recorded``, and the encoder
-    that took the spans (its own time not counted in the first)."""
-    stats = Stats()
+def pipeline_for(processor: SpanProcessor, stats: Stats) -> tuple[Pipeline, RecordReader]:
+    """A pipeline into ``processor`` and the per-record callback libbcc would call."""
     source = EventSource(ProbeOptions(), stats)
-    encode = _Encode()
     # A filter, as a daemon run with --exclude-comm has; no wait for parents.
     excluded = ProcessFilter(exclude_comm_patterns=("wrk", "h2load"))
-    pipeline = Pipeline(source, [encode], stats, process_filter=excluded, link_wait_ns=0)
-    reader = source._reader  # the per-record callback libbcc would call
-    started = time.process_time()
+    pipeline = Pipeline(source, [processor], stats, process_filter=excluded, link_wait_ns=0)
+    return pipeline, source._reader
+
+
+def play(recorded: Sequence[bytes], pipeline: Pipeline, reader: RecordReader) -> None:
+    """``recorded`` through ``reader`` and ``pipeline``, as `Pipeline.run` takes them."""
     for first in range(0, len(recorded), READ_BATCH):
         for record in recorded[first : first + READ_BATCH]:
             reader(None, record, len(record))
@@ -156,6 +157,15 @@ def replay(recorded: Sequence[bytes]) -> tuple[float, _Encode]:
         for event in batch:
             pipeline.handle(event)
         pipeline.tick()
+
+
+def replay(recorded: Sequence[bytes]) -> tuple[float, _Encode]:
+    """CPU seconds to read, decode and process ``recorded``, and the encoder
+    that took the spans (its own time not counted in the first)."""
+    encode = _Encode()
+    pipeline, reader = pipeline_for(encode, Stats())
+    started = time.process_time()
+    play(recorded, pipeline, reader)
     encode.force_flush()
     return time.process_time() - started - encode.seconds, encode
 
@@ -183,12 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
-    # As `probe run` does once started: what is alive now lives as long as
-    # the process, and full collections need not walk it; the youngest
-    # generation is collected as seldom.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+    settle_heap()  # as probe run does once started
     results = {
         pattern: measure(pattern, args.requests, args.repeats) for pattern in ("keepalive", "close")
     }

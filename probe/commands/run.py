@@ -161,6 +161,20 @@ def lower_priority(nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, int(tid), nice)
 
 
+def settle_heap() -> None:
+    """The garbage collector set for a running daemon, once start-up is done.
+
+    What start-up made (modules, bcc's tables, parsers, caches) lives as long
+    as the process: full collections need not walk it again. A request makes
+    some ten objects the collector tracks and reference counting frees nearly
+    all of them (nothing on the hot path is left in a cycle): collecting every
+    700 of them, as Python does by default, mostly walks spans waiting for
+    export."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         config = load(overrides(args), os.environ, args.config)
@@ -224,15 +238,7 @@ def run(args: argparse.Namespace) -> int:
             on_tick=[governor.tick] if governor else [],
             untraced_endpoints=exporter_endpoints(config.otlp_endpoint),
         )
-        # What start-up made (modules, bcc's tables, parsers, caches) lives as
-        # long as the process: full collections need not walk it again.
-        gc.collect()
-        gc.freeze()
-        # A request makes some ten objects the collector tracks and reference
-        # counting frees nearly all of them (nothing on the hot path is left in
-        # a cycle): collecting every 700 of them, as Python does by default,
-        # mostly walks spans waiting for export.
-        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+        settle_heap()
         pipeline.run(stop)
         log.info("stopping: flushing %d queued spans", processor.queue_depth())
         pipeline.finish(SHUTDOWN_DEADLINE_MS)
