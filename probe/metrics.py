@@ -41,6 +41,8 @@ COUNTERS = {
     "exchanges_shed": "Exchanges over the exchange rate limit, shed whole in the kernel",
     "parse_errors": "HTTP messages that could not be parsed",
     "connections_opened": "Connections the probe started tracking",
+    "addresses_looked_up": "Connections whose addresses the kernel did not send, "
+    "looked up in /proc instead",
     "spans_produced": "Spans built from HTTP exchanges",
     "spans_exported": "Spans the collector accepted",
     "spans_dropped": "Spans dropped because the export queue was full or the probe stopped",

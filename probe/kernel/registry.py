@@ -137,6 +137,9 @@ class ConnectionRegistry:
 
     def _open(self, event: ConnOpen, batch: list[KernelEvent]) -> None:
         if event.local is None or event.peer is None:
+            # The kernel could not send them (see sockets.lookup): a read of
+            # the process's whole TCP table, counted, as it costs far more.
+            self._stats["addresses_looked_up"] += 1
             found = sockets.lookup(event.key.pid, event.key.fd)
             # A connection the kernel saw open (connect/accept) and that is
             # already closed is kept, without addresses. One picked up from

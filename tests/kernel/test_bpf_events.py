@@ -92,6 +92,7 @@ def test_one_exchange_seen_from_both_ends(body_file: Path, task_storage: bool) -
     assert server_open.local.port == port and client_open.peer.port == port
     assert server_open.peer == client_open.local  # mirrored 4-tuple
     assert server_open.local == client_open.peer
+    assert stats["addresses_looked_up"] == 0  # the kernel sent both ends' addresses
 
     data = [e for e in events if isinstance(e, DataEvent)]
     client_out = [e for e in data if e.key.pid == client_pid and e.direction == Direction.EGRESS]
@@ -429,6 +430,23 @@ def _peer_events(source: EventSource, mode: str, port: int, count: int, wait_s: 
     return collect(
         source, lambda evs: any(isinstance(e, ProcessExit) and e.pid == peer.pid for e in evs)
     )
+
+
+def test_every_accepted_connection_gets_its_local_address_from_the_kernel() -> None:
+    """300 connections in turn, each accepted by the same process: the
+    kernel keeps each server end's local address from the socket's
+    ESTABLISHED to accept()'s return, so every OPEN carries its four-tuple,
+    the client end's mirrored, and user space looks none up in /proc."""
+    count, port, stats = 300, free_port(), Stats()
+    with EventSource(ProbeOptions(ports=(port,)), stats) as source:
+        events = _peer_events(source, "conversations", port, count, wait_s=30)
+    opens = [e for e in events if isinstance(e, ConnOpen)]
+    servers = {(e.local, e.peer) for e in opens if e.role == Role.SERVER}
+    clients = {(e.peer, e.local) for e in opens if e.role == Role.CLIENT}
+    assert len(servers) == count
+    assert servers == clients
+    assert {local.port for local, _ in servers} == {port}
+    assert stats["addresses_looked_up"] == 0
 
 
 def _over_the_rate(mode: str, count: int, wait_s: float = 20) -> tuple[list, int, int]:

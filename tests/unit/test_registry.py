@@ -73,15 +73,18 @@ def test_a_client_waits_for_its_address_then_opens_before_its_data() -> None:
     assert (opened.local, opened.peer) == (CLIENT, SERVER)
     assert kernel.asked == [("scan", 7)]  # the process's first connection
     assert stats["connections_traced"] == 1
+    assert stats["addresses_looked_up"] == 0  # the kernel sent both
 
 
 def test_data_or_a_close_before_the_address_lets_the_connection_go_without_it() -> None:
-    registry = ConnectionRegistry(RecordingKernel(), Stats())
+    stats = Stats()
+    registry = ConnectionRegistry(RecordingKernel(), stats)
     key = ConnKey(7, 3, 100)
     opened = ConnOpen(key, 7, 1, Role.CLIENT, None, SERVER)
     closed = ConnClose(key, 7, 3)
     assert settle_all(registry, opened, closed) == [opened, closed]
     assert not registry.awaiting_address
+    assert stats["addresses_looked_up"] == 1  # in /proc, where pid 7 is no such socket
 
 
 @pytest.mark.parametrize("last", ["data", "close"])
