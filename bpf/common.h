@@ -115,19 +115,91 @@ BPF_TABLE("lru_hash", struct probe_conn_key, struct probe_conn_state, conns, PRO
  * to be a leftover (socket_data.bpf.c, announce()). */
 BPF_TABLE("lru_hash", u32, u64, fds_reset_ns, PROBE_MAX_INFLIGHT);
 
+/* Slots of arrays through which one program hands another what it learnt of
+ * a connection, where an LRU hash's update, then lookup and delete, would
+ * allocate and free an element under the LRU's locks, and a full one evict at
+ * every update: an accepted connection's local address cost about 500 ns of
+ * its kernel time in one (nginx, a connection per request), and remembering a
+ * client connection whose server is not traced here about 1 us in another.
+ * A slot is picked by a Fibonacci hash of its key and taken with a
+ * compare-and-swap. One held by another connection's entry is overwritten,
+ * and one being written or read is passed over: either way the program that
+ * looks for the entry misses it, and does without (see each use). */
+enum slot_state {
+	SLOT_EMPTY = 0,
+	SLOT_BUSY = 1, /* being written or read */
+	SLOT_FULL = 2,
+};
+
+static __always_inline u32 slot_index(u32 key, u32 bits)
+{
+	return (key * 2654435769u) >> (32 - bits);
+}
+
+/* Takes a slot (its 64-bit state: BPF's compare-and-swap) in state `from`, or fails. */
+static __always_inline bool take_slot(u64 *state, u64 from)
+{
+	return __sync_val_compare_and_swap(state, from, SLOT_BUSY) == from;
+}
+
+/* Takes a slot to write a new entry in, whatever it held. */
+static __always_inline bool take_slot_to_write(u64 *state)
+{
+	return take_slot(state, SLOT_EMPTY) || take_slot(state, SLOT_FULL);
+}
+
+/* Gives a slot taken back, in state `to`; the compare-and-swap orders the
+ * writes made while it was held before it. */
+static __always_inline void give_slot(u64 *state, u64 to)
+{
+	__sync_val_compare_and_swap(state, SLOT_BUSY, to);
+}
+
+/* Words of two structs of `size` bytes (a multiple of 8) equal: BPF has no memcmp. */
+static __always_inline bool same_words(const void *a, const void *b, u32 size)
+{
+	const u64 *x = a, *y = b;
+#pragma unroll
+	for (u32 i = 0; i < size / 8; i++)
+		if (x[i] != y[i])
+			return false;
+	return true;
+}
+
 #if PROBE_EXCHANGE_RATE
 /* A TCP connection's two ends as its client names them, IPv4-mapped IPv6
  * addresses as IPv4 (a dual-stack socket's end must meet an IPv4 one). */
-struct conn_ends {
+struct __attribute__((aligned(8))) conn_ends {
 	struct probe_endpoint client;
 	struct probe_endpoint server;
 };
 
 /* Traced client connections by their ends, for their server end, if it is
  * traced on this host too, to find at its first request (socket_data.bpf.c,
- * pair_ends()). The entries of clients of other hosts are never taken: the
- * LRU drops them. */
-BPF_TABLE("lru_hash", struct conn_ends, struct probe_conn_id, client_ends, 16384);
+ * pair_ends()). Slots of clients of other hosts are never taken: later
+ * connections overwrite them. A same-host client's overwritten or passed
+ * over leaves its two ends unpaired: each judges its exchanges for the rate
+ * limit on its own. */
+#define CLIENT_END_SLOT_BITS 14
+struct client_end {
+	u64 state; /* enum slot_state */
+	struct conn_ends ends;
+	struct probe_conn_id conn;
+};
+BPF_ARRAY(client_ends, struct client_end, 1 << CLIENT_END_SLOT_BITS);
+
+static __always_inline struct client_end *client_end_slot(const struct conn_ends *ends)
+{
+	u32 words[4];
+	__builtin_memcpy(&words[0], &ends->client.addr[0], 4);
+	__builtin_memcpy(&words[1], &ends->client.addr[12], 4);
+	__builtin_memcpy(&words[2], &ends->server.addr[0], 4);
+	__builtin_memcpy(&words[3], &ends->server.addr[12], 4);
+	u32 key = words[0] ^ words[1] ^ words[2] ^ words[3] ^
+		  (ends->client.port | (u32)ends->server.port << 16);
+	u32 index = slot_index(key, CLIENT_END_SLOT_BITS);
+	return client_ends.lookup(&index);
+}
 
 static __always_inline void ends_endpoint(struct probe_endpoint *out,
 					  const struct probe_endpoint *in)
@@ -156,7 +228,12 @@ static __always_inline void remember_client(const struct probe_conn_id *conn,
 	struct conn_ends ends = {};
 	ends_endpoint(&ends.client, local);
 	ends_endpoint(&ends.server, peer);
-	client_ends.update(&ends, conn);
+	struct client_end *slot = client_end_slot(&ends);
+	if (slot && take_slot_to_write(&slot->state)) {
+		slot->ends = ends;
+		slot->conn = *conn;
+		give_slot(&slot->state, SLOT_FULL);
+	}
 }
 #endif
 

@@ -41,13 +41,9 @@ BPF_TABLE("lru_hash", u64, struct connecting, connecting, 4096);
 
 /* A freshly established server-side socket's local address, kept by its peer's
  * address from ESTABLISHED (in softirq: no process is known yet) until accept()
- * returns it, in a slot of an array picked by a hash of the peer. An LRU hash's
- * update, then lookup and delete, took about 500 ns of each accepted
- * connection's kernel time (nginx, a connection per request); a slot takes a
- * few compare-and-swaps. A slot held by another connection's entry is
- * overwritten, and one being written or read is passed over: either way that
- * connection's accept() finds no entry of its peer, and user space looks its
- * local address up while the socket is open (counted: addresses_looked_up). */
+ * returns it, in a slot (common.h). An accept() that finds no slot of its
+ * peer leaves the local address to user space, which looks it up while the
+ * socket is open (counted: addresses_looked_up). */
 struct __attribute__((aligned(8))) peer_key {
 	u8 addr[16];
 	u16 port;
@@ -56,47 +52,21 @@ struct __attribute__((aligned(8))) peer_key {
 };
 
 #define ACCEPTED_SLOT_BITS 12
-#define ACCEPTED_SLOTS (1 << ACCEPTED_SLOT_BITS)
-enum accepted_state {
-	ACCEPTED_EMPTY = 0,
-	ACCEPTED_BUSY = 1, /* being written or read: taken with a compare-and-swap */
-	ACCEPTED_FULL = 2,
-};
-struct accepted_slot {
-	u64 state; /* enum accepted_state; 64-bit: BPF's compare-and-swap */
+struct accepted {
+	u64 state; /* enum slot_state */
 	struct peer_key peer;
 	struct probe_endpoint local;
 };
-BPF_ARRAY(accepted_local, struct accepted_slot, ACCEPTED_SLOTS);
+BPF_ARRAY(accepted_local, struct accepted, 1 << ACCEPTED_SLOT_BITS);
 
-static __always_inline struct accepted_slot *accepted_slot(const struct peer_key *peer)
+static __always_inline struct accepted *accepted_slot(const struct peer_key *peer)
 {
 	u32 first, last;
 	__builtin_memcpy(&first, &peer->addr[0], 4);
 	__builtin_memcpy(&last, &peer->addr[12], 4);
-	/* Fibonacci hashing: on one host the peers differ mostly in their port. */
-	u32 index = ((first ^ last ^ peer->port) * 2654435769u) >> (32 - ACCEPTED_SLOT_BITS);
+	/* On one host the peers differ mostly in their port. */
+	u32 index = slot_index(first ^ last ^ peer->port, ACCEPTED_SLOT_BITS);
 	return accepted_local.lookup(&index);
-}
-
-static __always_inline bool same_peer(const struct peer_key *a, const struct peer_key *b)
-{
-	/* Three words: BPF has no memcmp. */
-	const u64 *x = (const u64 *)a, *y = (const u64 *)b;
-	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2];
-}
-
-/* Takes a slot in `from` state for the caller to write or read, or fails. */
-static __always_inline bool take_accepted_slot(struct accepted_slot *slot, u64 from)
-{
-	return __sync_val_compare_and_swap(&slot->state, from, ACCEPTED_BUSY) == from;
-}
-
-/* Gives a slot taken with take_accepted_slot() back, in state `to`; the
- * compare-and-swap orders the writes made while it was held before it. */
-static __always_inline void give_accepted_slot(struct accepted_slot *slot, u64 to)
-{
-	__sync_val_compare_and_swap(&slot->state, ACCEPTED_BUSY, to);
 }
 
 /* Saves connect()'s or accept()'s arguments, if the thread is traced: its
@@ -206,12 +176,12 @@ static __always_inline void accept_returned(long ret)
 		__builtin_memcpy(peer.addr, event.peer.addr, 16);
 		peer.port = event.peer.port;
 		peer.family = event.peer.family;
-		struct accepted_slot *slot = accepted_slot(&peer);
-		if (slot && take_accepted_slot(slot, ACCEPTED_FULL)) {
-			bool ours = same_peer(&slot->peer, &peer);
+		struct accepted *slot = accepted_slot(&peer);
+		if (slot && take_slot(&slot->state, SLOT_FULL)) {
+			bool ours = same_words(&slot->peer, &peer, sizeof(peer));
 			if (ours)
 				event.local = slot->local;
-			give_accepted_slot(slot, ours ? ACCEPTED_EMPTY : ACCEPTED_FULL);
+			give_slot(&slot->state, ours ? SLOT_EMPTY : SLOT_FULL);
 		}
 	}
 	open_connection(pid, tid, (s32)ret, PROBE_ROLE_SERVER, &event);
@@ -309,12 +279,11 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		__builtin_memcpy(peer.addr, tuple.peer.addr, 16);
 		peer.port = tuple.peer.port;
 		peer.family = tuple.peer.family;
-		struct accepted_slot *slot = accepted_slot(&peer);
-		if (slot && (take_accepted_slot(slot, ACCEPTED_EMPTY) ||
-			     take_accepted_slot(slot, ACCEPTED_FULL))) {
+		struct accepted *slot = accepted_slot(&peer);
+		if (slot && take_slot_to_write(&slot->state)) {
 			slot->peer = peer;
 			slot->local = tuple.local;
-			give_accepted_slot(slot, ACCEPTED_FULL);
+			give_slot(&slot->state, SLOT_FULL);
 		}
 	}
 	return 0;
