@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -182,15 +182,22 @@ def floor() -> Iterator[Traced]:
 
 
 @contextlib.contextmanager
-def probe(sink: Sink, settings: Settings) -> Iterator[Traced]:
+def probe(
+    sink: Sink, settings: Settings, tree: Path = REPO, excluded: Sequence[str] = ()
+) -> Iterator[Traced]:
+    """`probe run` from ``tree`` (a checkout of this repository), exporting to
+    ``sink``; ``excluded`` process names are never traced, as the load
+    generators are unless ``settings`` say otherwise."""
     argv = [sys.executable, "-m", "probe", "run", "--metrics-address", "127.0.0.1:0"]
     argv += ["--otlp-endpoint", sink.http_endpoint]  # over the default protocol, http/protobuf
     if settings.exchange_rate is not None:
         argv += ["--max-exchange-rate", str(settings.exchange_rate)]
+    names = list(excluded)
     if not settings.trace_load_generator:
-        for name in load.LOAD_GENERATORS:
-            argv += ["--exclude-comm", name]
-    with Child("probe", argv, env={**os.environ, **SPAN_ENV}, cwd=REPO) as child:
+        names += load.LOAD_GENERATORS
+    for name in names:
+        argv += ["--exclude-comm", name]
+    with Child("probe", argv, env={**os.environ, **SPAN_ENV}, cwd=tree) as child:
         at, _ = child.wait_for(lambda line: line.strip() == "ready", READY_TIMEOUT_S)
         found = re.search(r"metrics on (http://\S+)/metrics", "\n".join(child.tail))
         if found is None:

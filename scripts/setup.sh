@@ -13,6 +13,7 @@ DEBIAN_PACKAGES=(
     nginx curl golang-go openssl             # real servers and clients for tests
     wrk hey nghttp2-client                   # load generators for `make bench`
     valgrind                                 # bench.instructions: instructions per request
+    bpftool                                  # bench.programs: the BPF programs' names
 )
 
 say() { printf 'setup: %s\n' "$*" >&2; }
