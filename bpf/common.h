@@ -136,6 +136,16 @@ static __always_inline u32 slot_index(u32 key, u32 bits)
 	return (key * 2654435769u) >> (32 - bits);
 }
 
+/* An address's part of a slot's key: its first and last words (IPv4 lies in
+ * the first; IPv6 hosts differ mostly in the last). */
+static __always_inline u32 address_key(const u8 *addr)
+{
+	u32 first, last;
+	__builtin_memcpy(&first, &addr[0], 4);
+	__builtin_memcpy(&last, &addr[12], 4);
+	return first ^ last;
+}
+
 /* Takes a slot (its 64-bit state: BPF's compare-and-swap) in state `from`, or fails. */
 static __always_inline bool take_slot(u64 *state, u64 from)
 {
@@ -190,12 +200,7 @@ BPF_ARRAY(client_ends, struct client_end, 1 << CLIENT_END_SLOT_BITS);
 
 static __always_inline struct client_end *client_end_slot(const struct conn_ends *ends)
 {
-	u32 words[4];
-	__builtin_memcpy(&words[0], &ends->client.addr[0], 4);
-	__builtin_memcpy(&words[1], &ends->client.addr[12], 4);
-	__builtin_memcpy(&words[2], &ends->server.addr[0], 4);
-	__builtin_memcpy(&words[3], &ends->server.addr[12], 4);
-	u32 key = words[0] ^ words[1] ^ words[2] ^ words[3] ^
+	u32 key = address_key(ends->client.addr) ^ address_key(ends->server.addr) ^
 		  (ends->client.port | (u32)ends->server.port << 16);
 	u32 index = slot_index(key, CLIENT_END_SLOT_BITS);
 	return client_ends.lookup(&index);

@@ -61,11 +61,8 @@ BPF_ARRAY(accepted_local, struct accepted, 1 << ACCEPTED_SLOT_BITS);
 
 static __always_inline struct accepted *accepted_slot(const struct peer_key *peer)
 {
-	u32 first, last;
-	__builtin_memcpy(&first, &peer->addr[0], 4);
-	__builtin_memcpy(&last, &peer->addr[12], 4);
 	/* On one host the peers differ mostly in their port. */
-	u32 index = slot_index(first ^ last ^ peer->port, ACCEPTED_SLOT_BITS);
+	u32 index = slot_index(address_key(peer->addr) ^ peer->port, ACCEPTED_SLOT_BITS);
 	return accepted_local.lookup(&index);
 }
 
