@@ -37,10 +37,13 @@ class AddressUpdate(ConnOpen):
     __slots__ = ()
 
 
-# A record's type, alone: which layout to unpack the whole record with.
+# A record's type, alone: which layout to unpack the whole record with. A
+# 32-bit word that decode() reads from the bytes themselves.
 _TYPE, _ = flat_struct(
     "struct probe_event_header", ffi.offsetof("struct probe_event_header", "tid")
 )
+if _TYPE.format != "<I":
+    raise RuntimeError(f"bpf/probe.h: a record's type is no longer a u32 at its start: {_TYPE}")
 # Every record starts with the same header fields.
 _HEADER_NAMES: Final = (
     "header.tid",
@@ -88,7 +91,6 @@ _CONN_HEADER, _ = flat_struct("struct probe_conn_event", only=_HEADER_NAMES)
 _TYPE_SIZE: Final = _TYPE.size
 _DATA_HEADER_SIZE: Final = DATA_HEADER_SIZE
 _CONN_SIZE: Final = _CONN.size
-_unpack_type: Final = _TYPE.unpack_from
 _unpack_data: Final = _DATA.unpack_from
 _unpack_conn: Final = _CONN.unpack_from
 _unpack_conn_header: Final = _CONN_HEADER.unpack_from
@@ -167,10 +169,13 @@ def decode(raw: bytes) -> KernelEvent | None:
     """Decode one record; None if it is malformed."""
     if len(raw) < _TYPE_SIZE:
         return None
-    (kind,) = _unpack_type(raw)
+    # Little-endian, as flat_struct reads every field: from the bytes, where a
+    # struct's unpack is a call through Python's protocol.
+    kind = raw[0] | raw[1] << 8 | raw[2] << 16 | raw[3] << 24
     if kind == _EVENT_DATA:
         if len(raw) < _DATA_HEADER_SIZE:
             return None
+        captured: int  # typed: the payload's slice is then compiled, not a call
         (
             tid, pid, fd, generation, timestamp_ns,
             exit_ns, size, goroutine, captured, direction, role, flags, exchange,
