@@ -172,6 +172,21 @@ def test_decode_refuses_an_unknown_direction() -> None:
     assert _decode(record, DATA_HEADER_SIZE) is None
 
 
+def test_decode_reads_a_records_whole_type_word() -> None:
+    """The type is read from the record's first four bytes: a word whose low
+    byte alone names a known type is no such record, nor is a record cut
+    short inside its type."""
+    record = ffi.new("struct probe_data_event *")
+    _header(record, lib.PROBE_EVENT_DATA)
+    record.direction = lib.PROBE_INGRESS
+    assert type(_decode(record, DATA_HEADER_SIZE)) is DataEvent
+    for high_byte in range(1, 4):
+        _header(record, lib.PROBE_EVENT_DATA | 1 << (8 * high_byte))
+        assert _decode(record, DATA_HEADER_SIZE) is None
+    _header(record, lib.PROBE_EVENT_DATA)
+    assert _decode(record, 3) is None
+
+
 def _endpoint(raw, family: int, address: str, port: int) -> None:
     packed = socket.inet_pton(family, address)
     ffi.memmove(raw.addr, packed, len(packed))
