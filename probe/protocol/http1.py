@@ -49,6 +49,8 @@ _REQUEST_START: Final = re.compile(rb"[A-Z][A-Z0-9_-]{0,31} ")
 _REQUEST_PREFIX: Final = re.compile(rb"[A-Z][A-Z0-9_-]{0,31}\Z")
 _RESPONSE_START: Final = b"HTTP/1."
 _CHUNK_SIZE: Final = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_CR: Final = ord("\r")
+_LF: Final = ord("\n")
 _VERSIONS: Final = ("1.0", "1.1")
 
 _Parser = TypeVar("_Parser", httptools.HttpRequestParser, httptools.HttpResponseParser)
@@ -423,7 +425,7 @@ class MessageStream:
             self._state = _State.RESYNC  # a message started in bytes we did not see
             return pos
         # RFC 9112 2.2: empty lines before a start line are ignored
-        while pos < end and data[pos] in b"\r\n":
+        while pos < end and (data[pos] == _CR or data[pos] == _LF):  # `in b"\r\n"`: a call
             pos += 1
         if pos < end:
             self._start_ns, self._tid = self._syscall_ns, self._syscall_tid
