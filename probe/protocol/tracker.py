@@ -78,9 +78,11 @@ class ConnectionTracker:
         self._max_connections = max_connections
         # insertion order doubles as recency order: the first entry is evicted first
         self._connections: OrderedDict[ConnKey, HttpConnection] = OrderedDict()
-        # The key last moved or added to the end, if still there: a connection's
-        # records come in runs, and each move is a method call (compiled).
-        self._recent: ConnKey | None = None
+        # The connection last moved or added to the end, while it is there: a
+        # connection's records come in runs (a request's reads, then its
+        # response's writes), and each lookup in the OrderedDict, and each
+        # move, is a method call (compiled).
+        self._recent: HttpConnection | None = None
         self._by_pid: dict[int, set[ConnKey]] = {}
         # Open CLIENT connections, counted by addresses: those whose role was
         # CLIENT when added (a role is learnt later only for sniffed ones, and
@@ -96,12 +98,15 @@ class ConnectionTracker:
     def handle(self, event: KernelEvent) -> None:
         """Takes one kernel event; exchanges it completes go to ``on_exchange``."""
         if isinstance(event, DataEvent):  # the per-syscall path: kept to one call deep
-            connection = self._connections.get(event.key)
-            if connection is None:
-                connection = self._unseen(event)
-            elif event.key is not self._recent:  # decode gives a connection one key object
-                self._connections.move_to_end(event.key)
-                self._recent = event.key
+            connection = self._recent
+            # decode gives a connection one key object
+            if connection is None or event.key is not connection.info.key:
+                connection = self._connections.get(event.key)
+                if connection is None:
+                    connection = self._unseen(event)
+                else:
+                    self._connections.move_to_end(event.key)
+                    self._recent = connection
             connection.feed(event)
         elif isinstance(event, ConnOpen):
             if event.key not in self._connections:
@@ -133,6 +138,7 @@ class ConnectionTracker:
         """Completes everything pending, e.g. when the probe stops."""
         connections = list(self._connections.values())
         self._connections.clear()
+        self._recent = None
         self._by_pid.clear()
         self._client_ends.clear()
         self._sniffed.clear()
@@ -152,7 +158,7 @@ class ConnectionTracker:
             evicted.close(EVICTED)
         connection = HttpConnection(info, self._emit, self._stats, on_request=self._on_request)
         self._connections[info.key] = connection
-        self._recent = info.key
+        self._recent = connection
         self._by_pid.setdefault(info.key.pid, set()).add(info.key)
         end = _client_end(info)
         if end is not None:
@@ -166,6 +172,8 @@ class ConnectionTracker:
         connection = self._connections.pop(key, None)
         if connection is None:
             return
+        if connection is self._recent:
+            self._recent = None
         self._forget(connection.info)
         self._stats["connections_closed"] += 1
         connection.close(reason)

@@ -103,6 +103,29 @@ def test_least_recently_used_connection_is_evicted(make_wire, make_recorder) -> 
     assert [e.connection.key for e in recorder.exchanges[1:]] == [first.key, first.key]
 
 
+def test_records_after_a_connection_ended_start_a_new_one(make_wire, make_recorder) -> None:
+    """Closed, its process gone, evicted or flushed, a connection takes no
+    more records, not even those of its last run (the tracker keeps the
+    connection it fed last at hand): its key's next record starts another."""
+    recorder = make_recorder(max_connections=1)
+    wire = make_wire(key=ConnKey(1, 3, 1))
+    other = make_wire(clock=wire.clock, key=ConnKey(1, 4, 2))
+    ways_out = (
+        lambda: recorder.feed(wire.close()),
+        lambda: recorder.feed(wire.exit()),
+        lambda: recorder.feed(other.open()),  # evicts wire's: one connection at most
+        recorder.tracker.flush,
+    )
+    for end in ways_out:
+        recorder.feed(wire.read(GET[:5]))  # half a head: the connection is at hand
+        end()
+        recorder.feed(wire.read(GET), wire.write(OK))  # not after that half
+        exchange = recorder.exchanges[-1]
+        assert (exchange.request.target, exchange.error) == ("/x", None)
+    # the first connection, one after each way out, and the one that evicted
+    assert recorder.stats["connections_opened"] == 6
+
+
 def test_flush_completes_everything(make_wire, recorder) -> None:
     server = make_wire(key=ConnKey(1, 3, 1))
     client = make_wire(clock=server.clock, key=ConnKey(2, 3, 2), role=Role.CLIENT)
