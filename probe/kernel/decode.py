@@ -180,14 +180,15 @@ def decode(raw: bytes) -> KernelEvent | None:
             tid, pid, fd, generation, timestamp_ns,
             exit_ns, size, goroutine, captured, direction, role, flags, exchange,
         ) = _unpack_data(raw)  # fmt: skip
-        if direction not in _DIRECTIONS:
+        known_direction = _DIRECTIONS.get(direction)
+        if known_direction is None:
             return None
         return DataEvent(
             key=_key(pid, fd, generation),
             tid=tid,
             enter_ns=timestamp_ns,
             exit_ns=exit_ns,
-            direction=_DIRECTIONS[direction],
+            direction=known_direction,
             size=size,
             payload=raw[_DATA_HEADER_SIZE : _DATA_HEADER_SIZE + captured],
             role=_ROLES.get(role, Role.UNKNOWN),
