@@ -176,6 +176,19 @@ static __always_inline bool same_words(const void *a, const void *b, u32 size)
 	return true;
 }
 
+/* Takes a full slot if the entry it holds is `key`'s (the `size` bytes of its
+ * stored key at `stored`): the caller reads the entry, then gives the slot
+ * back empty. Another key's entry is left as it was, and false returned. */
+static __always_inline bool take_entry(u64 *state, const void *stored, const void *key, u32 size)
+{
+	if (!take_slot(state, SLOT_FULL))
+		return false;
+	if (same_words(stored, key, size))
+		return true;
+	give_slot(state, SLOT_FULL);
+	return false;
+}
+
 #if PROBE_EXCHANGE_RATE
 /* A TCP connection's two ends as its client names them, IPv4-mapped IPv6
  * addresses as IPv4 (a dual-stack socket's end must meet an IPv4 one). */

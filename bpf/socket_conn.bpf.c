@@ -174,11 +174,9 @@ static __always_inline void accept_returned(long ret)
 		peer.port = event.peer.port;
 		peer.family = event.peer.family;
 		struct accepted *slot = accepted_slot(&peer);
-		if (slot && take_slot(&slot->state, SLOT_FULL)) {
-			bool ours = same_words(&slot->peer, &peer, sizeof(peer));
-			if (ours)
-				event.local = slot->local;
-			give_slot(&slot->state, ours ? SLOT_EMPTY : SLOT_FULL);
+		if (slot && take_entry(&slot->state, &slot->peer, &peer, sizeof(peer))) {
+			event.local = slot->local;
+			give_slot(&slot->state, SLOT_EMPTY);
 		}
 	}
 	open_connection(pid, tid, (s32)ret, PROBE_ROLE_SERVER, &event);

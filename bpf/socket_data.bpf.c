@@ -366,13 +366,10 @@ static __always_inline void pair_ends(const struct probe_conn_key *key,
 	ends_endpoint(&ends.client, &state->peer);
 	ends_endpoint(&ends.server, &state->local);
 	struct client_end *slot = client_end_slot(&ends);
-	if (!slot || !take_slot(&slot->state, SLOT_FULL))
+	if (!slot || !take_entry(&slot->state, &slot->ends, &ends, sizeof(ends)))
 		return;
-	bool ours = same_words(&slot->ends, &ends, sizeof(ends));
 	struct probe_conn_id client = slot->conn;
-	give_slot(&slot->state, ours ? SLOT_EMPTY : SLOT_FULL);
-	if (!ours)
-		return;
+	give_slot(&slot->state, SLOT_EMPTY);
 	struct probe_conn_key client_key = {.pid = client.pid, .fd = client.fd};
 	struct probe_conn_state *other = conns.lookup(&client_key);
 	if (!other || other->generation != client.generation || other->ignored)
