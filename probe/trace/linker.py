@@ -98,7 +98,7 @@ class _Slot(NamedTuple):
     ints into new int objects) at every dict it keys."""
 
     pid: int
-    kind: str  # "thread", "goroutine", or "process" (a Go program's, no goroutine known)
+    kind: str  # THREAD, GOROUTINE, or "process" (a Go program's, no goroutine known)
     id: int  # the thread's or goroutine's id; 0 for a process
 
 
@@ -314,7 +314,7 @@ class SpanLinker:
         slot = self._slot(pid, request)
         servers = self._in_progress.get(slot) if slot.kind != "process" else None
         if servers is not None and len(servers) == 1:
-            self._adopt(context, servers[0], GOROUTINE if slot.kind == "goroutine" else THREAD)
+            self._adopt(context, servers[0], GOROUTINE if slot.kind == GOROUTINE else THREAD)
             return
         if not servers and pid in self._slots_by_pid:  # handed to another thread, or no goroutine
             servers = [s for k in self._slots_by_pid[pid] for s in self._in_progress[k]]
@@ -328,19 +328,18 @@ class SpanLinker:
         slot = self._slot(pid, request)
         context.slot = slot
         servers = self._in_progress.get(slot)
-        if servers is not None:
-            servers.append(context)
-            return
-        self._in_progress[slot] = [context]  # a slot is in both or in neither
-        slots = self._slots_by_pid.get(pid)
-        if slots is None:
-            self._slots_by_pid[pid] = {slot}
-        else:
-            slots.add(slot)
+        if servers is None:
+            servers = self._in_progress[slot] = []  # a slot is in both or in neither
+            slots = self._slots_by_pid.get(pid)
+            if slots is None:
+                self._slots_by_pid[pid] = {slot}
+            else:
+                slots.add(slot)
+        servers.append(context)
 
     def _slot(self, pid: int, request: HttpRequest) -> _Slot:
         if request.goroutine:
-            return tuple_new(_Slot, (pid, "goroutine", request.goroutine))
+            return tuple_new(_Slot, (pid, GOROUTINE, request.goroutine))
         is_go = self._go.get(pid)
         if is_go is None:
             if len(self._go) >= MAX_PROCESSES:
@@ -351,9 +350,16 @@ class SpanLinker:
         slot = self._thread_slots.get(request.tid)
         if slot is None or slot.pid != pid:  # a thread id is reused only after its thread ended
             if len(self._thread_slots) >= MAX_THREAD_SLOTS:
-                self._thread_slots.clear()
-            slot = self._thread_slots[request.tid] = tuple_new(_Slot, (pid, "thread", request.tid))
+                self._forget_idle_threads()
+            slot = self._thread_slots[request.tid] = tuple_new(_Slot, (pid, THREAD, request.tid))
         return slot
+
+    def _forget_idle_threads(self) -> None:
+        """Bounds what threads leave behind: their slots, and the registrations
+        that idle threads keep for their next request (see `_unregister`)."""
+        self._thread_slots.clear()
+        for slot in [s for s, servers in self._in_progress.items() if not servers]:
+            self._drop_slot(slot)
 
     def _wake_servers(self, client: _Context) -> None:
         """A CLIENT request reported after the SERVER end it caused (ring-buffer order)."""
@@ -406,13 +412,11 @@ class SpanLinker:
             servers = self._in_progress.get(slot)
             if servers is not None and context in servers:
                 servers.remove(context)
-                if not servers:
-                    del self._in_progress[slot]
-                    slots = self._slots_by_pid.get(slot.pid)
-                    if slots is not None:
-                        slots.discard(slot)
-                        if not slots:
-                            del self._slots_by_pid[slot.pid]
+                # A thread's stays registered, empty, for its next request: a
+                # kept-alive connection's requests would otherwise make and
+                # drop it each time (_forget_idle_threads bounds them).
+                if not servers and slot.kind != THREAD:
+                    self._drop_slot(slot)
             context.slot = None
         if context.role == Role.CLIENT and context.wire is not None:
             clients = self._clients.get(context.wire)
@@ -421,6 +425,14 @@ class SpanLinker:
                 if not clients:
                     del self._clients[context.wire]
             context.wire = None
+
+    def _drop_slot(self, slot: _Slot) -> None:
+        del self._in_progress[slot]
+        slots = self._slots_by_pid.get(slot.pid)
+        if slots is not None:
+            slots.discard(slot)
+            if not slots:
+                del self._slots_by_pid[slot.pid]
 
     # -- exporting
 

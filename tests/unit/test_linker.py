@@ -16,7 +16,7 @@ from probe.protocol.connection import SEQUENCE_SHIFT
 from probe.protocol.model import ConnectionInfo, HttpExchange, HttpRequest, HttpResponse
 from probe.protocol.tracker import ConnectionTracker
 from probe.stats import Stats
-from probe.trace.linker import SpanLinker
+from probe.trace.linker import MAX_THREAD_SLOTS, SpanLinker
 from probe.trace.span import UNSET_SPAN_ID, UNSET_TRACE_ID, Resource, Span, SpanKind
 
 WAIT_NS = 1_000
@@ -413,6 +413,37 @@ def test_memory_is_bounded_and_a_process_exit_forgets_its_threads() -> None:
     span = host.end(host.start(out, 20, tid=21), 21)
     assert span.parent_span_id is None and span.links == []
     assert host.rules() == {"links_none": 1}
+
+
+def test_a_thread_serving_request_after_request_parents_only_the_one_in_progress() -> None:
+    host = Host(wait_ns=0)
+    _, into = host.connect(1, 2, 8080)
+    out, _ = host.connect(2, 3, 9090)
+    first = host.end(host.start(into, 10, tid=21, sequence=1), 11)
+    after_first = host.end(host.start(out, 12, tid=21), 13)
+    second = host.start(into, 14, tid=21, sequence=2)
+    during_second = host.end(host.start(out, 15, tid=21), 16)
+    second_span = host.end(second, 17)
+    assert after_first.parent_span_id is None and after_first.links == []
+    assert first.span_id != second_span.span_id
+    assert during_second.parent_span_id == second_span.span_id
+    assert host.rules() == {"links_none": 3, "links_thread": 1}
+
+
+def test_what_idle_threads_leave_behind_is_bounded() -> None:
+    """A thread stays registered between its requests; thousands of threads
+    that served once do not stay forever, nor does forgetting them lose a
+    request still in progress."""
+    host = Host(wait_ns=0)
+    _, into = host.connect(1, 2, 8080)
+    busy = host.start(into, 1, tid=7, sequence=1)
+    for tid in range(100, 100 + MAX_THREAD_SLOTS + 10):
+        host.end(host.start(into, tid, tid=tid, sequence=tid), tid)
+    assert len(host.linker._in_progress) <= MAX_THREAD_SLOTS
+    assert len(host.linker._slots_by_pid[2]) <= MAX_THREAD_SLOTS
+    out, _ = host.connect(2, 3, 9090)
+    client = host.end(host.start(out, 20_000, tid=7), 20_001)
+    assert client.parent_span_id == host.end(busy, 20_002).span_id
 
 
 def test_held_spans_are_bounded_too() -> None:
