@@ -50,7 +50,7 @@ from bench.workloads import (
     measured_with,
 )
 from probe.compiled import MODULES
-from probe.config import DEFAULT_CPU_PRESSURE_LIMIT, DEFAULT_EXCHANGE_RATE
+from probe.config import DEFAULT_CPU_PRESSURE_LIMIT, DEFAULT_EXCHANGE_RATE, ProbeConfig
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -452,6 +452,10 @@ def run(settings: Settings) -> dict[str, object]:
         # ... lowered while tasks wait for a CPU this share of the time.
         "probe_cpu_pressure_limit": float(
             os.environ.get("PROBE_CPU_PRESSURE_LIMIT") or DEFAULT_CPU_PRESSURE_LIMIT
+        ),
+        # ... and while its export queue of this many spans is three quarters full.
+        "probe_export_queue": int(
+            os.environ.get("OTEL_BSP_MAX_QUEUE_SIZE") or ProbeConfig().bsp_max_queue_size
         ),
         "kernel": platform.release(),
         "cpus": os.cpu_count(),

@@ -190,19 +190,23 @@ def _fmt_summary(summary: Mapping | None, digits: int = 2) -> str:
     return f"{mid} [{low}-{high}]"
 
 
-def _exchange_limit(rate: object, pressure_limit: object) -> str:
-    """The probe's exchange rate limit, and the CPU pressure that lowers it:
-    its saturation figures depend on both."""
+def _exchange_limit(rate: object, pressure_limit: object, export_queue: object = None) -> str:
+    """The probe's exchange rate limit, and what lowers it (the CPU's pressure,
+    the export's backlog, in documents that name them): its saturation
+    figures depend on them."""
     if not isinstance(rate, int):
         return ""
     if rate == 0:
         return ", with no exchange rate limit"
-    lowered = ""
+    shortages = []
     if isinstance(pressure_limit, int | float) and pressure_limit > 0:
-        lowered = (
-            f", fewer while the CPU is short (tasks waiting for one {pressure_limit:.0%}"
+        shortages.append(
+            f"the CPU is short (tasks waiting for one {pressure_limit:.0%}"
             " of the time, under a fifth of it idle)"
         )
+    if isinstance(export_queue, int):
+        shortages.append(f"the export's queue ({export_queue:,} spans) is three quarters full")
+    lowered = f", fewer while {' or '.join(shortages)}" if shortages else ""
     return f", and sheds exchanges over {rate:,} a second{lowered} (see completeness at saturation)"
 
 
@@ -220,7 +224,11 @@ def summary(report: Mapping, targets: Iterable[Mapping]) -> str:
             if meta.get("load_generator_traced")
             else "leaves the load generator untraced"
         )
-        + _exchange_limit(meta.get("probe_exchange_rate"), meta.get("probe_cpu_pressure_limit"))
+        + _exchange_limit(
+            meta.get("probe_exchange_rate"),
+            meta.get("probe_cpu_pressure_limit"),
+            meta.get("probe_export_queue"),
+        )
     )
     for workload, phases in report["workloads"].items():
         lines.append(f"{workload}:")

@@ -43,7 +43,8 @@ The YAML file (every key optional; the variables are in brackets)::
                                        # are shed in the kernel and counted; 0: no limit
                                        # [PROBE_MAX_EXCHANGE_RATE]
       cpu_pressure_limit: 0.1          # while tasks wait for a CPU this share of the time,
-                                       # trace fewer exchanges; 0: never [PROBE_CPU_PRESSURE_LIMIT]
+                                       # trace fewer exchanges (as while the export is behind);
+                                       # 0: not for the CPU [PROBE_CPU_PRESSURE_LIMIT]
       min_exchange_rate: 1000          # ... but at least these a second [PROBE_MIN_EXCHANGE_RATE]
       credentials: false               # keep Authorization, Cookie... [PROBE_CAPTURE_CREDENTIALS]
       redact_query: true               # blank query values in URLs [PROBE_REDACT_QUERY]

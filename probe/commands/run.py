@@ -9,6 +9,7 @@ import gc
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 from probe import compiled
 from probe.commands.capture import (
@@ -132,24 +133,30 @@ def kernel_options(config: ProbeConfig) -> ProbeOptions:
     )
 
 
-def rate_governor(config: ProbeConfig, source: EventSource) -> RateGovernor | None:
-    """What lowers the exchange rate limit while the CPU is short, if it can:
-    there must be a limit, a pressure limit, and a kernel that reports CPU
-    pressure (said once, in the log, if not)."""
-    if not config.max_exchange_rate or not config.cpu_pressure_limit:
+def rate_governor(
+    config: ProbeConfig, source: EventSource, backlog: Callable[[], float]
+) -> RateGovernor | None:
+    """What lowers the exchange rate limit while the CPU is short or the
+    export behind (``backlog``, the share of its queue in use). There must be
+    a limit; the CPU is left out without a pressure limit or a kernel that
+    reports CPU pressure (said once, in the log)."""
+    if not config.max_exchange_rate:
         return None
-    if cpu_stall_us() is None:
+    pressure_limit = config.cpu_pressure_limit or None
+    if pressure_limit is not None and cpu_stall_us() is None:
         logging.getLogger(__name__).info(
             "this kernel does not report CPU pressure (/proc/pressure/cpu): the exchange "
-            "rate limit stays at %d a second however short the CPU",
+            "rate limit stays at %d a second however short the CPU, falling only while "
+            "the export is behind",
             config.max_exchange_rate,
         )
-        return None
+        pressure_limit = None
     return RateGovernor(
         source.set_exchange_rate,
         maximum=config.max_exchange_rate,
         minimum=min(config.min_exchange_rate, config.max_exchange_rate),
-        pressure_limit=config.cpu_pressure_limit,
+        pressure_limit=pressure_limit,
+        backlog=backlog,
     )
 
 
@@ -217,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
             config.otlp_protocol, config.otlp_endpoint, host, port,
         )  # fmt: skip
         print("ready", file=sys.stderr, flush=True)
-        governor = rate_governor(config, source)
+        governor = rate_governor(config, source, processor.backlog)
         pipeline = Pipeline(
             source,
             [processor],

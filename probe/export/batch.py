@@ -214,6 +214,14 @@ class BatchSpanProcessor:
         with self._lock:
             return len(self._queue) + len(self._in_flight)
 
+    def backlog(self) -> float:
+        """The share of the queue's bounds (spans, bytes) in use, in flight
+        included: at 1 the oldest spans start to be dropped."""
+        with self._lock:
+            spans = len(self._queue) + len(self._in_flight)
+            size = self._queue_bytes + self._in_flight_bytes
+        return max(spans / self._max_queue_size, size / self._max_queue_bytes)
+
     def failing_for(self) -> float:
         """Seconds since exports started failing without a success since; 0 while healthy."""
         since = self._failing_since

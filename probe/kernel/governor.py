@@ -1,4 +1,4 @@
-"""Tracing fewer exchanges while the CPU is short.
+"""Tracing fewer exchanges while the CPU is short, or the export behind.
 
 The kernel sheds the exchanges over the rate limit whole, and counts them
 (bpf/socket_data.bpf.c, shed()). `RateGovernor` moves that limit between a
@@ -17,6 +17,12 @@ the pressure is under half its limit or the CPU is idle a fifth of the time,
 it raises the rate a quarter at a time back to the maximum. A node that is
 busy but not short (this VM at 5,000 requests a second: 2-3 % of pressure,
 83-85 % idle) keeps every exchange traced.
+
+The export is behind when its queue is three quarters full (a collector that
+is down, or slower than the spans come): the spans past the queue's bounds
+would be dropped after the whole cost of building them, where an exchange
+shed in the kernel costs nearly nothing. The rate falls the same way, and
+comes back once the queue is a quarter full or less (and the CPU not short).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +42,8 @@ INTERVAL_S = 0.25  # how often the pressure is read and the rate moved
 IDLE_LIMIT = 0.2  # a CPU idle this share of the time or more is not short
 DECREASE = 0.5  # the rate's factor at each reading of a short CPU
 INCREASE = 1.25  # ... and at each reading of one clearly not short
+BACKLOG_BEHIND = 0.75  # the share of the export queue's bounds at which it is behind
+BACKLOG_CLEAR = 0.25  # ... and at or under which it keeps up
 
 
 def cpu_stall_us(path: Path = PRESSURE_FILE) -> int | None:
@@ -68,13 +77,23 @@ def cpu_idle_ticks(path: Path = STAT_FILE) -> tuple[int, int] | None:
     return ticks[3] + ticks[4], sum(ticks)
 
 
+class _Cpu(NamedTuple):
+    pressure: float  # the share of time some task waited for a CPU
+    idle: float  # the share of CPU time idle
+    limit: float  # the pressure at which the CPU is short, if little is idle
+
+
 class RateGovernor:
-    """Moves the kernel's exchange rate limit by CPU pressure and idle time;
-    `tick()` after every poll, it acts every `INTERVAL_S`.
+    """Moves the kernel's exchange rate limit by CPU pressure and idle time,
+    and by the export's backlog; `tick()` after every poll, it acts every
+    `INTERVAL_S`.
 
     ``set_rate`` changes the limit in the kernel (`EventSource.set_exchange_rate`,
-    which reports it); ``stall_us``, ``idle_ticks`` and ``clock`` read the
-    pressure, the idle time and the time.
+    which reports it). ``pressure_limit`` None leaves the CPU out (no limit
+    set, or a kernel without pressure figures); ``stall_us``, ``idle_ticks``
+    and ``clock`` read the pressure, the idle time and the time; ``backlog``
+    the share of the export queue's bounds in use
+    (`BatchSpanProcessor.backlog`).
     """
 
     def __init__(
@@ -83,14 +102,15 @@ class RateGovernor:
         *,
         maximum: int,
         minimum: int,
-        pressure_limit: float,
+        pressure_limit: float | None,
         stall_us: Callable[[], int | None] = cpu_stall_us,
         idle_ticks: Callable[[], tuple[int, int] | None] = cpu_idle_ticks,
+        backlog: Callable[[], float] = lambda: 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not 0 < minimum <= maximum:
             raise ValueError(f"need 0 < minimum ({minimum}) <= maximum ({maximum})")
-        if not 0 < pressure_limit < 1:
+        if pressure_limit is not None and not 0 < pressure_limit < 1:
             raise ValueError(f"pressure limit {pressure_limit}: a share of time, above 0, below 1")
         self._set_rate = set_rate
         self._maximum = maximum
@@ -98,6 +118,7 @@ class RateGovernor:
         self._limit = pressure_limit
         self._stall_us = stall_us
         self._idle_ticks = idle_ticks
+        self._backlog = backlog
         self._clock = clock
         self.rate = maximum
         # (time, stall, idle ticks, all ticks) of the last reading
@@ -109,24 +130,55 @@ class RateGovernor:
         if now < self._due:
             return
         self._due = now + INTERVAL_S
+        cpu, backlog = self._cpu(now), self._backlog()
+        shortage = self._shortage(cpu, backlog)
+        if shortage is not None:
+            rate = max(self._minimum, int(self.rate * DECREASE))
+            if rate != self.rate:
+                self._move(rate, shortage)
+        elif self._keeping_up(cpu, backlog) and self.rate < self._maximum:
+            self._move(min(self._maximum, int(self.rate * INCREASE) + 1), None)
+
+    def _shortage(self, cpu: _Cpu | None, backlog: float) -> tuple[str, str] | None:
+        """Why the rate must fall, if it must, and what the user may do of it."""
+        if backlog >= BACKLOG_BEHIND:
+            return (
+                f"the export is behind (its queue {backlog:.0%} full)",
+                "an exchange shed costs nearly nothing, a span the queue cannot hold "
+                "all of its making (OTEL_BSP_MAX_QUEUE_SIZE bounds the queue)",
+            )
+        if cpu is not None and cpu.pressure >= cpu.limit and cpu.idle < IDLE_LIMIT:
+            return (
+                f"the CPU is short (tasks waited for one {cpu.pressure:.0%} of the time, "
+                f"{cpu.idle:.0%} of it idle)",
+                "capture.cpu_pressure_limit sets the share of time waited at which this happens",
+            )
+        return None
+
+    def _keeping_up(self, cpu: _Cpu | None, backlog: float) -> bool:
+        """Clearly not short: the rate may grow back. Between that and short, it holds."""
+        if backlog > BACKLOG_CLEAR:
+            return False
+        if self._limit is None:
+            return True  # the CPU is not governed
+        return cpu is not None and (cpu.pressure < cpu.limit / 2 or cpu.idle >= IDLE_LIMIT)
+
+    def _cpu(self, now: float) -> _Cpu | None:
+        """The pressure and idle share since the last reading; None without
+        figures (the CPU not governed, the first reading, a kernel without them)."""
+        if self._limit is None:
+            return None
         stall, ticks = self._stall_us(), self._idle_ticks()
         if stall is None or ticks is None:
-            return
+            return None
         last, self._last = self._last, (now, stall, *ticks)
         if last is None or now <= last[0] or ticks[1] <= last[3]:
-            return
+            return None
         pressure = (stall - last[1]) / 1e6 / (now - last[0])
-        idle = (ticks[0] - last[2]) / (ticks[1] - last[3])
-        if pressure >= self._limit and idle < IDLE_LIMIT:
-            rate = max(self._minimum, int(self.rate * DECREASE))
-        elif pressure < self._limit / 2 or idle >= IDLE_LIMIT:
-            rate = min(self._maximum, int(self.rate * INCREASE) + 1)
-        else:
-            return
-        if rate != self.rate:
-            self._move(rate, pressure, idle)
+        return _Cpu(pressure, (ticks[0] - last[2]) / (ticks[1] - last[3]), self._limit)
 
-    def _move(self, rate: int, pressure: float, idle: float) -> None:
+    def _move(self, rate: int, shortage: tuple[str, str] | None) -> None:
+        """Sets the limit; ``shortage`` says why a lowered one is (None: raised)."""
         try:
             self._set_rate(rate)
         except Exception as error:  # noqa: BLE001 - bcc raises plain Exception
@@ -137,13 +189,14 @@ class RateGovernor:
             )  # fmt: skip
             self._due = math.inf
             return
-        if self.rate == self._maximum:
+        if self.rate == self._maximum and shortage is not None:
+            reason, hint = shortage
             log.warning(
-                "the CPU is short (tasks waited for one %.0f%% of the time, %.0f%% of it "
-                "idle): tracing fewer exchanges, at most %d a second for now, not %d; "
-                "capture.cpu_pressure_limit sets the share of time waited at which this happens",
-                pressure * 100, idle * 100, rate, self._maximum,
+                "%s: tracing fewer exchanges, at most %d a second for now, not %d; %s",
+                reason, rate, self._maximum, hint,
             )  # fmt: skip
         elif rate == self._maximum:
-            log.info("the CPU is no longer short: tracing up to %d exchanges a second", rate)
+            log.info(
+                "the CPU and the export keep up again: tracing up to %d exchanges a second", rate
+            )
         self.rate = rate

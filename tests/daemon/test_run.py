@@ -354,4 +354,33 @@ def test_the_exchange_rate_limit_falls_while_the_cpu_is_short_and_comes_back() -
     log = "\n".join(probe.lines)
     assert lowered == floor, log
     assert raised == maximum, log
-    assert "the CPU is short" in log and "no longer short: tracing up to 10000" in log
+    assert "the CPU is short" in log and "keep up again: tracing up to 10000" in log
+
+
+def test_the_exchange_rate_limit_falls_while_the_collector_is_down_and_comes_back() -> None:
+    """Its collector down, the daemon's export queue (16 spans here) fills: it
+    lowers its exchange rate limit rather than build spans it would drop, says
+    so, and raises the limit back once the collector has taken the queue."""
+    collector_port, port, maximum = free_port(), free_port(), 10_000
+    with http_server(port), daemon(
+        "-P", str(port),
+        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{collector_port}",
+        OTEL_BSP_MAX_QUEUE_SIZE="16",
+        OTEL_BSP_MAX_EXPORT_BATCH_SIZE="4",
+        PROBE_MAX_EXCHANGE_RATE=str(maximum),
+    ) as probe:  # fmt: skip
+        url = probe.metrics_url()
+        for index in range(12):  # a server and a client span each: 24 spans
+            curl(f"http://127.0.0.1:{port}/{index}")
+        lowered = _wait_for_metric(url, "probe_exchange_rate_limit", lambda v: 0 < v < maximum, 20)
+        receiver = HttpReceiver(port=collector_port)
+        try:
+            raised = _wait_for_metric(url, "probe_exchange_rate_limit", lambda v: v == maximum, 60)
+            assert probe.stop() == 0
+        finally:
+            receiver.stop()
+    log = "\n".join(probe.lines)
+    assert 0 < lowered < maximum, log
+    assert raised == maximum, log
+    assert "the export is behind (its queue" in log and "keep up again: tracing up to 10000" in log
+    assert span_ids(receiver.accepted)  # what the queue held got through

@@ -168,6 +168,44 @@ def test_queue_is_bounded_in_bytes(stats, processors):
     assert [s.name for b in exporter.batches for s in b] == ["span 10", "span 18", "span 19"]
 
 
+def test_backlog_is_the_fuller_of_its_bounds_in_flight_included(stats, processors):
+    exporter = ScriptedExporter()
+    exporter.hold.clear()
+    spans = make_spans(20)[10:]  # names of one length: one size
+    size = estimate_size(spans[0])
+    processor = processors(
+        exporter,
+        stats,
+        max_queue_size=8,
+        max_queue_bytes=16 * size,
+        max_export_batch_size=2,
+        schedule_delay_millis=60_000,
+    )
+    assert processor.backlog() == 0
+    for span in spans[:2]:
+        processor.on_end(span)
+    assert exporter.sending.wait(WAIT / 1000)  # two in flight
+    processor.on_end(spans[2])
+    assert processor.backlog() == 3 / 8  # spans, the fuller bound
+    for span in spans[3:]:
+        processor.on_end(span)
+    assert processor.backlog() == 1.0 and stats["spans_dropped"] == 2  # full: dropping
+    exporter.hold.set()
+    assert processor.force_flush(WAIT)
+    assert processor.backlog() == 0
+
+    held = ScriptedExporter()
+    held.hold.clear()
+    by_bytes = processors(
+        held, stats, max_queue_size=100, max_queue_bytes=4 * size, max_export_batch_size=2
+    )
+    for span in spans[:3]:
+        by_bytes.on_end(span)
+    assert held.sending.wait(WAIT / 1000)
+    assert by_bytes.backlog() == 3 / 4  # bytes, the fuller bound
+    held.hold.set()
+
+
 def test_estimate_grows_with_content():
     small = make_spans(1)[0]
     large = make_spans(1)[0]

@@ -223,5 +223,11 @@ def test_summary_says_which_exchange_limit_the_probe_ran_with() -> None:
         " waiting for one 10% of the time, under a fifth of it idle) (see completeness at"
         " saturation)"
     )
+    document["meta"]["probe_export_queue"] = 2048
+    assert first_line().endswith(
+        ", and sheds exchanges over 10,000 a second, fewer while the CPU is short (tasks"
+        " waiting for one 10% of the time, under a fifth of it idle) or the export's queue"
+        " (2,048 spans) is three quarters full (see completeness at saturation)"
+    )
     document["meta"]["probe_exchange_rate"] = 0
     assert first_line().endswith(", with no exchange rate limit")

@@ -270,7 +270,7 @@ def test_probe_variables():
     assert config.redact_query is False
     assert config.max_exchange_rate == 0  # no limit
     assert config.min_exchange_rate == 20
-    assert config.cpu_pressure_limit == 0  # the limit never moves
+    assert config.cpu_pressure_limit == 0  # the CPU never moves the limit
 
 
 def test_empty_variables_are_ignored():

@@ -1,5 +1,5 @@
-"""The exchange rate limit under CPU pressure (probe.kernel.governor), driven
-by a made-up clock and stall counter."""
+"""The exchange rate limit under CPU pressure and the export's backlog
+(probe.kernel.governor), driven by a made-up clock, stall counter and queue."""
 
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ class Node:
         self.now = 100.0
         self.stalled_us = 0
         self.idle_ticks = self.all_ticks = 0
+        self.backlog = 0.0  # the share of the export queue in use
         self.rates: list[int] = []
 
     def run(
@@ -56,14 +57,17 @@ class Node:
             self.idle_ticks += round(idle * 50)
             governor.tick()
 
-    def governor(self, set_rate: Callable[[int], None] | None = None) -> RateGovernor:
+    def governor(
+        self, set_rate: Callable[[int], None] | None = None, pressure_limit: float | None = 0.1
+    ) -> RateGovernor:
         return RateGovernor(
             set_rate or self.rates.append,
             maximum=10_000,
             minimum=1_000,
-            pressure_limit=0.1,
+            pressure_limit=pressure_limit,
             stall_us=lambda: self.stalled_us,
             idle_ticks=lambda: (self.idle_ticks, self.all_ticks),
+            backlog=lambda: self.backlog,
             clock=lambda: self.now,
         )
 
@@ -91,7 +95,7 @@ def test_once_the_pressure_passes_the_rate_grows_back_to_the_maximum(caplog) -> 
     assert node.rates[-1] == 10_000 == governor.rate
     assert node.rates == sorted(node.rates)  # a quarter more each time, never past the maximum
     assert all(b <= a * 1.25 + 1 for a, b in zip([1_000, *node.rates], node.rates, strict=False))
-    assert "no longer short: tracing up to 10000" in caplog.text
+    assert "keep up again: tracing up to 10000" in caplog.text
 
 
 def test_between_half_the_limit_and_the_limit_the_rate_holds() -> None:
@@ -125,6 +129,48 @@ def test_a_quiet_node_keeps_every_exchange_and_ticks_between_intervals_do_nothin
     node.stalled_us += 10**6  # a whole second stalled, read no sooner than the interval
     governor.tick()
     assert node.rates == []
+
+
+def test_an_export_behind_lowers_the_rate_with_cpu_to_spare_until_it_keeps_up(caplog) -> None:
+    node = Node()
+    governor = node.governor()
+    node.backlog = 0.8
+    with caplog.at_level(logging.INFO, logger="probe.kernel.governor"):
+        node.run(governor, pressure=0.0, seconds=2, idle=0.9)
+        assert node.rates == [5_000, 2_500, 1_250, 1_000]
+        node.backlog = 0.5  # draining: neither behind nor keeping up yet
+        node.run(governor, pressure=0.0, seconds=2, idle=0.9)
+        assert governor.rate == 1_000
+        node.backlog = 0.25
+        node.run(governor, pressure=0.0, seconds=5, idle=0.9)
+    assert governor.rate == 10_000
+    assert [r.levelname for r in caplog.records] == ["WARNING", "INFO"]
+    assert "the export is behind (its queue 80% full)" in caplog.text
+    assert "keep up again: tracing up to 10000" in caplog.text
+
+
+def test_a_short_cpu_holds_the_rate_down_though_the_export_keeps_up() -> None:
+    node = Node()
+    governor = node.governor()
+    node.backlog = 0.9
+    node.run(governor, pressure=0.0, seconds=0.5, idle=0.9)
+    lowered = governor.rate
+    node.backlog = 0.0
+    node.run(governor, pressure=0.2, seconds=2, idle=0.05)
+    assert governor.rate == 1_000 < lowered
+
+
+def test_without_cpu_governing_the_backlog_alone_moves_the_rate() -> None:
+    node = Node()
+    governor = node.governor(pressure_limit=None)
+    node.run(governor, pressure=0.9, seconds=2, idle=0.0)  # not looked at
+    assert node.rates == []
+    node.backlog = 1.0
+    node.run(governor, pressure=0.9, seconds=0.5, idle=0.0)
+    assert node.rates == [5_000, 2_500]
+    node.backlog = 0.1
+    node.run(governor, pressure=0.9, seconds=5, idle=0.0)
+    assert governor.rate == 10_000
 
 
 def test_a_limit_the_kernel_would_not_take_stops_the_governing_not_the_probe(caplog) -> None:
