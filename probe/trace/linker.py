@@ -153,7 +153,7 @@ class SpanLinker:
         "_started",
         "_held",
         "_in_progress",
-        "_slots_by_pid",
+        "_serving",
         "_thread_slots",
         "_clients",
         "_waiting",
@@ -187,8 +187,14 @@ class SpanLinker:
         # an OrderedDict, whose every insertion and pop costs a method call.
         self._started: dict[_RequestKey, _Context] = {}
         self._held: OrderedDict[_Context, None] = OrderedDict()  # ended, trace not final
-        self._in_progress: dict[_Slot, list[_Context]] = {}  # SERVER spans by slot
-        self._slots_by_pid: dict[int, set[_Slot]] = {}
+        # SERVER spans in progress by slot. A thread's list stays, empty, for its
+        # next request: a kept-alive connection's requests would otherwise make
+        # and drop it each time (_forget_idle_threads bounds them).
+        self._in_progress: dict[_Slot, list[_Context]] = {}
+        # SERVER spans in progress by process (an ordered set, contexts hashed by
+        # identity): where a CLIENT request looks whose own slot has none (work
+        # handed on). One stays, maybe empty, while its process does.
+        self._serving: dict[int, dict[_Context, None]] = {}
         self._thread_slots: dict[int, _Slot] = {}  # by thread id: a thread serves many requests
         self._clients: dict[_Wire, list[_Context]] = {}  # CLIENT requests in progress
         self._waiting: dict[_Wire, list[_Context]] = {}  # SERVER roots awaiting a client
@@ -258,8 +264,9 @@ class SpanLinker:
 
     def process_exited(self, pid: int) -> None:
         """Forget what was kept of a process; its requests were ended just before."""
-        for slot in self._slots_by_pid.pop(pid, ()):
-            self._in_progress.pop(slot, None)
+        for context in self._serving.pop(pid, ()):
+            if context.slot is not None:
+                self._in_progress.pop(context.slot, None)
         self._go.pop(pid, None)
 
     def expire(self) -> None:
@@ -316,8 +323,8 @@ class SpanLinker:
         if servers is not None and len(servers) == 1:
             self._adopt(context, servers[0], GOROUTINE if slot.kind == GOROUTINE else THREAD)
             return
-        if not servers and pid in self._slots_by_pid:  # handed to another thread, or no goroutine
-            servers = [s for k in self._slots_by_pid[pid] for s in self._in_progress[k]]
+        if not servers:  # handed to another thread, or no goroutine
+            servers = list(self._serving.get(pid, ()))
         if servers:
             self._infer(context, max(servers, key=lambda s: s.start_ns))
         else:
@@ -329,13 +336,12 @@ class SpanLinker:
         context.slot = slot
         servers = self._in_progress.get(slot)
         if servers is None:
-            servers = self._in_progress[slot] = []  # a slot is in both or in neither
-            slots = self._slots_by_pid.get(pid)
-            if slots is None:
-                self._slots_by_pid[pid] = {slot}
-            else:
-                slots.add(slot)
+            servers = self._in_progress[slot] = []
         servers.append(context)
+        serving = self._serving.get(pid)
+        if serving is None:
+            serving = self._serving[pid] = {}
+        serving[context] = None
 
     def _slot(self, pid: int, request: HttpRequest) -> _Slot:
         if request.goroutine:
@@ -355,11 +361,13 @@ class SpanLinker:
         return slot
 
     def _forget_idle_threads(self) -> None:
-        """Bounds what threads leave behind: their slots, and the registrations
-        that idle threads keep for their next request (see `_unregister`)."""
+        """Bounds what threads leave behind: their slots, the lists that idle
+        threads keep for their next request, idle processes' sets."""
         self._thread_slots.clear()
         for slot in [s for s, servers in self._in_progress.items() if not servers]:
-            self._drop_slot(slot)
+            del self._in_progress[slot]
+        for pid in [p for p, serving in self._serving.items() if not serving]:
+            del self._serving[pid]
 
     def _wake_servers(self, client: _Context) -> None:
         """A CLIENT request reported after the SERVER end it caused (ring-buffer order)."""
@@ -412,11 +420,11 @@ class SpanLinker:
             servers = self._in_progress.get(slot)
             if servers is not None and context in servers:
                 servers.remove(context)
-                # A thread's stays registered, empty, for its next request: a
-                # kept-alive connection's requests would otherwise make and
-                # drop it each time (_forget_idle_threads bounds them).
                 if not servers and slot.kind != THREAD:
-                    self._drop_slot(slot)
+                    del self._in_progress[slot]  # a goroutine's, never seen again, or a process's
+                serving = self._serving.get(slot.pid)
+                if serving is not None:
+                    serving.pop(context, None)
             context.slot = None
         if context.role == Role.CLIENT and context.wire is not None:
             clients = self._clients.get(context.wire)
@@ -425,14 +433,6 @@ class SpanLinker:
                 if not clients:
                     del self._clients[context.wire]
             context.wire = None
-
-    def _drop_slot(self, slot: _Slot) -> None:
-        del self._in_progress[slot]
-        slots = self._slots_by_pid.get(slot.pid)
-        if slots is not None:
-            slots.discard(slot)
-            if not slots:
-                del self._slots_by_pid[slot.pid]
 
     # -- exporting
 

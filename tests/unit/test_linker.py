@@ -432,18 +432,21 @@ def test_a_thread_serving_request_after_request_parents_only_the_one_in_progress
 
 def test_what_idle_threads_leave_behind_is_bounded() -> None:
     """A thread stays registered between its requests; thousands of threads
-    that served once do not stay forever, nor does forgetting them lose a
-    request still in progress."""
+    that served once do not stay forever, nor are they searched for work
+    handed on, nor does forgetting them lose a request still in progress."""
     host = Host(wait_ns=0)
     _, into = host.connect(1, 2, 8080)
     busy = host.start(into, 1, tid=7, sequence=1)
     for tid in range(100, 100 + MAX_THREAD_SLOTS + 10):
         host.end(host.start(into, tid, tid=tid, sequence=tid), tid)
     assert len(host.linker._in_progress) <= MAX_THREAD_SLOTS
-    assert len(host.linker._slots_by_pid[2]) <= MAX_THREAD_SLOTS
+    assert len(host.linker._serving[2]) == 1  # what a handed-on request searches
     out, _ = host.connect(2, 3, 9090)
     client = host.end(host.start(out, 20_000, tid=7), 20_001)
-    assert client.parent_span_id == host.end(busy, 20_002).span_id
+    handed_on = host.end(host.start(out, 20_002, tid=50_000), 20_003)
+    busy_span = host.end(busy, 20_004)
+    assert client.parent_span_id == busy_span.span_id
+    assert [link.span_id for link in handed_on.links] == [busy_span.span_id]
 
 
 def test_held_spans_are_bounded_too() -> None:
