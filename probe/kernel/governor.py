@@ -144,8 +144,8 @@ class RateGovernor:
         if backlog >= BACKLOG_BEHIND:
             return (
                 f"the export is behind (its queue {backlog:.0%} full)",
-                "an exchange shed costs nearly nothing, a span the queue cannot hold "
-                "all of its making (OTEL_BSP_MAX_QUEUE_SIZE bounds the queue)",
+                "an exchange shed in the kernel costs nearly nothing, a span dropped from "
+                "a full queue the whole of its making (OTEL_BSP_MAX_QUEUE_SIZE bounds it)",
             )
         if cpu is not None and cpu.pressure >= cpu.limit and cpu.idle < IDLE_LIMIT:
             return (
