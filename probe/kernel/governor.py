@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,11 +50,44 @@ BACKLOG_CLEAR = 0.25  # ... and at or under which it keeps up
 def cpu_stall_us(path: Path = PRESSURE_FILE) -> int | None:
     """Microseconds since boot in which some task waited for a CPU; None
     where the kernel does not say (built without PSI, or ``psi=0``)."""
+    return _stall_us(_read(path))
+
+
+def cpu_idle_ticks(path: Path = STAT_FILE) -> tuple[int, int] | None:
+    """(idle, all) clock ticks of every CPU since boot, idle counting I/O
+    waits; None if unreadable."""
+    return _idle_ticks(_read(path))
+
+
+class ProcFile:
+    """A file of /proc kept open, read from its start at each reading. The
+    governor reads two of them every quarter second; opened anew each time,
+    from the cold caches of an idle probe, they took 0.45 ms of its CPU a
+    second, against 0.19 kept open."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = -1
+
+    def read(self) -> str | None:
+        """Its first 4 KiB, which hold the lines read here; None if unreadable."""
+        try:
+            if self._fd < 0:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            return os.pread(self._fd, 4096, 0).decode("ascii", "replace")
+        except OSError:
+            return None
+
+
+def _read(path: Path) -> str | None:
     try:
-        text = path.read_text()
+        return path.read_text()
     except OSError:
         return None
-    for line in text.splitlines():
+
+
+def _stall_us(text: str | None) -> int | None:
+    for line in (text or "").splitlines():
         if line.startswith("some "):
             for field in line.split()[1:]:
                 name, _, value = field.partition("=")
@@ -62,14 +96,8 @@ def cpu_stall_us(path: Path = PRESSURE_FILE) -> int | None:
     return None
 
 
-def cpu_idle_ticks(path: Path = STAT_FILE) -> tuple[int, int] | None:
-    """(idle, all) clock ticks of every CPU since boot, idle counting I/O
-    waits; None if unreadable."""
-    try:
-        with path.open() as stat:
-            fields = stat.readline().split()
-    except OSError:
-        return None
+def _idle_ticks(text: str | None) -> tuple[int, int] | None:
+    fields = (text or "").split("\n", 1)[0].split()
     if len(fields) < 9 or fields[0] != "cpu" or not all(f.isdigit() for f in fields[1:9]):
         return None
     # user nice system idle iowait irq softirq steal
@@ -91,7 +119,8 @@ class RateGovernor:
     ``set_rate`` changes the limit in the kernel (`EventSource.set_exchange_rate`,
     which reports it). ``pressure_limit`` None leaves the CPU out (no limit
     set, or a kernel without pressure figures); ``stall_us``, ``idle_ticks``
-    and ``clock`` read the pressure, the idle time and the time; ``backlog``
+    (by default from /proc, kept open) and ``clock`` read the pressure, the
+    idle time and the time; ``backlog``
     the share of the export queue's bounds in use
     (`BatchSpanProcessor.backlog`).
     """
@@ -103,8 +132,8 @@ class RateGovernor:
         maximum: int,
         minimum: int,
         pressure_limit: float | None,
-        stall_us: Callable[[], int | None] = cpu_stall_us,
-        idle_ticks: Callable[[], tuple[int, int] | None] = cpu_idle_ticks,
+        stall_us: Callable[[], int | None] | None = None,
+        idle_ticks: Callable[[], tuple[int, int] | None] | None = None,
         backlog: Callable[[], float] = lambda: 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -116,8 +145,9 @@ class RateGovernor:
         self._maximum = maximum
         self._minimum = minimum
         self._limit = pressure_limit
-        self._stall_us = stall_us
-        self._idle_ticks = idle_ticks
+        pressure, stat = ProcFile(PRESSURE_FILE), ProcFile(STAT_FILE)
+        self._stall_us = stall_us or (lambda: _stall_us(pressure.read()))
+        self._idle_ticks = idle_ticks or (lambda: _idle_ticks(stat.read()))
         self._backlog = backlog
         self._clock = clock
         self.rate = maximum

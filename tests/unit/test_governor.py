@@ -8,7 +8,13 @@ from collections.abc import Callable
 
 import pytest
 
-from probe.kernel.governor import INTERVAL_S, RateGovernor, cpu_idle_ticks, cpu_stall_us
+from probe.kernel.governor import (
+    INTERVAL_S,
+    ProcFile,
+    RateGovernor,
+    cpu_idle_ticks,
+    cpu_stall_us,
+)
 
 PSI = (
     "some avg10=12.50 avg60=3.10 avg300=0.80 total=397636569\n"
@@ -34,6 +40,16 @@ def test_the_stall_time_is_the_some_lines_total(tmp_path) -> None:
     path.write_text("some avg10=1.00 total=lots\n")
     assert cpu_stall_us(path) is None
     assert cpu_stall_us(tmp_path / "absent") is None
+
+
+def test_a_proc_file_kept_open_reads_what_it_holds_now(tmp_path) -> None:
+    path = tmp_path / "stat"
+    path.write_text("cpu  100 5 50 800 20 1 2 3 0 0\n")
+    kept = ProcFile(path)
+    assert kept.read() == "cpu  100 5 50 800 20 1 2 3 0 0\n"
+    path.write_text("cpu  200 5 50 900 20 1 2 3 0 0\n")  # the same file, rewritten
+    assert kept.read() == "cpu  200 5 50 900 20 1 2 3 0 0\n"
+    assert ProcFile(tmp_path / "absent").read() is None
 
 
 class Node:
