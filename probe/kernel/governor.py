@@ -78,12 +78,19 @@ class ProcFile:
         except OSError:
             return None
 
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
 
 def _read(path: Path) -> str | None:
+    """``path`` read once, as a `ProcFile` reads it."""
+    file = ProcFile(path)
     try:
-        return path.read_text()
-    except OSError:
-        return None
+        return file.read()
+    finally:
+        file.close()
 
 
 def _stall_us(text: str | None) -> int | None:
@@ -120,9 +127,8 @@ class RateGovernor:
     which reports it). ``pressure_limit`` None leaves the CPU out (no limit
     set, or a kernel without pressure figures); ``stall_us``, ``idle_ticks``
     (by default from /proc, kept open) and ``clock`` read the pressure, the
-    idle time and the time; ``backlog``
-    the share of the export queue's bounds in use
-    (`BatchSpanProcessor.backlog`).
+    idle time and the time; ``backlog`` the share of the export queue's
+    bounds in use (`BatchSpanProcessor.backlog`).
     """
 
     def __init__(

@@ -52,14 +52,22 @@ def numbers(ids: Sequence[bytes]) -> list[int]:
     return [int.from_bytes(i, "big") for i in ids]
 
 
-class ScriptedExporter:
-    """A BatchExporter answering from a script; ``hold`` keeps sends waiting."""
+def same_size_spans() -> tuple[list[Span], int]:
+    """Ten spans whose names have one length, and so one estimated size; that size."""
+    spans = make_spans(20)[10:]
+    return spans, estimate_size(spans[0])
 
-    def __init__(self, *outcomes: SendOutcome) -> None:
+
+class ScriptedExporter:
+    """A BatchExporter answering from a script; ``hold`` keeps sends waiting
+    (``held``: from the start)."""
+
+    def __init__(self, *outcomes: SendOutcome, held: bool = False) -> None:
         self.outcomes = list(outcomes)
         self.batches: list[list[Span]] = []  # every send, in order
         self.hold = threading.Event()
-        self.hold.set()
+        if not held:
+            self.hold.set()
         self.sending = threading.Event()  # set while a send is held
         self.shut_down = False
 
@@ -121,8 +129,7 @@ def test_schedule_delay_sends_a_partial_batch(stats, processors):
 
 
 def test_overflow_drops_the_oldest_and_counts_each(stats, processors):
-    exporter = ScriptedExporter()
-    exporter.hold.clear()
+    exporter = ScriptedExporter(held=True)
     processor = processors(
         exporter, stats, max_queue_size=10, max_export_batch_size=5, schedule_delay_millis=60_000
     )
@@ -145,10 +152,8 @@ def test_overflow_drops_the_oldest_and_counts_each(stats, processors):
 
 
 def test_queue_is_bounded_in_bytes(stats, processors):
-    exporter = ScriptedExporter()
-    exporter.hold.clear()
-    spans = make_spans(20)[10:]  # names of one length: one size
-    size = estimate_size(spans[0])
+    exporter = ScriptedExporter(held=True)
+    spans, size = same_size_spans()
     processor = processors(
         exporter,
         stats,
@@ -169,10 +174,8 @@ def test_queue_is_bounded_in_bytes(stats, processors):
 
 
 def test_backlog_is_the_fuller_of_its_bounds_in_flight_included(stats, processors):
-    exporter = ScriptedExporter()
-    exporter.hold.clear()
-    spans = make_spans(20)[10:]  # names of one length: one size
-    size = estimate_size(spans[0])
+    exporter = ScriptedExporter(held=True)
+    spans, size = same_size_spans()
     processor = processors(
         exporter,
         stats,
@@ -194,8 +197,7 @@ def test_backlog_is_the_fuller_of_its_bounds_in_flight_included(stats, processor
     assert processor.force_flush(WAIT)
     assert processor.backlog() == 0
 
-    held = ScriptedExporter()
-    held.hold.clear()
+    held = ScriptedExporter(held=True)
     by_bytes = processors(
         held, stats, max_queue_size=100, max_queue_bytes=4 * size, max_export_batch_size=2
     )
