@@ -15,6 +15,7 @@ import ctypes
 import logging
 import math
 import os
+import select
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -59,6 +60,12 @@ KERNEL_COUNTERS = {
 _RECORD_CALLBACK = ctypes.CFUNCTYPE(
     ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_char), ctypes.c_int
 )
+# libbcc's bpf_consume_ringbuf, called with the interpreter lock held. Called
+# through bcc's CDLL, it lets the lock go, and each record's callback takes it
+# back and lets it go again; the export thread, when it waits for the lock,
+# takes its turn between two records. Waiting for records is what must not
+# hold the lock: poll() does that apart, in select.epoll.
+_CONSUME_HOLDING_LOCK = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
 
 # ld.so maps a new image's libraries just after exec: look again a moment later.
 _RESCAN_AFTER_EXEC_S = 0.1
@@ -154,6 +161,8 @@ class EventSource:
         )
         self._callback: Any = None  # kept referenced while libbcc may call it
         self._ring: Any = None  # libbcc's ring-buffer reader
+        self._consume: Any = None  # its bpf_consume_ringbuf, holding the interpreter lock
+        self._ring_ready: select.epoll | None = None  # readable when records wait
         self._libbcc: Any = None  # bcc's ctypes view of libbcc, once bcc is imported
         # Finds the TLS libraries and Go programs to probe; exists once started.
         self.discovery: BinaryDiscovery | None = None
@@ -209,6 +218,14 @@ class EventSource:
         )
         if not self._ring:
             raise features.ProbeError("Could not read the kernel's ring buffer (bpf_new_ringbuf).")
+        self._consume = _CONSUME_HOLDING_LOCK(
+            ctypes.cast(libbcc.bpf_consume_ringbuf, ctypes.c_void_p).value
+        )
+        # What libbpf's own poll waits on: the ring buffer map, readable while
+        # records wait (level-triggered: a read cut short at MAX_BATCH is
+        # ready again at once).
+        self._ring_ready = select.epoll()
+        self._ring_ready.register(self._bpf[b"events"].map_fd, select.EPOLLIN)
         self.discovery = BinaryDiscovery(self._bpf, self.stats, log)
         self.discovery.add_handler(tls.OpenSslHandler(self._bpf))
         self.discovery.add_handler(golang.GoHandler(self._bpf))
@@ -218,9 +235,13 @@ class EventSource:
         log.debug("released %d mappings of the compiler", memory.release_compiler_memory())
 
     def close(self) -> None:
+        if self._ring_ready is not None:
+            self._ring_ready.close()
+            self._ring_ready = None
         if self._ring is not None:
             self._libbcc.bpf_free_ringbuf(self._ring)
             self._ring = None
+            self._consume = None
         if self._bpf is not None:
             _detach_all(self._bpf, self._libbcc)
             self._bpf.cleanup()
@@ -249,10 +270,10 @@ class EventSource:
         due = self.discovery.next_due_s()
         if due is not None:
             timeout_ms = min(timeout_ms, math.ceil(due * 1000))
-        self._libbcc.bpf_poll_ringbuf(self._ring, timeout_ms)
+        assert self._ring_ready is not None
+        self._ring_ready.poll(timeout_ms / 1000)  # the lock let go while waiting
+        self._consume(self._ring)  # also what a timeout leaves waiting
         reader = self._reader
-        if len(reader.batch) < MAX_BATCH:  # after a timeout, poll has read nothing
-            self._libbcc.bpf_consume_ringbuf(self._ring)
         self.stats["events"] += reader.records  # counted here, not per record
         if reader.malformed:
             self.stats["events_malformed"] += reader.malformed

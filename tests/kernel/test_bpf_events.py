@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -334,6 +335,38 @@ def test_a_backlog_is_handed_on_in_bounded_batches(monkeypatch: pytest.MonkeyPat
     for direction in Direction:
         moved = [e for e in data if e.direction == direction]
         assert sum(e.size for e in moved) == 10 * sends, direction
+
+
+def test_waiting_for_records_lets_other_threads_run() -> None:
+    """poll() holds the interpreter lock to read records, not to wait for them:
+    the export thread must run meanwhile."""
+    ticks: list[float] = []
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.is_set():
+            ticks.append(time.monotonic())
+            time.sleep(0.001)
+
+    with EventSource(ProbeOptions(ports=(free_port(),)), Stats()) as source:
+        source.poll(0)  # what waits already
+        ticker = threading.Thread(target=tick)
+        ticker.start()
+        try:
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:  # until one poll waited out its time
+                started = time.monotonic()
+                source.poll(200)
+                ended = time.monotonic()
+                if ended - started >= 0.15:
+                    break
+            else:
+                pytest.fail("every poll returned early: records kept coming for 5 s")
+        finally:
+            stop.set()
+            ticker.join()
+    inside = [t for t in ticks if started + 0.02 < t < ended - 0.02]
+    assert len(inside) >= 10, f"{len(inside)} ticks in a wait of {ended - started:.3f} s"
 
 
 # A connection's first bytes -> whether they are HTTP's, as user space parses it.
