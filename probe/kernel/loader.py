@@ -16,6 +16,9 @@ import logging
 import math
 import os
 import select
+import signal
+import socket
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -64,8 +67,61 @@ _RECORD_CALLBACK = ctypes.CFUNCTYPE(
 # through bcc's CDLL, it lets the lock go, and each record's callback takes it
 # back and lets it go again; the export thread, when it waits for the lock,
 # takes its turn between two records. Waiting for records is what must not
-# hold the lock: poll() does that apart, in select.epoll.
+# hold the lock: poll() does that apart, in `RingWait`.
 _CONSUME_HOLDING_LOCK = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+
+
+class RingWait:
+    """Waits, without the interpreter lock, until the ring buffer holds records
+    or a signal comes.
+
+    It waits on what libbpf's own poll does, the ring buffer's map in epoll,
+    readable while records wait (level-triggered: a read cut short at
+    MAX_BATCH is ready again at once). Python resumes a wait that a signal
+    interrupted (PEP 475), so that a SIGTERM or SIGINT to stop would wait out
+    the poll's timeout: the wait also watches Python's signal wakeup fd, made
+    here when it can be (in the main thread, none set already).
+    """
+
+    def __init__(self, ring_fd: int) -> None:
+        self._epoll = select.epoll()
+        self._epoll.register(ring_fd, select.EPOLLIN)
+        self._signals: socket.socket | None = None  # what the wakeup fd writes to
+        self._wakeup: socket.socket | None = None
+        if threading.current_thread() is not threading.main_thread():
+            return
+        signals, wakeup = socket.socketpair()
+        signals.setblocking(False)
+        wakeup.setblocking(False)
+        previous = signal.set_wakeup_fd(wakeup.fileno(), warn_on_full_buffer=False)
+        if previous != -1:  # someone else's (an event loop): left as it was
+            signal.set_wakeup_fd(previous)
+            signals.close()
+            wakeup.close()
+            return
+        self._signals, self._wakeup = signals, wakeup
+        self._epoll.register(signals.fileno(), select.EPOLLIN)
+
+    def wait(self, timeout_s: float) -> None:
+        """Return once records wait, a signal came, or ``timeout_s`` passed."""
+        if self._epoll.poll(timeout_s) and self._signals is not None:
+            with contextlib.suppress(BlockingIOError):
+                self._signals.recv(4096)  # the signals' numbers: their handlers ran
+
+    def close(self) -> None:
+        self._epoll.close()
+        if self._wakeup is None or self._signals is None:
+            return
+        try:
+            previous = signal.set_wakeup_fd(-1)
+        except ValueError:  # not in the main thread: both stay open, Python's to write to
+            return
+        if previous != self._wakeup.fileno():  # someone else's since: theirs again
+            signal.set_wakeup_fd(previous)
+        self._wakeup.close()
+        self._signals.close()
+        self._wakeup = self._signals = None
+
 
 # ld.so maps a new image's libraries just after exec: look again a moment later.
 _RESCAN_AFTER_EXEC_S = 0.1
@@ -162,7 +218,7 @@ class EventSource:
         self._callback: Any = None  # kept referenced while libbcc may call it
         self._ring: Any = None  # libbcc's ring-buffer reader
         self._consume: Any = None  # its bpf_consume_ringbuf, holding the interpreter lock
-        self._ring_ready: select.epoll | None = None  # readable when records wait
+        self._ring_wait: RingWait | None = None
         self._libbcc: Any = None  # bcc's ctypes view of libbcc, once bcc is imported
         # Finds the TLS libraries and Go programs to probe; exists once started.
         self.discovery: BinaryDiscovery | None = None
@@ -218,14 +274,8 @@ class EventSource:
         )
         if not self._ring:
             raise features.ProbeError("Could not read the kernel's ring buffer (bpf_new_ringbuf).")
-        self._consume = _CONSUME_HOLDING_LOCK(
-            ctypes.cast(libbcc.bpf_consume_ringbuf, ctypes.c_void_p).value
-        )
-        # What libbpf's own poll waits on: the ring buffer map, readable while
-        # records wait (level-triggered: a read cut short at MAX_BATCH is
-        # ready again at once).
-        self._ring_ready = select.epoll()
-        self._ring_ready.register(self._bpf[b"events"].map_fd, select.EPOLLIN)
+        self._consume = _CONSUME_HOLDING_LOCK(("bpf_consume_ringbuf", libbcc))
+        self._ring_wait = RingWait(self._bpf[b"events"].map_fd)
         self.discovery = BinaryDiscovery(self._bpf, self.stats, log)
         self.discovery.add_handler(tls.OpenSslHandler(self._bpf))
         self.discovery.add_handler(golang.GoHandler(self._bpf))
@@ -235,9 +285,9 @@ class EventSource:
         log.debug("released %d mappings of the compiler", memory.release_compiler_memory())
 
     def close(self) -> None:
-        if self._ring_ready is not None:
-            self._ring_ready.close()
-            self._ring_ready = None
+        if self._ring_wait is not None:
+            self._ring_wait.close()
+            self._ring_wait = None
         if self._ring is not None:
             self._libbcc.bpf_free_ringbuf(self._ring)
             self._ring = None
@@ -270,8 +320,8 @@ class EventSource:
         due = self.discovery.next_due_s()
         if due is not None:
             timeout_ms = min(timeout_ms, math.ceil(due * 1000))
-        assert self._ring_ready is not None
-        self._ring_ready.poll(timeout_ms / 1000)  # the lock let go while waiting
+        assert self._ring_wait is not None
+        self._ring_wait.wait(timeout_ms / 1000)  # the lock let go while waiting
         self._consume(self._ring)  # also what a timeout leaves waiting
         reader = self._reader
         self.stats["events"] += reader.records  # counted here, not per record

@@ -6,6 +6,7 @@ Needs root and bcc; skipped with the reason printed otherwise.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -367,6 +368,28 @@ def test_waiting_for_records_lets_other_threads_run() -> None:
             ticker.join()
     inside = [t for t in ticks if started + 0.02 < t < ended - 0.02]
     assert len(inside) >= 10, f"{len(inside)} ticks in a wait of {ended - started:.3f} s"
+
+
+def test_a_signal_ends_the_wait() -> None:
+    """A stop (SIGTERM, SIGINT: their handlers set a flag) is seen at once, not
+    after the poll's timeout: Python resumes a wait a signal interrupted."""
+    handled: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, _frame: handled.append(signum))
+    try:
+        with EventSource(ProbeOptions(ports=(free_port(),)), Stats()) as source:
+            source.poll(0)  # what waits already
+            timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR1))
+            timer.start()
+            started = time.monotonic()
+            while not handled and time.monotonic() - started < 20:
+                source.poll(10_000)
+            waited = time.monotonic() - started
+            timer.join()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert handled == [signal.SIGUSR1]
+    assert waited < 5, f"the wait went on {waited:.1f} s after the signal"
+    assert signal.set_wakeup_fd(-1) == -1  # closed: Python's wakeup fd given back
 
 
 # A connection's first bytes -> whether they are HTTP's, as user space parses it.
