@@ -1,5 +1,6 @@
 """Kernel time of the probe's BPF programs per request, program by program,
-for one or more builds side by side.
+and the probe process's own CPU per request, for one or more builds side by
+side.
 
 ``python -m bench.programs [TREE ...]`` starts the benchmark's servers and
 sink once. Each round it runs ``probe run`` from each TREE in turn (a
@@ -8,10 +9,12 @@ scripts/compile.py`` in it; this one by default; the order reverses every
 round), warms it up with a second of load, then drives the server with h2load
 at a fixed rate, ``--readings`` times, with the kernel's BPF statistics on.
 Each reading takes every program's run time and count from the probe's
-fdinfo (by program id, named by bpftool). It prints, per tree, the median
-over its readings of each program's nanoseconds and runs per request, and of
-their total. This VM's timings move by tens of per cent from one minute to
-the next: compare builds within one run of this tool, never across runs.
+fdinfo (by program id, named by bpftool), and the probe's CPU clock (all its
+threads). It prints, per tree, the median over its readings of each
+program's nanoseconds and runs per request, and of their total, and of the
+probe's CPU per request with its range. This VM's timings move by tens of
+per cent from one minute to the next: compare builds within one run of this
+tool, never across runs.
 
 ``--exclude NAME`` keeps a process untraced, as the load generators are
 unless ``--trace-load``: ``--trace-load --exclude nginx`` measures what
@@ -92,8 +95,15 @@ def medians(readings: Sequence[Mapping[str, PerRequest]]) -> dict[str, PerReques
     return dict(sorted(summary.items(), key=lambda item: (item[0] != TOTAL, -item[1].ns)))
 
 
-def format_summary(tree: str, summary: Mapping[str, PerRequest], readings: int) -> str:
-    lines = [f"{tree} (medians of {readings} readings):"]
+def format_summary(
+    tree: str, summary: Mapping[str, PerRequest], readings: int, cpu_us: Sequence[float]
+) -> str:
+    """The tree's lines; ``cpu_us`` is the probe's CPU per request, a reading each."""
+    lines = [
+        f"{tree} (medians of {readings} readings):",
+        f"  probe CPU {statistics.median(cpu_us):.2f} us/request "
+        f"({min(cpu_us):.2f}-{max(cpu_us):.2f})",
+    ]
     for name, share in summary.items():
         lines.append(
             f"  {share.ns:8.0f} ns/request {share.runs:6.2f} runs/request "
@@ -141,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(trace_load_generator=args.trace_load)
     trees = [tree.resolve() for tree in args.trees]
     readings: dict[Path, list[dict[str, PerRequest]]] = {tree: [] for tree in trees}
+    cpu_us: dict[Path, list[float]] = {tree: [] for tree in trees}  # the probe's, a request
     names: dict[str, str] = {}
     with contextlib.ExitStack() as stack:
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-programs-")))
@@ -159,13 +170,17 @@ def main(argv: list[str] | None = None) -> int:
                     for _ in range(args.readings):
                         with observe.bpf_stats():
                             before = read_programs(pid, names)
+                            cpu_before = observe.cpu_seconds(pid)
                             done = load.fixed_rate(
                                 url, args.rate, args.seconds, args.new_connections, log
                             )
+                            cpu_after = observe.cpu_seconds(pid)
                             after = read_programs(pid, names)
                         readings[tree].append(per_request(before, after, done.requests))
+                        cpu_us[tree].append((cpu_after - cpu_before) * 1e6 / done.requests)
     for tree in trees:
-        print(format_summary(str(tree), medians(readings[tree]), len(readings[tree])))
+        summary = medians(readings[tree])
+        print(format_summary(str(tree), summary, len(readings[tree]), cpu_us[tree]))
     return 0
 
 

@@ -51,6 +51,10 @@ def test_medians_count_a_missing_program_as_no_time_and_put_the_most_first() -> 
 
 
 def test_the_summary_names_the_tree_and_each_program() -> None:
-    text = format_summary("/src/probe", {TOTAL: PerRequest(500.0, 2.0)}, readings=3)
-    assert text.splitlines()[0] == "/src/probe (medians of 3 readings):"
+    text = format_summary(
+        "/src/probe", {TOTAL: PerRequest(500.0, 2.0)}, readings=3, cpu_us=[9.5, 12.0, 10.25]
+    )
+    first, cpu = text.splitlines()[:2]
+    assert first == "/src/probe (medians of 3 readings):"
+    assert cpu == "  probe CPU 10.25 us/request (9.50-12.00)"  # median, then the range
     assert "500 ns/request" in text and "250 ns/run" in text and TOTAL in text
