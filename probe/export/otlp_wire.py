@@ -42,9 +42,10 @@ MAX_CACHED_NAMES: Final = 4096  # span names (a method, or a method and a route)
 _VARINT, _FIXED64, _LEN = 0, 1, 2
 _INT64_MIN: Final = -(2**63)
 _INT64_MAX: Final = 2**63 - 1
-# Below this, an int is one machine word to compiled code, where bigger ones
-# (such as the bounds above) take the slow way of every comparison.
-_SMALL_INT: Final = 2**62
+# Up to this, an int is one machine word to compiled code, where bigger ones
+# (such as the bounds above, and 2**62 itself) take the slow way of every
+# comparison.
+_MAX_SMALL_INT: Final = 2**62 - 1
 _ONE_BYTE: Final = [bytes((n,)) for n in range(0x80)]
 _FIXED64_LE: Final = struct.Struct("<Q").pack
 _TWO_BYTES: Final = struct.Struct("<BB").pack
@@ -173,7 +174,7 @@ def _any_value(value: AttributeValue) -> bytes:
     if isinstance(value, bool):
         return _ANY_BOOL + _ONE_BYTE[value]
     if isinstance(value, int):
-        if 0 <= value < _SMALL_INT:
+        if 0 <= value <= _MAX_SMALL_INT:
             return _ANY_INT + _varint(value)
         if not _INT64_MIN <= value <= _INT64_MAX:
             raise ValueError(f"attribute value out of int64 range: {value}")

@@ -23,7 +23,7 @@ scalars = st.one_of(
     st.text(max_size=12),
     st.sampled_from(["", "GET", "héllo wörld ✓", "\U0001f600", "x" * (MAX_CACHED_STRING + 1)]),
     st.booleans(),
-    st.sampled_from([0, 1, -1, 2**63 - 1, -(2**63), 127, 128, 2**14, 2**35]),
+    st.sampled_from([0, 1, -1, 2**63 - 1, -(2**63), 127, 128, 2**14, 2**35, 2**62 - 1, 2**62]),
     int64s,
     st.floats(allow_nan=False),
 )
