@@ -8,10 +8,10 @@ seen through many processes, paths or containers (``/proc/PID/root/...``)
 is probed once. Uprobes belong to files, not processes: they stay attached,
 harmlessly, after the processes that led to them exit.
 
-`EventSource` drives it: `scan_all()` at start, `scan_process()` when a
-process execs and on its first connection, and `schedule()` + `tick()` for
-the rescan that catches the libraries ld.so maps just after an exec, from
-the poll loop rather than from a thread per exec.
+`EventSource` drives it: `scan_all()` at start, `scan_executable()` when a
+process execs, `schedule()` + `tick()` for the rescan that catches the
+libraries ld.so maps just after, from the poll loop rather than from a
+thread per exec, and `scan_process()` on a process's first connection.
 """
 
 from __future__ import annotations
@@ -51,8 +51,12 @@ def _mapped_files(pid: int) -> list[str]:
             fields = line.split(maxsplit=5)
             if len(fields) == 6 and "x" in fields[1] and fields[5].startswith("/"):
                 paths.append(fields[5].rstrip("\n"))
-    # " (deleted)": replaced on disk since; the path names another file now
-    return [path for path in dict.fromkeys(paths) if not path.endswith(" (deleted)")]
+    return [path for path in dict.fromkeys(paths) if not _replaced(path)]
+
+
+def _replaced(path: str) -> bool:
+    """Replaced on disk since it was mapped: the path names another file now."""
+    return path.endswith(" (deleted)")
 
 
 class BinaryDiscovery:
@@ -87,8 +91,26 @@ class BinaryDiscovery:
             paths = _mapped_files(pid)
         except OSError:  # exited, or a kernel thread (no exe)
             return
-        root = "" if self._root_id(f"/proc/{pid}/root") == self._own_root else f"/proc/{pid}/root"
+        root = self._root(pid)
         self.scan_files(root + path for path in paths)
+
+    def scan_executable(self, pid: int) -> None:
+        """Offer ``pid``'s executable alone: all a process maps at its exec but
+        ld.so, which maps its libraries a moment later (`schedule` a rescan
+        for them). Reading /proc/PID/maps is most of what a short-lived
+        command costs the probe (50-200 us a read here), and most commands
+        a node runs are gone before their rescan, so they never pay it."""
+        exe = f"/proc/{pid}/exe"
+        try:
+            # The file itself, through the link: most execs run a file examined
+            # already, and its path costs a readlink and the process's root.
+            if self._examined_by_all(self._file_id(os.stat(exe))):
+                return
+            path = os.readlink(exe)
+        except OSError:
+            return
+        if not _replaced(path):
+            self.scan_files([self._root(pid) + path])
 
     def scan_files(self, paths: Iterable[str]) -> None:
         """Offer files by path, e.g. the libraries on disk before anyone maps them."""
@@ -97,7 +119,7 @@ class BinaryDiscovery:
                 stat = os.stat(path)
             except OSError:
                 continue
-            file_id = (stat.st_dev, stat.st_ino)
+            file_id = self._file_id(stat)
             for handler in self._handlers:
                 if (handler.name, file_id) not in self._examined:
                     self._examined.add((handler.name, file_id))
@@ -140,6 +162,17 @@ class BinaryDiscovery:
         self._stats["uprobes_attached"] += len(probes)
         self._log.info("%s: probing %s (%s)", handler.name, path, ", ".join(probes))
 
+    def _examined_by_all(self, file_id: FileId) -> bool:
+        return all((handler.name, file_id) in self._examined for handler in self._handlers)
+
+    @staticmethod
+    def _file_id(stat: os.stat_result) -> FileId:
+        return (stat.st_dev, stat.st_ino)
+
+    def _root(self, pid: int) -> str:
+        """What ``pid``'s paths are prefixed with to name its files from here."""
+        return "" if self._root_id(f"/proc/{pid}/root") == self._own_root else f"/proc/{pid}/root"
+
     @staticmethod
     def _pids() -> list[int]:
         return [int(name) for name in os.listdir("/proc") if name.isdigit()]
@@ -147,7 +180,6 @@ class BinaryDiscovery:
     @staticmethod
     def _root_id(path: str) -> FileId | None:
         try:
-            stat = os.stat(path)
+            return BinaryDiscovery._file_id(os.stat(path))
         except OSError:
             return None
-        return (stat.st_dev, stat.st_ino)

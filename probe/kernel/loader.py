@@ -366,6 +366,10 @@ class EventSource:
         if self.discovery is not None:  # exists once started, before any record
             self.discovery.scan_process(pid)
 
+    def scan_executable(self, pid: int) -> None:
+        if self.discovery is not None:
+            self.discovery.scan_executable(pid)
+
     def rescan_soon(self, pid: int) -> None:
         if self.discovery is not None:
             self.discovery.schedule(pid, _RESCAN_AFTER_EXEC_S)

@@ -111,6 +111,22 @@ def test_each_file_is_offered_once_per_handler(tmp_path: Path) -> None:
     assert stats["uprobes_attached"] == 2
 
 
+def test_an_exec_is_scanned_for_its_executable_alone() -> None:
+    """Right after an exec the libraries are not mapped yet: /proc/PID/maps,
+    the costly read, waits for the rescan."""
+    recorder = Recorder("any", "python")
+    discovery, _ = _discovery(recorder)
+    discovery.scan_executable(os.getpid())
+    assert recorder.offered == [os.readlink("/proc/self/exe")]
+    discovery.scan_executable(os.getpid())  # the next exec of the same file
+    discovery.scan_executable(2**22 + 1)  # above pid_max: never a process
+    assert recorder.offered == [os.readlink("/proc/self/exe")]
+    discovery.scan_process(os.getpid())  # the libraries, the executable not again
+    assert recorder.offered[0] == os.readlink("/proc/self/exe")
+    assert os.readlink("/proc/self/exe") not in recorder.offered[1:]
+    assert any("libc" in Path(path).name for path in recorder.offered[1:])
+
+
 def test_a_failing_handler_is_logged_and_counted(tmp_path: Path, caplog) -> None:
     target = tmp_path / "libthing.so"
     target.write_bytes(b"x")

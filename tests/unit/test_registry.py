@@ -35,6 +35,9 @@ class RecordingKernel:
     def scan_process(self, pid: int) -> None:
         self.asked.append(("scan", pid))
 
+    def scan_executable(self, pid: int) -> None:
+        self.asked.append(("scan exe", pid))
+
     def rescan_soon(self, pid: int) -> None:
         self.asked.append(("rescan", pid))
 
@@ -144,4 +147,6 @@ def test_an_exec_ends_the_connections_it_closed_and_numbers_the_image(monkeypatc
     assert batch[2:] == [ConnClose(closed, 7, 9), execed, after]
     assert (execed.image, after.image, opens[0].image) == (1, 1, 0)
     assert ("delete", [closed]) in kernel.asked
-    assert kernel.asked[-3:] == [("scan", 7), ("rescan", 7), ("scan", 7)]
+    # the new image alone at once, its libraries once ld.so has mapped them, and
+    # everything it maps by its first connection after the exec
+    assert kernel.asked[-3:] == [("scan exe", 7), ("rescan", 7), ("scan", 7)]
