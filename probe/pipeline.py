@@ -51,6 +51,9 @@ POLL_MS: Final = 500
 # Process descriptions whose ProcessFilter verdict is kept: far more than the
 # distinct executables on a node; past it the verdicts start over.
 MAX_FILTER_VERDICTS = 4096
+# Resources whose verdict is kept by identity, each held (a few KB at most):
+# the processes opening connections lately.
+MAX_FILTER_RESOURCES = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +71,13 @@ class ProcessFilter:
     _verdicts: dict[tuple[str, str, str], bool] = field(
         default_factory=dict, init=False, compare=False, repr=False
     )
+    # id(resource) -> (the resource, its verdict): a process's connections bring
+    # the one Resource its detector keeps (a new connection per request asked
+    # `_verdicts` by a tuple of three attributes made and hashed each time).
+    # Each entry holds its resource, so that its id is no other's meanwhile.
+    _by_resource: dict[int, tuple[Resource, bool]] = field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
 
     def __bool__(self) -> bool:
         return bool(
@@ -78,6 +88,16 @@ class ProcessFilter:
         )
 
     def wants(self, resource: Resource) -> bool:
+        known = self._by_resource.get(id(resource))
+        if known is not None and known[0] is resource:
+            return known[1]
+        verdict = self._verdict(resource)
+        if len(self._by_resource) >= MAX_FILTER_RESOURCES:
+            self._by_resource.clear()
+        self._by_resource[id(resource)] = (resource, verdict)
+        return verdict
+
+    def _verdict(self, resource: Resource) -> bool:
         attributes = resource.attributes
         described = (
             str(attributes.get("process.executable.name", "")),

@@ -12,7 +12,7 @@ import pytest
 from probe import pipeline
 from probe.kernel.events import Endpoint
 from probe.logs import RateLimitFilter, configure
-from probe.pipeline import ProcessFilter, exporter_endpoints, is_own_export
+from probe.pipeline import MAX_FILTER_RESOURCES, ProcessFilter, exporter_endpoints, is_own_export
 from probe.protocol.model import HttpRequest
 from probe.trace.span import Resource
 
@@ -131,3 +131,19 @@ def test_own_exports_are_known_by_method_and_user_agent(
     headers = [("host", "collector:4318")] + ([("user-agent", agent)] if agent else [])
     request = HttpRequest("1.1", headers, 1, 2, 3, method=method, target="/v1/traces")
     assert is_own_export(request) is expected
+
+
+def test_process_filter_remembers_verdicts_boundedly() -> None:
+    """Asked at every connection: a process's resource answers from memory,
+    which stays bounded and never answers for another resource."""
+    only_nginx = ProcessFilter(comm_patterns=("ng*",))
+    nginx, curl = _process("nginx", "/usr/sbin/nginx"), _process("curl", "/usr/bin/curl")
+    for _ in range(3):
+        assert only_nginx.wants(nginx)
+        assert not only_nginx.wants(curl)
+    many = [
+        _process(f"ng{n}" if n % 2 else f"x{n}", "/bin/x") for n in range(MAX_FILTER_RESOURCES + 5)
+    ]
+    assert [only_nginx.wants(r) for r in many] == [n % 2 == 1 for n in range(len(many))]
+    assert len(only_nginx._by_resource) <= MAX_FILTER_RESOURCES
+    assert only_nginx.wants(nginx) and not only_nginx.wants(curl)
