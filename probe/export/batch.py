@@ -138,7 +138,7 @@ class BatchSpanProcessor:
         exporter: BatchExporter,
         stats: Stats,
         *,
-        max_queue_size: int = 2048,
+        max_queue_size: int = 8192,
         max_queue_bytes: int = 16 * 1024 * 1024,
         max_export_batch_size: int = 512,
         schedule_delay_millis: float = 5000,

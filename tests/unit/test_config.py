@@ -6,6 +6,7 @@ import pytest
 
 from probe.commands.run import kernel_options
 from probe.config import ConfigError, ProbeConfig, load
+from probe.pipeline import POLL_MS
 
 
 @pytest.fixture
@@ -26,7 +27,7 @@ def test_defaults():
     assert config.otlp_endpoint == "http://localhost:4318/v1/traces"
     assert config.otlp_protocol == "http/protobuf"
     assert config.metrics_address == ("127.0.0.1", 9464)
-    assert config.bsp_max_queue_size == 2048
+    assert config.bsp_max_queue_size == 8192
     assert config.bsp_max_export_batch_size == 512
     assert config.bsp_schedule_delay_ms == 5000
     assert config.bsp_export_timeout_ms == 30_000
@@ -395,3 +396,12 @@ def test_plain_process_names_are_filtered_in_the_kernel_globs_in_user_space():
     assert options.excluded_comms == ("wrk",)
     assert "-DPROBE_EXCLUDE_COMMS" in options.cflags()
     assert "-DPROBE_EXCLUDE_COMMS" not in kernel_options(load({}, {})).cflags()
+
+
+def test_the_default_queue_holds_a_poll_at_the_default_rate_limit():
+    """A poll hands on every span the kernel's records made since the last
+    one, in a burst, with a batch possibly in flight: at the default rate
+    limit, the default queue drops none of them."""
+    config = ProbeConfig()
+    one_poll = config.max_exchange_rate * POLL_MS // 1000
+    assert config.bsp_max_queue_size >= one_poll + config.bsp_max_export_batch_size
