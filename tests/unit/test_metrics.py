@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import os
 import socket
+import threading
 import time
 
 import pytest
@@ -183,3 +184,33 @@ def test_healthz_fails_after_export_fails_longer_than_the_threshold(servers):
         processor.shutdown(1000)
         if receiver is not None:
             receiver.stop()
+
+
+def _voluntary_switches(native_id: int) -> int:
+    with open(f"/proc/self/task/{native_id}/status", encoding="ascii") as status:
+        line = next(line for line in status if line.startswith("voluntary_ctxt_switches:"))
+    return int(line.split()[1])
+
+
+def test_an_idle_server_thread_never_wakes(servers):
+    """It waits for a request or for stop() with no timeout: a node's idle
+    probe pays no wakeups for it (serve_forever's polled twice a second)."""
+    host, port = servers(Stats())
+    thread = next(t for t in threading.enumerate() if t.name == "probe-metrics")
+    assert thread.native_id is not None
+    assert get((host, port), "/healthz")[0] == 200
+    time.sleep(0.1)  # the request's own switches are over
+    before = _voluntary_switches(thread.native_id)
+    time.sleep(1.2)
+    assert _voluntary_switches(thread.native_id) == before
+    assert get((host, port), "/healthz")[0] == 200  # and it still answers
+
+
+def test_a_port_in_use_is_an_os_error():
+    taken = MetricsServer(Stats(), address=("127.0.0.1", 0))
+    _, port = taken.start()
+    try:
+        with pytest.raises(OSError):
+            MetricsServer(Stats(), address=("127.0.0.1", port)).start()
+    finally:
+        taken.stop()
