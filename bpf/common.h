@@ -386,6 +386,8 @@ BPF_HASH(traced_ports, u16, u8, 1024);
  * generators, health checkers, the collector's own clients. */
 BPF_HASH(excluded_comms, struct probe_comm, u8, 256);
 #endif
+/* Images user space has examined -> 1: an exec of one does not wake it. */
+BPF_TABLE("lru_hash", struct probe_image_key, u8, known_images, PROBE_MAX_KNOWN_IMAGES);
 
 static __always_inline void count(u32 counter)
 {
@@ -565,17 +567,16 @@ static __always_inline void fill_header(struct probe_event_header *header, u32 t
 
 /* Send a connection event; comm is the current task's.
  *
- * Two are urgent (see emit_record()): an OPEN whose peer the kernel could not
+ * One is urgent (see emit_record()): an OPEN whose peer the kernel could not
  * read (accept() without an address buffer, as libuv calls it, or a connection
  * picked up from its bytes), since user space reads its addresses from /proc,
- * which it can only do while the socket is open; and an EXEC, since the new
- * image's TLS libraries and Go functions must be probed before it uses them. */
+ * which it can only do while the socket is open. So is an EXEC of an image
+ * not known yet (bpf/socket_conn.bpf.c). */
 static __always_inline void emit_conn_event(struct probe_conn_event *event)
 {
 	bpf_get_current_comm(event->comm, sizeof(event->comm));
-	u32 type = event->header.type;
-	bool urgent = type == PROBE_EVENT_EXEC ||
-		      (type == PROBE_EVENT_OPEN && event->peer.family == PROBE_AF_UNSPEC);
+	bool urgent = event->header.type == PROBE_EVENT_OPEN &&
+		      event->peer.family == PROBE_AF_UNSPEC;
 	emit_record(event, sizeof(*event), urgent);
 }
 

@@ -19,6 +19,11 @@
 #define PROBE_MAX_IOVECS 8
 /* Bytes looked at to recognise HTTP on a connection the probe did not see open. */
 #define PROBE_SNIFF_BYTES 8
+/* Bytes of an exec's path kept in struct probe_image_key, its NUL included;
+ * a longer path is never remembered. */
+#define PROBE_IMAGE_PATH 120
+/* Images the kernel remembers as examined (the `known_images` map). */
+#define PROBE_MAX_KNOWN_IMAGES 1024
 
 enum probe_event_type {
 	PROBE_EVENT_DATA = 1,  /* struct probe_data_event */
@@ -26,7 +31,7 @@ enum probe_event_type {
 	PROBE_EVENT_CLOSE = 3, /* struct probe_conn_event: close() of a traced connection */
 	PROBE_EVENT_ADDR = 4,  /* struct probe_conn_event: local address learnt after OPEN */
 	PROBE_EVENT_EXIT = 5,  /* struct probe_conn_event: a process exited */
-	PROBE_EVENT_EXEC = 6,  /* struct probe_conn_event: a process exec'd a new image
+	PROBE_EVENT_EXEC = 6,  /* struct probe_exec_event: a process exec'd a new image
 				* (user space looks for TLS libraries and Go in it) */
 };
 
@@ -125,6 +130,26 @@ struct probe_conn_event {
 	/* The process's name: a short-lived client may be gone from /proc by
 	 * the time user space reads it, and its name is better than nothing. */
 	char comm[16];
+};
+
+/* An exec's image as the kernel names it: the path execve() was given, in
+ * the cgroup of the process (which stands for its container's files). Key of
+ * the `known_images` map, which user space fills with the images it has
+ * examined. An empty path (relative, or longer than PROBE_IMAGE_PATH - 1
+ * bytes) names nothing: it is never looked up, nor remembered. */
+struct probe_image_key {
+	__u64 cgroup_id;
+	char path[PROBE_IMAGE_PATH]; /* NUL-padded */
+};
+
+struct probe_exec_event {
+	struct probe_event_header header;
+	struct probe_image_key image;
+	char comm[16];
+	/* 1: the image was in `known_images`: its file's uprobes are on already,
+	 * so the record waits for the reader's next poll instead of waking it. */
+	__u8 known;
+	__u8 _pad[7];
 };
 
 /* Key of the `excluded_comms` map, which user space fills: a process name

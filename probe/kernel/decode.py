@@ -83,6 +83,12 @@ _CONN, _ = flat_struct(
         "comm",
     ),
 )
+_EXEC, _ = flat_struct("struct probe_exec_event", only=(*_HEADER_NAMES, "comm", "known"))
+# The image's key, as bytes to give back to the kernel's map; its path's
+# first byte, 0 when the kernel named no image.
+_IMAGE_START: Final = ffi.offsetof("struct probe_exec_event", "image")
+_IMAGE_END: Final = _IMAGE_START + ffi.sizeof("struct probe_image_key")
+_IMAGE_PATH: Final = ffi.offsetof("struct probe_exec_event", "image", "path")
 # A CLOSE's and an EXIT's header alone: their addresses and name are not
 # read, and unpacking them would make three bytes objects a record.
 _CONN_HEADER, _ = flat_struct("struct probe_conn_event", only=_HEADER_NAMES)
@@ -91,9 +97,11 @@ _CONN_HEADER, _ = flat_struct("struct probe_conn_event", only=_HEADER_NAMES)
 _TYPE_SIZE: Final = _TYPE.size
 _DATA_HEADER_SIZE: Final = DATA_HEADER_SIZE
 _CONN_SIZE: Final = _CONN.size
+_EXEC_SIZE: Final = _EXEC.size
 _unpack_data: Final = _DATA.unpack_from
 _unpack_conn: Final = _CONN.unpack_from
 _unpack_conn_header: Final = _CONN_HEADER.unpack_from
+_unpack_exec: Final = _EXEC.unpack_from
 # Constants and enum members by value, read once: not a cffi attribute
 # lookup or an enum call per record.
 _EVENT_DATA: Final = lib.PROBE_EVENT_DATA
@@ -196,6 +204,17 @@ def decode(raw: bytes) -> KernelEvent | None:
             tls=bool(flags & _DATA_TLS),
             exchange=exchange,
         )
+    if kind == _EVENT_EXEC:
+        if len(raw) < _EXEC_SIZE:
+            return None
+        tid, pid, fd, generation, timestamp_ns, comm, known = _unpack_exec(raw)
+        return ProcessExec(
+            pid=pid,
+            timestamp_ns=timestamp_ns,
+            comm=_comm(comm),
+            image_key=raw[_IMAGE_START:_IMAGE_END] if raw[_IMAGE_PATH] else b"",
+            image_known=bool(known),
+        )
     if len(raw) < _CONN_SIZE:
         return None
     if kind in (_EVENT_CLOSE, _EVENT_EXIT):
@@ -219,8 +238,6 @@ def decode(raw: bytes) -> KernelEvent | None:
         if kind == _EVENT_OPEN:
             return ConnOpen(key, tid, timestamp_ns, known_role, local, peer, _comm(comm))
         return AddressUpdate(key, tid, timestamp_ns, known_role, local, peer, _comm(comm))
-    if kind == _EVENT_EXEC:
-        return ProcessExec(pid=pid, timestamp_ns=timestamp_ns, comm=_comm(comm))
     return None
 
 

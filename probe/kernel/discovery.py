@@ -94,23 +94,28 @@ class BinaryDiscovery:
         root = self._root(pid)
         self.scan_files(root + path for path in paths)
 
-    def scan_executable(self, pid: int) -> None:
+    def scan_executable(self, pid: int) -> bool:
         """Offer ``pid``'s executable alone: all a process maps at its exec but
         ld.so, which maps its libraries a moment later (`schedule` a rescan
         for them). Reading /proc/PID/maps is most of what a short-lived
         command costs the probe (50-200 us a read here), and most commands
-        a node runs are gone before their rescan, so they never pay it."""
+        a node runs are gone before their rescan, so they never pay it.
+        True if every handler has examined the executable by now; False if
+        the process is gone, or its file could not be offered."""
         exe = f"/proc/{pid}/exe"
         try:
             # The file itself, through the link: most execs run a file examined
             # already, and its path costs a readlink and the process's root.
-            if self._examined_by_all(self._file_id(os.stat(exe))):
-                return
+            file_id = self._file_id(os.stat(exe))
+            if self._examined_by_all(file_id):
+                return True
             path = os.readlink(exe)
         except OSError:
-            return
-        if not _replaced(path):
-            self.scan_files([self._root(pid) + path])
+            return False
+        if _replaced(path):
+            return False
+        self.scan_files([self._root(pid) + path])
+        return self._examined_by_all(file_id)
 
     def scan_files(self, paths: Iterable[str]) -> None:
         """Offer files by path, e.g. the libraries on disk before anyone maps them."""

@@ -167,6 +167,10 @@ class ProcessExec:
     timestamp_ns: int
     comm: str = ""
     image: int = 0  # the new image's number, as ConnOpen.image counts them
+    # The kernel's name for the image (a struct probe_image_key's bytes), b""
+    # if it has none; and whether the kernel knew it as examined already.
+    image_key: bytes = b""
+    image_known: bool = False
 
 
 KernelEvent = ConnOpen | DataEvent | ConnClose | ProcessExit | ProcessExec

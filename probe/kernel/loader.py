@@ -33,6 +33,7 @@ from probe.kernel.events import (
     ConnOpen,
     DataEvent,
     KernelEvent,
+    ProcessExec,
 )
 from probe.kernel.registry import ConnectionRegistry
 from probe.stats import Stats
@@ -366,9 +367,16 @@ class EventSource:
         if self.discovery is not None:  # exists once started, before any record
             self.discovery.scan_process(pid)
 
-    def scan_executable(self, pid: int) -> None:
-        if self.discovery is not None:
-            self.discovery.scan_executable(pid)
+    def scan_executable(self, event: ProcessExec) -> None:
+        if self.discovery is None:
+            return
+        examined = self.discovery.scan_executable(event.pid)
+        if event.image_known:
+            self.stats["execs_of_known_images"] += 1
+        elif examined and event.image_key and self._bpf is not None:
+            # Its next exec need not wake this thread: see sched_process_exec.
+            table = self._bpf[b"known_images"]
+            table[table.Key.from_buffer_copy(event.image_key)] = table.Leaf(1)
 
     def rescan_soon(self, pid: int) -> None:
         if self.discovery is not None:

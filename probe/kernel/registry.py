@@ -42,7 +42,7 @@ class KernelSide(Protocol):
     def scan_process(self, pid: int) -> None:
         """It opened its first connection: look for TLS libraries and Go."""
 
-    def scan_executable(self, pid: int) -> None:
+    def scan_executable(self, event: ProcessExec) -> None:
         """It exec'd: look in its new executable for TLS and Go."""
 
     def rescan_soon(self, pid: int) -> None:
@@ -110,7 +110,7 @@ class ConnectionRegistry:
             if len(self._images) > MAX_PROCESSES:  # exits lost: the oldest go
                 del self._images[next(iter(self._images))]
             self._connected_pids.discard(event.pid)
-            self._kernel.scan_executable(event.pid)
+            self._kernel.scan_executable(event)
             self._kernel.rescan_soon(event.pid)
             batch.append(event)
         else:  # data of a connection whose OPEN is held

@@ -197,6 +197,33 @@ def test_a_connection_closed_by_an_exec_ends_there(tmp_path: Path) -> None:
     assert len(closes) == 1 and closes[0].timestamp_ns < exit_ns  # at the exec, not the exit
 
 
+def _has_exec(events: list, pid: int) -> bool:
+    return any(isinstance(e, ProcessExec) and e.pid == pid for e in events)
+
+
+def test_an_exec_of_an_examined_image_is_known_to_the_kernel() -> None:
+    # Known, its EXEC does not wake the reader (see sched_process_exec). The
+    # kernel names an image by its absolute path: a relative one, never.
+    runs = [
+        (["/bin/sleep", "0.3"], None),
+        (["/bin/sleep", "0.3"], None),
+        (["./sleep", "0.3"], "/bin"),
+    ]
+    stats = Stats()
+    execs: list[ProcessExec] = []
+    with EventSource(ProbeOptions(), stats) as source:
+        for argv, cwd in runs:
+            child = subprocess.Popen(argv, cwd=cwd)
+            events = collect(source, lambda evs, pid=child.pid: _has_exec(evs, pid))
+            child.wait()
+            execs += [e for e in events if isinstance(e, ProcessExec) and e.pid == child.pid]
+    first, second, relative = execs
+    assert first.image_key and not first.image_known
+    assert second.image_key == first.image_key and second.image_known
+    assert relative.image_key == b"" and not relative.image_known
+    assert stats["execs_of_known_images"] == 1
+
+
 def test_an_accepted_connection_closed_by_an_exec_before_its_bytes_is_forgotten(
     tmp_path: Path,
 ) -> None:

@@ -36,6 +36,8 @@ from probe.kernel.events import (
         ("struct probe_conn_key", 8),
         ("struct probe_conn_state", 96),
         ("struct probe_comm", 16),
+        ("struct probe_image_key", 128),
+        ("struct probe_exec_event", 184),
         ("struct probe_data_event", 72 + 16384),
     ],
 )
@@ -64,6 +66,9 @@ def test_struct_sizes(struct: str, size: int) -> None:
         ("struct probe_conn_event", "peer", 56),
         ("struct probe_conn_event", "role", 80),
         ("struct probe_conn_event", "comm", 88),
+        ("struct probe_exec_event", "image", 32),
+        ("struct probe_exec_event", "comm", 160),
+        ("struct probe_exec_event", "known", 176),
         ("struct probe_endpoint", "port", 16),
         ("struct probe_endpoint", "family", 18),
         ("struct probe_conn_state", "role", 8),
@@ -280,12 +285,26 @@ def test_decode_close_exit_and_garbage() -> None:
     assert _decode(record) == ConnClose(ConnKey(7, 3, 99), 8, 1_000)
     _header(record, lib.PROBE_EVENT_EXIT, fd=-1)
     assert _decode(record) == ProcessExit(7, 1_000)
-    _header(record, lib.PROBE_EVENT_EXEC, fd=-1)
-    record.comm = b"node"
-    assert _decode(record) == ProcessExec(7, 1_000, "node")
     _header(record, 12345)
     assert _decode(record) is None
     assert _decode(record, 10) is None  # shorter than any header
+
+
+def test_decode_exec_gives_back_the_image_key_it_names() -> None:
+    record = ffi.new("struct probe_exec_event *")
+    _header(record, lib.PROBE_EVENT_EXEC, fd=-1)
+    record.comm = b"node"
+    assert _decode(record) == ProcessExec(7, 1_000, "node")  # no path: no key
+    record.image.cgroup_id = 4242
+    record.image.path = b"/usr/bin/node"
+    record.known = 1
+    event = _decode(record)
+    assert isinstance(event, ProcessExec) and event.image_known
+    key = ffi.new("struct probe_image_key *")
+    ffi.memmove(key, event.image_key, len(event.image_key))
+    assert len(event.image_key) == ffi.sizeof(key[0])
+    assert (key.cgroup_id, ffi.string(key.path)) == (4242, b"/usr/bin/node")
+    assert _decode(record, ffi.offsetof("struct probe_exec_event", "known")) is None  # cut short
 
 
 def test_flat_struct_skips_what_it_is_not_asked_for() -> None:

@@ -116,10 +116,10 @@ def test_an_exec_is_scanned_for_its_executable_alone() -> None:
     the costly read, waits for the rescan."""
     recorder = Recorder("any", "python")
     discovery, _ = _discovery(recorder)
-    discovery.scan_executable(os.getpid())
+    assert discovery.scan_executable(os.getpid())  # examined, by every handler
     assert recorder.offered == [os.readlink("/proc/self/exe")]
-    discovery.scan_executable(os.getpid())  # the next exec of the same file
-    discovery.scan_executable(2**22 + 1)  # above pid_max: never a process
+    assert discovery.scan_executable(os.getpid())  # the next exec of the same file
+    assert not discovery.scan_executable(2**22 + 1)  # above pid_max: never a process
     assert recorder.offered == [os.readlink("/proc/self/exe")]
     discovery.scan_process(os.getpid())  # the libraries, the executable not again
     assert recorder.offered[0] == os.readlink("/proc/self/exe")

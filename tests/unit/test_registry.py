@@ -35,8 +35,8 @@ class RecordingKernel:
     def scan_process(self, pid: int) -> None:
         self.asked.append(("scan", pid))
 
-    def scan_executable(self, pid: int) -> None:
-        self.asked.append(("scan exe", pid))
+    def scan_executable(self, event: ProcessExec) -> None:
+        self.asked.append(("scan exe", event.pid))
 
     def rescan_soon(self, pid: int) -> None:
         self.asked.append(("rescan", pid))
