@@ -44,6 +44,7 @@ COUNTERS = {
     "connections_opened": "Connections the probe started tracking",
     "addresses_looked_up": "Connections whose addresses the kernel did not send, "
     "looked up in /proc instead",
+    "execs_of_known_images": "Execs of images examined before, which did not wake the probe",
     "spans_produced": "Spans built from HTTP exchanges",
     "spans_exported": "Spans the collector accepted",
     "spans_dropped": "Spans dropped because the export queue was full or the probe stopped",
