@@ -498,6 +498,33 @@ static __always_inline bool announce(struct probe_conn_key *key, u32 tid,
 	return true;
 }
 
+/* The addresses of an accepted connection that accept() did not give (libuv
+ * passes no address buffer): without them its OPEN would wake user space at
+ * once (emit_conn_event) to read them from /proc, which costs it a read of
+ * the whole TCP table per connection. The first read of the connection's
+ * bytes passes through this tracepoint, whose arguments hold both ends,
+ * before it returns and its record announces the connection. It runs for
+ * every TCP read on the host, so user space attaches it only once it has met
+ * such a connection (probe/kernel/loader.py, read_accepted_addresses). */
+TRACEPOINT_PROBE(tcp, tcp_rcv_space_adjust)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	struct syscall_args *slot = thread_syscall((u32)id, false);
+	if (!slot || slot->syscall < PROBE_SYS_READ || slot->syscall > PROBE_SYS_SENDFILE ||
+	    direction_of(slot->syscall) != PROBE_INGRESS)
+		return 0;
+	struct probe_conn_key key = {.pid = id >> 32, .fd = slot->fd};
+	struct probe_conn_state *state = conns.lookup(&key);
+	if (!state || !state->unannounced || state->peer.family != PROBE_AF_UNSPEC)
+		return 0;
+	struct tuple tuple = {};
+	tracepoint_endpoints(&tuple, args->family, args->sport, args->dport, args->saddr,
+			     args->daddr, args->saddr_v6, args->daddr_v6);
+	state->local = tuple.local;
+	state->peer = tuple.peer;
+	return 0;
+}
+
 /* Defined in go.bpf.c: the goroutine that the read or write ending now on
  * this thread works for, if the thread is a Go program's; 0 otherwise. */
 static __always_inline u64 go_socket_goroutine(u32 pid, u32 tid, s32 fd);

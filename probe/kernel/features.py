@@ -32,12 +32,15 @@ DATA_SYSCALLS = (
     "sendmsg",
     "sendfile64",
 )
-# Tracepoints the programs in bpf/ attach to.
-REQUIRED_TRACEPOINTS = [
+# Tracepoints the programs in bpf/ attach to at start,
+ATTACHED_TRACEPOINTS = [
     f"syscalls/sys_{edge}_{call}"
     for call in ("connect", "accept", "accept4", "close", *DATA_SYSCALLS)
     for edge in ("enter", "exit")
 ] + ["sock/inet_sock_set_state", "sched/sched_process_exit", "sched/sched_process_exec"]
+# and once they are needed (bpf/socket_data.bpf.c, tcp_rcv_space_adjust).
+ON_DEMAND_TRACEPOINTS = ["tcp/tcp_rcv_space_adjust"]
+REQUIRED_TRACEPOINTS = ATTACHED_TRACEPOINTS + ON_DEMAND_TRACEPOINTS
 
 # Capabilities by number (linux/capability.h) and what the probe needs each for.
 CAPABILITIES = {

@@ -131,6 +131,10 @@ _RESCAN_AFTER_EXEC_S = 0.1
 MAX_BATCH = 1024
 TASK_STORAGE_FLAG = "-DPROBE_TASK_STORAGE"
 DATA_EXIT = b"data_syscall_exit"  # the program of features.DATA_SYSCALLS' exits
+# The program that reads an accepted connection's addresses at its first read,
+# attached once a server accepts without them (see read_accepted_addresses).
+ACCEPTED_ADDRESSES_TRACEPOINT = b"tcp:tcp_rcv_space_adjust"
+ACCEPTED_ADDRESSES = b"tracepoint__tcp__tcp_rcv_space_adjust"
 # Tracepoints and uprobes detached side by side when stopping (see _detach_all).
 _DETACH_THREADS = 32
 NS_PER_S = 1_000_000_000
@@ -223,6 +227,7 @@ class EventSource:
         self._libbcc: Any = None  # bcc's ctypes view of libbcc, once bcc is imported
         # Finds the TLS libraries and Go programs to probe; exists once started.
         self.discovery: BinaryDiscovery | None = None
+        self._reading_accepted_addresses = False
 
     @property
     def on_open(self) -> Callable[[ConnOpen], bool] | None:
@@ -378,6 +383,32 @@ class EventSource:
             table = self._bpf[b"known_images"]
             table[table.Key.from_buffer_copy(event.image_key)] = table.Leaf(1)
 
+    def read_accepted_addresses(self) -> None:
+        """Attach the program that reads the addresses of connections accepted
+        without them at their first read (bpf/socket_data.bpf.c), once: it runs
+        for every TCP read on the host, so only where a server needs it."""
+        if self._reading_accepted_addresses or self._bpf is None:
+            return
+        self._reading_accepted_addresses = True
+        tracepoint = ACCEPTED_ADDRESSES_TRACEPOINT.decode()
+        try:
+            self._bpf.attach_tracepoint(
+                tp=ACCEPTED_ADDRESSES_TRACEPOINT, fn_name=ACCEPTED_ADDRESSES
+            )
+        except Exception as error:  # noqa: BLE001 - bcc raises plain Exception
+            log.warning(
+                "could not attach to %s (%s): the addresses of connections accepted "
+                "without them (libuv's way) are read from /proc, one at a time",
+                tracepoint,
+                error,
+            )
+            return
+        log.info(
+            "a server accepts connections without their addresses (libuv's way): "
+            "the kernel reads them at their first read from now on (%s)",
+            tracepoint,
+        )
+
     def rescan_soon(self, pid: int) -> None:
         if self.discovery is not None:
             self.discovery.schedule(pid, _RESCAN_AFTER_EXEC_S)
@@ -418,6 +449,8 @@ def _load(bpf_class: Any, cflags: list[str]) -> Any:
     one program of every data syscall's exit is attached here."""
     try:
         bpf = bpf_class(text=program_source().encode(), cflags=cflags)
+        # bcc attached it with the others: it waits for read_accepted_addresses.
+        bpf.detach_tracepoint(ACCEPTED_ADDRESSES_TRACEPOINT)
         for call in features.DATA_SYSCALLS:
             bpf.attach_tracepoint(tp=f"syscalls:sys_exit_{call}".encode(), fn_name=DATA_EXIT)
         return bpf

@@ -48,6 +48,10 @@ class KernelSide(Protocol):
     def rescan_soon(self, pid: int) -> None:
         """It exec'd: ld.so maps the new image's libraries a moment later."""
 
+    def read_accepted_addresses(self) -> None:
+        """A server accepted a connection without its addresses: have the
+        kernel read those of such connections from now on."""
+
     def forget_process(self, pid: int) -> None: ...
 
     def ignore_in_kernel(self, key: ConnKey) -> None:
@@ -143,6 +147,8 @@ class ConnectionRegistry:
             # The kernel could not send them (see sockets.lookup): a read of
             # the process's whole TCP table, counted, as it costs far more.
             self._stats["addresses_looked_up"] += 1
+            if event.role == Role.SERVER:  # accept() without an address buffer
+                self._kernel.read_accepted_addresses()
             found = sockets.lookup(event.key.pid, event.key.fd)
             # A connection the kernel saw open (connect/accept) and that is
             # already closed is kept, without addresses. One picked up from

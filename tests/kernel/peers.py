@@ -44,9 +44,10 @@ python peers.py exec_acceptor PORT FILE
                                    accept one connection (close-on-exec), read
                                    nothing from it, then exec a Python that
                                    reads FILE on the connection's descriptor
-python peers.py holder PORT SECONDS accept one connection without an address
+python peers.py holder PORT SECONDS [N]
+                                   accept a connection without an address
                                    buffer (as libuv does), read its request,
-                                   hold it SECONDS, close
+                                   hold it SECONDS, close; N times (default 1)
 
 With PEER_COMM set, the program first takes that process name (as in ps).
 """
@@ -256,15 +257,16 @@ def exec_file_reader(path: str, fd: int = 9) -> None:
     os.execv(sys.executable, [sys.executable, "-I", "-S", "-c", reader])
 
 
-def holder(port: int, seconds: float) -> None:
+def holder(port: int, seconds: float, connections: int = 1) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     with socket.create_server(("127.0.0.1", port)) as listener:
         print("listening", flush=True)
-        fd = libc.accept4(listener.fileno(), None, None, 0)
-        assert fd >= 0, os.strerror(ctypes.get_errno())
-        assert os.read(fd, 4096)
-        time.sleep(seconds)
-        os.close(fd)
+        for _ in range(connections):
+            fd = libc.accept4(listener.fileno(), None, None, 0)
+            assert fd >= 0, os.strerror(ctypes.get_errno())
+            assert os.read(fd, 4096)
+            time.sleep(seconds)
+            os.close(fd)
 
 
 if __name__ == "__main__":
@@ -295,6 +297,6 @@ if __name__ == "__main__":
     elif mode == "exec_acceptor":
         exec_acceptor(port, sys.argv[3])
     elif mode == "holder":
-        holder(port, float(sys.argv[3]))
+        holder(port, float(sys.argv[3]), *map(int, sys.argv[4:5]))
     else:
         udp(port)

@@ -145,6 +145,38 @@ def test_an_accept_without_address_wakes_the_reader_while_the_socket_is_open() -
     assert (opened.local, opened.peer) == (Endpoint("127.0.0.1", port), client_end)
 
 
+def test_a_server_accepting_without_addresses_has_the_kernel_read_them() -> None:
+    # The first such connection's addresses come from /proc; from then on the
+    # kernel reads them at each connection's first read (tcp_rcv_space_adjust):
+    # no read of the TCP table, and no wakeup, per connection.
+    port = free_port()
+    stats = Stats()
+    opens: list[ConnOpen] = []
+    ends = []
+    with EventSource(ProbeOptions(ports=(port,)), stats) as source:
+        # Off until needed: it would run for every TCP read on the host.
+        assert loader.ACCEPTED_ADDRESSES_TRACEPOINT not in source._bpf.tracepoint_fds
+        server = subprocess.Popen(
+            [sys.executable, str(PEERS), "holder", str(port), "0.3", "3"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert server.stdout.readline().strip() == "listening"
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port)) as client:
+                client.sendall(b"GET / HTTP/1.1\r\n\r\n")
+                events = collect(source, lambda evs: any(isinstance(e, ConnOpen) for e in evs))
+                opens += [e for e in events if isinstance(e, ConnOpen)]
+                ends.append(Endpoint("127.0.0.1", client.getsockname()[1]))
+        assert server.wait(10) == 0
+        assert loader.ACCEPTED_ADDRESSES_TRACEPOINT in source._bpf.tracepoint_fds
+    assert [(e.key.pid, e.role) for e in opens] == [(server.pid, Role.SERVER)] * 3
+    assert [(e.local, e.peer) for e in opens] == [
+        (Endpoint("127.0.0.1", port), end) for end in ends
+    ]
+    assert stats["addresses_looked_up"] == 1  # the first connection's alone
+
+
 def test_a_connect_address_just_before_an_unreadable_page_is_read() -> None:
     # The kernel reads an IPv6 address's size at once; an IPv4 address that
     # ends near an unmapped page is read again on its own.

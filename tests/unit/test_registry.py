@@ -38,6 +38,9 @@ class RecordingKernel:
     def scan_executable(self, event: ProcessExec) -> None:
         self.asked.append(("scan exe", event.pid))
 
+    def read_accepted_addresses(self) -> None:
+        self.asked.append(("read accepted addresses", 0))
+
     def rescan_soon(self, pid: int) -> None:
         self.asked.append(("rescan", pid))
 
@@ -88,6 +91,19 @@ def test_data_or_a_close_before_the_address_lets_the_connection_go_without_it() 
     assert settle_all(registry, opened, closed) == [opened, closed]
     assert not registry.awaiting_address
     assert stats["addresses_looked_up"] == 1  # in /proc, where pid 7 is no such socket
+
+
+def test_a_server_connection_without_addresses_asks_the_kernel_for_the_next_ones() -> None:
+    kernel = RecordingKernel()
+    registry = ConnectionRegistry(kernel, Stats())
+    with_addresses = ConnOpen(ConnKey(7, 3, 100), 7, 1, Role.SERVER, SERVER, CLIENT)
+    client = ConnOpen(ConnKey(7, 4, 101), 7, 1, Role.CLIENT, CLIENT, None)
+    picked_up = ConnOpen(ConnKey(7, 5, 102), 7, 1, Role.UNKNOWN, None, None)
+    settle_all(registry, with_addresses, client, picked_up)
+    assert ("read accepted addresses", 0) not in kernel.asked
+    accepted = ConnOpen(ConnKey(7, 6, 103), 7, 1, Role.SERVER, None, None)  # libuv's accept
+    settle_all(registry, accepted)
+    assert kernel.asked[-1] == ("read accepted addresses", 0)
 
 
 @pytest.mark.parametrize("last", ["data", "close"])
