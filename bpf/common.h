@@ -265,7 +265,8 @@ struct syscall_args {
 	u64 enter_ns; /* writes only: 0 for reads, connect and accept */
 	u64 buf;    /* buffer, iovec array, msghdr or sockaddr, by syscall */
 	u64 len;    /* buffer length or iovec count */
-	u64 sock;   /* connect: its socket, set at SYN_SENT inside the call */
+	u64 sock;   /* connect: its socket, set at SYN_SENT inside the call; a read:
+		     * set if tcp_rcv_space_adjust left its ends (socket_data.bpf.c) */
 	s32 fd;
 	u8 syscall; /* enum probe_syscall, or one of the SYSCALL_* below */
 	u8 thread;  /* THREAD_* bits: the thread's state, kept across its syscalls */
@@ -282,6 +283,11 @@ struct syscall_args {
 #define THREAD_GO_SYSCALL 2   /* go_syscall holds this thread's announced fd */
 #define THREAD_JUDGED 4       /* THREAD_EXCLUDED is up to date */
 #define THREAD_EXCLUDED 8     /* the thread's name is one never traced */
+/* The thread accepted a connection without an address buffer, or picked one
+ * up from its bytes: the ends of its reads are worth reading (socket_data.bpf.c,
+ * tcp_rcv_space_adjust). */
+#define THREAD_ACCEPTS_BARE 16
+#define THREAD_PICKS_UP 32
 #define SYSCALL_CONNECT 100
 #define SYSCALL_ACCEPT 101
 #define SYSCALL_NONE 0 /* the thread's entry is free: its last syscall was taken */

@@ -160,7 +160,10 @@ static __always_inline void accept_returned(long ret)
 		return;
 
 	struct probe_conn_event event = {};
-	if (call.buf) {
+	if (!call.buf) {
+		/* libuv's way: the ends come at the first read (tcp_rcv_space_adjust) */
+		set_thread_bits(tid, THREAD_ACCEPTS_BARE);
+	} else {
 		if (!read_sockaddr(&event.peer, (const void *)call.buf)) {
 			/* A unix socket or similar: remember not to sniff it. */
 			struct probe_conn_key key = {.pid = pid, .fd = (s32)ret};

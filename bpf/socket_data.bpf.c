@@ -131,6 +131,52 @@ static __always_inline bool looks_like_http(const char *start)
 	return false;
 }
 
+/* Both ends of a connection that the probe learns at a read of its bytes.
+ *
+ * Some connections come without their addresses: one accepted without an
+ * address buffer (libuv's way: Node.js), and one picked up from its bytes
+ * (open before the probe started, or handed over by another process: Node's
+ * cluster primary accepts each connection and passes it to a worker). Their
+ * OPEN would wake user space at once to read them from /proc, a read of the
+ * whole TCP table per connection, and a short-lived one is gone by then. A
+ * read that copies a TCP connection's bytes passes through this tracepoint,
+ * whose arguments hold both ends, before it returns. The program runs for
+ * every TCP read on the host, so user space attaches it only once it has met
+ * such a connection (probe/kernel/loader.py, read_addresses_at_reads), and it
+ * looks further only on the threads that made one (THREAD_ACCEPTS_BARE,
+ * THREAD_PICKS_UP). It fills in an accepted connection's entry; for a read
+ * of a descriptor not traced yet, it leaves the ends in `read_ends` for the
+ * read's exit, which may pick the connection up (sniff_connection), and
+ * marks the read as one on a TCP socket (syscall_args.sock, 0 at every
+ * data syscall's entry), so no earlier read's ends are ever taken. */
+BPF_TABLE("lru_hash", u32, struct tuple, read_ends, PROBE_MAX_INFLIGHT);
+
+TRACEPOINT_PROBE(tcp, tcp_rcv_space_adjust)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tid = (u32)id;
+	struct syscall_args *slot = thread_syscall(tid, false);
+	if (!slot || !(slot->thread & (THREAD_ACCEPTS_BARE | THREAD_PICKS_UP)) ||
+	    slot->syscall < PROBE_SYS_READ || slot->syscall > PROBE_SYS_SENDFILE ||
+	    direction_of(slot->syscall) != PROBE_INGRESS)
+		return 0;
+	struct tuple tuple = {};
+	tracepoint_endpoints(&tuple, args->family, args->sport, args->dport, args->saddr,
+			     args->daddr, args->saddr_v6, args->daddr_v6);
+	struct probe_conn_key key = {.pid = id >> 32, .fd = slot->fd};
+	struct probe_conn_state *state = conns.lookup(&key);
+	if (state) {
+		if (state->unannounced && state->peer.family == PROBE_AF_UNSPEC) {
+			state->local = tuple.local;
+			state->peer = tuple.peer;
+		}
+	} else if (slot->thread & THREAD_PICKS_UP) {
+		read_ends.update(&tid, &tuple);
+		slot->sock = (u64)args->skaddr;
+	}
+	return 0;
+}
+
 /* A connection the probe did not see open: trace it if it speaks HTTP. */
 static __always_inline struct probe_conn_state *sniff_connection(struct probe_conn_key *key,
 								  u32 tid,
@@ -150,11 +196,21 @@ static __always_inline struct probe_conn_state *sniff_connection(struct probe_co
 	} else {
 		state.protocol = PROBE_PROTOCOL_HTTP;
 	}
+	struct tuple *ends = call->sock ? read_ends.lookup(&tid) : 0; /* this read's */
+	if (ends) {
+		state.local = ends->local;
+		state.peer = ends->peer;
+	}
 	struct syscall_args *thread = thread_syscall(tid, true);
-	state.ignored = (thread && judge_thread(thread)) || !connection_wanted(0, 0);
+	state.ignored = (thread && judge_thread(thread)) ||
+			!connection_wanted(state.local.port, state.peer.port);
+	if (thread) /* its next pick-ups' ends are read in the kernel, once attached */
+		thread->thread |= THREAD_PICKS_UP;
 	conns.update(key, &state);
 	if (!state.ignored) {
 		struct probe_conn_event event = {};
+		event.local = state.local;
+		event.peer = state.peer;
 		emit_open(&event, key->pid, key->fd, tid, now, PROBE_ROLE_UNKNOWN);
 	}
 	return conns.lookup(key);
@@ -496,33 +552,6 @@ static __always_inline bool announce(struct probe_conn_key *key, u32 tid,
 	event.peer = state->peer;
 	emit_open(&event, key->pid, key->fd, tid, state->generation, state->role);
 	return true;
-}
-
-/* The addresses of an accepted connection that accept() did not give (libuv
- * passes no address buffer): without them its OPEN would wake user space at
- * once (emit_conn_event) to read them from /proc, which costs it a read of
- * the whole TCP table per connection. The first read of the connection's
- * bytes passes through this tracepoint, whose arguments hold both ends,
- * before it returns and its record announces the connection. It runs for
- * every TCP read on the host, so user space attaches it only once it has met
- * such a connection (probe/kernel/loader.py, read_accepted_addresses). */
-TRACEPOINT_PROBE(tcp, tcp_rcv_space_adjust)
-{
-	u64 id = bpf_get_current_pid_tgid();
-	struct syscall_args *slot = thread_syscall((u32)id, false);
-	if (!slot || slot->syscall < PROBE_SYS_READ || slot->syscall > PROBE_SYS_SENDFILE ||
-	    direction_of(slot->syscall) != PROBE_INGRESS)
-		return 0;
-	struct probe_conn_key key = {.pid = id >> 32, .fd = slot->fd};
-	struct probe_conn_state *state = conns.lookup(&key);
-	if (!state || !state->unannounced || state->peer.family != PROBE_AF_UNSPEC)
-		return 0;
-	struct tuple tuple = {};
-	tracepoint_endpoints(&tuple, args->family, args->sport, args->dport, args->saddr,
-			     args->daddr, args->saddr_v6, args->daddr_v6);
-	state->local = tuple.local;
-	state->peer = tuple.peer;
-	return 0;
 }
 
 /* Defined in go.bpf.c: the goroutine that the read or write ending now on

@@ -131,10 +131,10 @@ _RESCAN_AFTER_EXEC_S = 0.1
 MAX_BATCH = 1024
 TASK_STORAGE_FLAG = "-DPROBE_TASK_STORAGE"
 DATA_EXIT = b"data_syscall_exit"  # the program of features.DATA_SYSCALLS' exits
-# The program that reads an accepted connection's addresses at its first read,
-# attached once a server accepts without them (see read_accepted_addresses).
-ACCEPTED_ADDRESSES_TRACEPOINT = b"tcp:tcp_rcv_space_adjust"
-ACCEPTED_ADDRESSES = b"tracepoint__tcp__tcp_rcv_space_adjust"
+# The program that reads a connection's addresses at a read of its bytes,
+# attached once one comes without them (see read_addresses_at_reads).
+ADDRESSES_AT_READS_TRACEPOINT = b"tcp:tcp_rcv_space_adjust"
+ADDRESSES_AT_READS = b"tracepoint__tcp__tcp_rcv_space_adjust"
 # Tracepoints and uprobes detached side by side when stopping (see _detach_all).
 _DETACH_THREADS = 32
 NS_PER_S = 1_000_000_000
@@ -227,7 +227,7 @@ class EventSource:
         self._libbcc: Any = None  # bcc's ctypes view of libbcc, once bcc is imported
         # Finds the TLS libraries and Go programs to probe; exists once started.
         self.discovery: BinaryDiscovery | None = None
-        self._reading_accepted_addresses = False
+        self._reading_addresses_at_reads = False
 
     @property
     def on_open(self) -> Callable[[ConnOpen], bool] | None:
@@ -383,29 +383,30 @@ class EventSource:
             table = self._bpf[b"known_images"]
             table[table.Key.from_buffer_copy(event.image_key)] = table.Leaf(1)
 
-    def read_accepted_addresses(self) -> None:
-        """Attach the program that reads the addresses of connections accepted
-        without them at their first read (bpf/socket_data.bpf.c), once: it runs
+    def read_addresses_at_reads(self) -> None:
+        """Attach the program that reads a connection's addresses at a read of
+        its bytes (bpf/socket_data.bpf.c, tcp_rcv_space_adjust), once: it runs
         for every TCP read on the host, so only where a server needs it."""
-        if self._reading_accepted_addresses or self._bpf is None:
+        if self._reading_addresses_at_reads or self._bpf is None:
             return
-        self._reading_accepted_addresses = True
-        tracepoint = ACCEPTED_ADDRESSES_TRACEPOINT.decode()
+        self._reading_addresses_at_reads = True
+        tracepoint = ADDRESSES_AT_READS_TRACEPOINT.decode()
         try:
             self._bpf.attach_tracepoint(
-                tp=ACCEPTED_ADDRESSES_TRACEPOINT, fn_name=ACCEPTED_ADDRESSES
+                tp=ADDRESSES_AT_READS_TRACEPOINT, fn_name=ADDRESSES_AT_READS
             )
         except Exception as error:  # noqa: BLE001 - bcc raises plain Exception
             log.warning(
                 "could not attach to %s (%s): the addresses of connections accepted "
-                "without them (libuv's way) are read from /proc, one at a time",
+                "without them, or picked up from their bytes, are read from /proc",
                 tracepoint,
                 error,
             )
             return
         log.info(
-            "a server accepts connections without their addresses (libuv's way): "
-            "the kernel reads them at their first read from now on (%s)",
+            "a connection came without its addresses (accepted without them, as "
+            "libuv does, or picked up from its bytes): the kernel reads those of "
+            "the next ones at their reads (%s)",
             tracepoint,
         )
 
@@ -449,8 +450,8 @@ def _load(bpf_class: Any, cflags: list[str]) -> Any:
     one program of every data syscall's exit is attached here."""
     try:
         bpf = bpf_class(text=program_source().encode(), cflags=cflags)
-        # bcc attached it with the others: it waits for read_accepted_addresses.
-        bpf.detach_tracepoint(ACCEPTED_ADDRESSES_TRACEPOINT)
+        # bcc attached it with the others: it waits for read_addresses_at_reads.
+        bpf.detach_tracepoint(ADDRESSES_AT_READS_TRACEPOINT)
         for call in features.DATA_SYSCALLS:
             bpf.attach_tracepoint(tp=f"syscalls:sys_exit_{call}".encode(), fn_name=DATA_EXIT)
         return bpf

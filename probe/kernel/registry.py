@@ -48,9 +48,9 @@ class KernelSide(Protocol):
     def rescan_soon(self, pid: int) -> None:
         """It exec'd: ld.so maps the new image's libraries a moment later."""
 
-    def read_accepted_addresses(self) -> None:
-        """A server accepted a connection without its addresses: have the
-        kernel read those of such connections from now on."""
+    def read_addresses_at_reads(self) -> None:
+        """A connection came without its addresses (accepted without them, or
+        picked up from its bytes): have the kernel read them at reads from now on."""
 
     def forget_process(self, pid: int) -> None: ...
 
@@ -147,8 +147,8 @@ class ConnectionRegistry:
             # The kernel could not send them (see sockets.lookup): a read of
             # the process's whole TCP table, counted, as it costs far more.
             self._stats["addresses_looked_up"] += 1
-            if event.role == Role.SERVER:  # accept() without an address buffer
-                self._kernel.read_accepted_addresses()
+            if event.role != Role.CLIENT:  # a client's come with its ADDR
+                self._kernel.read_addresses_at_reads()
             found = sockets.lookup(event.key.pid, event.key.fd)
             # A connection the kernel saw open (connect/accept) and that is
             # already closed is kept, without addresses. One picked up from

@@ -44,10 +44,13 @@ python peers.py exec_acceptor PORT FILE
                                    accept one connection (close-on-exec), read
                                    nothing from it, then exec a Python that
                                    reads FILE on the connection's descriptor
-python peers.py holder PORT SECONDS [N]
+python peers.py holder PORT SECONDS [N [handover]]
                                    accept a connection without an address
                                    buffer (as libuv does), read its request,
-                                   hold it SECONDS, close; N times (default 1)
+                                   hold it SECONDS, close; N times (default 1).
+                                   With handover, read it on a duplicate of its
+                                   descriptor, the accepted one closed first (as
+                                   a Node cluster worker gets its connections)
 
 With PEER_COMM set, the program first takes that process name (as in ps).
 """
@@ -257,13 +260,16 @@ def exec_file_reader(path: str, fd: int = 9) -> None:
     os.execv(sys.executable, [sys.executable, "-I", "-S", "-c", reader])
 
 
-def holder(port: int, seconds: float, connections: int = 1) -> None:
+def holder(port: int, seconds: float, connections: int = 1, hand_over: bool = False) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     with socket.create_server(("127.0.0.1", port)) as listener:
         print("listening", flush=True)
         for _ in range(connections):
             fd = libc.accept4(listener.fileno(), None, None, 0)
             assert fd >= 0, os.strerror(ctypes.get_errno())
+            if hand_over:  # read on another descriptor, as a worker handed it reads
+                accepted, fd = fd, os.dup(fd)
+                os.close(accepted)
             assert os.read(fd, 4096)
             time.sleep(seconds)
             os.close(fd)
@@ -297,6 +303,7 @@ if __name__ == "__main__":
     elif mode == "exec_acceptor":
         exec_acceptor(port, sys.argv[3])
     elif mode == "holder":
-        holder(port, float(sys.argv[3]), *map(int, sys.argv[4:5]))
+        connections = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+        holder(port, float(sys.argv[3]), connections, hand_over=sys.argv[5:] == ["handover"])
     else:
         udp(port)

@@ -145,21 +145,23 @@ def test_an_accept_without_address_wakes_the_reader_while_the_socket_is_open() -
     assert (opened.local, opened.peer) == (Endpoint("127.0.0.1", port), client_end)
 
 
-def test_a_server_accepting_without_addresses_has_the_kernel_read_them() -> None:
-    # The first such connection's addresses come from /proc; from then on the
-    # kernel reads them at each connection's first read (tcp_rcv_space_adjust):
-    # no read of the TCP table, and no wakeup, per connection.
+@pytest.mark.parametrize("handed_over", [False, True], ids=["accepted", "picked-up"])
+def test_connections_without_addresses_have_the_kernel_read_them(handed_over: bool) -> None:
+    # Accepted without an address buffer (libuv), or picked up from its bytes
+    # on a descriptor the probe did not see accepted (a Node cluster worker's):
+    # the first such connection's addresses come from /proc, and from then on
+    # the kernel reads them at the connection's first read
+    # (tcp_rcv_space_adjust): no read of the TCP table, and no wakeup, each.
     port = free_port()
     stats = Stats()
     opens: list[ConnOpen] = []
     ends = []
+    argv = [sys.executable, str(PEERS), "holder", str(port), "0.3", "3"]
     with EventSource(ProbeOptions(ports=(port,)), stats) as source:
         # Off until needed: it would run for every TCP read on the host.
-        assert loader.ACCEPTED_ADDRESSES_TRACEPOINT not in source._bpf.tracepoint_fds
+        assert loader.ADDRESSES_AT_READS_TRACEPOINT not in source._bpf.tracepoint_fds
         server = subprocess.Popen(
-            [sys.executable, str(PEERS), "holder", str(port), "0.3", "3"],
-            stdout=subprocess.PIPE,
-            text=True,
+            argv + (["handover"] if handed_over else []), stdout=subprocess.PIPE, text=True
         )
         assert server.stdout.readline().strip() == "listening"
         for _ in range(3):
@@ -169,8 +171,9 @@ def test_a_server_accepting_without_addresses_has_the_kernel_read_them() -> None
                 opens += [e for e in events if isinstance(e, ConnOpen)]
                 ends.append(Endpoint("127.0.0.1", client.getsockname()[1]))
         assert server.wait(10) == 0
-        assert loader.ACCEPTED_ADDRESSES_TRACEPOINT in source._bpf.tracepoint_fds
-    assert [(e.key.pid, e.role) for e in opens] == [(server.pid, Role.SERVER)] * 3
+        assert loader.ADDRESSES_AT_READS_TRACEPOINT in source._bpf.tracepoint_fds
+    role = Role.UNKNOWN if handed_over else Role.SERVER
+    assert [(e.key.pid, e.role) for e in opens] == [(server.pid, role)] * 3
     assert [(e.local, e.peer) for e in opens] == [
         (Endpoint("127.0.0.1", port), end) for end in ends
     ]
