@@ -297,6 +297,14 @@ def goserver(goserver_binary: Path) -> Iterator[Server]:
         yield server
 
 
+@pytest.fixture
+def node_cluster() -> Iterator[Server]:
+    """programs/node_cluster.js: a Node.js primary handing each connection it
+    accepts to one of two workers; ``pid`` is the primary's."""
+    with serving(spawn(["node", str(PROGRAMS / "node_cluster.js")])) as server:
+        yield server
+
+
 @pytest.fixture(scope="module")
 def nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A private nginx, a master and one worker; ``pid`` is the worker's.

@@ -1,7 +1,9 @@
-"""Servers that are not Python: nginx (a master and its worker) and Go's net/http."""
+"""Servers that are not Python: nginx (a master and its worker), Go's
+net/http, and a Node.js cluster."""
 
 from __future__ import annotations
 
+import http.client
 from pathlib import Path
 
 NGINX_STATIC_FILE = Path(__file__).parent / "programs/nginx/static/index.html"
@@ -49,3 +51,36 @@ def test_go_server_with_curl(goserver, probe_capture, curl, curl_user_agent):
         client_span = probe.one("CLIENT", observed.path, observed.pid)
         observed.check_client_span(client_span, goserver, user_agent=curl_user_agent)
     assert len(probe.spans) == 4
+
+
+def test_every_short_connection_to_a_node_cluster_has_its_span(node_cluster, probe_capture):
+    """The primary accepts without an address buffer and hands each connection
+    to a worker, where the probe picks it up from its bytes. A worker's first
+    connection is looked up in /proc (kept open here, so that the lookup finds
+    it); the kernel reads the addresses of its next ones at their first read
+    (tests/kernel/test_bpf_events.py tests that part alone). Each connection
+    closed by the server right after its response has its span, with its
+    client's port, from one of the two workers."""
+    port = node_cluster.port
+    with probe_capture("-P", str(port)) as probe:
+        first = [http.client.HTTPConnection("127.0.0.1", port, timeout=10) for _ in range(2)]
+        for worker, connection in enumerate(first):  # round-robin: one each
+            connection.request("GET", f"/first/{worker}")
+            connection.getresponse().read()
+        client_ports = {}
+        for request in range(20):
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            connection.request("GET", f"/short/{request}", headers={"Connection": "close"})
+            client_ports[f"/short/{request}"] = connection.sock.getsockname()[1]
+            assert connection.getresponse().read().endswith(f"GET /short/{request}\n".encode())
+            connection.close()
+        for connection in first:
+            connection.close()
+    short = [s for s in probe.select("SERVER") if s["attributes"]["url.path"] in client_ports]
+    assert sorted(s["attributes"]["url.path"] for s in short) == sorted(client_ports)
+    for span in short:
+        assert span["attributes"]["client.port"] == client_ports[span["attributes"]["url.path"]]
+        assert span["attributes"]["client.address"] == "127.0.0.1"
+        assert span["attributes"]["server.port"] == port
+    workers = {span["resource"]["process.pid"] for span in short}
+    assert len(workers) == 2 and node_cluster.pid not in workers
