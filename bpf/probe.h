@@ -227,7 +227,8 @@ enum probe_counter {
 	PROBE_COUNTER_TLS_NO_SOCKET = 3,  /* TLS plaintext dropped: its socket was not known */
 	PROBE_COUNTER_NOT_HTTP = 4,       /* I/O, or TLS plaintext, not (yet) seen to be HTTP */
 	PROBE_COUNTER_SHED = 5,           /* an exchange over the rate limit: none of it sent */
-	PROBE_COUNTER_MAX = 6,
+	PROBE_COUNTER_BARE_ACCEPTS = 6,   /* accept() without an address buffer (libuv's way) */
+	PROBE_COUNTER_MAX = 7,
 };
 
 #endif /* PROBE_H */

@@ -161,8 +161,10 @@ static __always_inline void accept_returned(long ret)
 
 	struct probe_conn_event event = {};
 	if (!call.buf) {
-		/* libuv's way: the ends come at the first read (tcp_rcv_space_adjust) */
+		/* libuv's way: the ends come at the first read (tcp_rcv_space_adjust),
+		 * which the count tells user space to attach */
 		set_thread_bits(tid, THREAD_ACCEPTS_BARE);
+		count(PROBE_COUNTER_BARE_ACCEPTS);
 	} else {
 		if (!read_sockaddr(&event.peer, (const void *)call.buf)) {
 			/* A unix socket or similar: remember not to sniff it. */

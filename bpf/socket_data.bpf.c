@@ -141,15 +141,22 @@ static __always_inline bool looks_like_http(const char *start)
  * whole TCP table per connection, and a short-lived one is gone by then. A
  * read that copies a TCP connection's bytes passes through this tracepoint,
  * whose arguments hold both ends, before it returns. The program runs for
- * every TCP read on the host, so user space attaches it only once it has met
- * such a connection (probe/kernel/loader.py, read_addresses_at_reads), and it
- * looks further only on the threads that made one (THREAD_ACCEPTS_BARE,
- * THREAD_PICKS_UP). It fills in an accepted connection's entry; for a read
- * of a descriptor not traced yet, it leaves the ends in `read_ends` for the
- * read's exit, which may pick the connection up (sniff_connection), and
- * marks the read as one on a TCP socket (syscall_args.sock, 0 at every
- * data syscall's entry), so no earlier read's ends are ever taken. */
+ * every TCP read on the host, so user space attaches it only once a process
+ * accepts without an address buffer (PROBE_COUNTER_BARE_ACCEPTS; Node's
+ * cluster primary, too, before it hands the connection over), see
+ * probe/kernel/loader.py, read_addresses_at_reads. It looks further only on
+ * the threads that made such a connection: one that accepted it
+ * (THREAD_ACCEPTS_BARE), or picked one up while the program was attached
+ * (THREAD_PICKS_UP; the connections open before the probe, each picked up
+ * once, mark no thread before then). It fills in an accepted
+ * connection's entry; for a read of a descriptor not traced yet, it leaves
+ * the ends in `read_ends` for the read's exit, which may pick the connection
+ * up (sniff_connection), and marks the read as one on a TCP socket
+ * (syscall_args.sock, 0 at every data syscall's entry), so no earlier read's
+ * ends are ever taken. */
 BPF_TABLE("lru_hash", u32, struct tuple, read_ends, PROBE_MAX_INFLIGHT);
+/* 1 once user space has attached it. */
+BPF_ARRAY(reading_ends, u8, 1);
 
 TRACEPOINT_PROBE(tcp, tcp_rcv_space_adjust)
 {
@@ -160,17 +167,18 @@ TRACEPOINT_PROBE(tcp, tcp_rcv_space_adjust)
 	    slot->syscall < PROBE_SYS_READ || slot->syscall > PROBE_SYS_SENDFILE ||
 	    direction_of(slot->syscall) != PROBE_INGRESS)
 		return 0;
+	struct probe_conn_key key = {.pid = id >> 32, .fd = slot->fd};
+	struct probe_conn_state *state = conns.lookup(&key);
+	if (state ? !state->unannounced || state->peer.family != PROBE_AF_UNSPEC
+		  : !(slot->thread & THREAD_PICKS_UP))
+		return 0; /* the common case: a traced connection's later reads */
 	struct tuple tuple = {};
 	tracepoint_endpoints(&tuple, args->family, args->sport, args->dport, args->saddr,
 			     args->daddr, args->saddr_v6, args->daddr_v6);
-	struct probe_conn_key key = {.pid = id >> 32, .fd = slot->fd};
-	struct probe_conn_state *state = conns.lookup(&key);
 	if (state) {
-		if (state->unannounced && state->peer.family == PROBE_AF_UNSPEC) {
-			state->local = tuple.local;
-			state->peer = tuple.peer;
-		}
-	} else if (slot->thread & THREAD_PICKS_UP) {
+		state->local = tuple.local;
+		state->peer = tuple.peer;
+	} else {
 		read_ends.update(&tid, &tuple);
 		slot->sock = (u64)args->skaddr;
 	}
@@ -204,7 +212,9 @@ static __always_inline struct probe_conn_state *sniff_connection(struct probe_co
 	struct syscall_args *thread = thread_syscall(tid, true);
 	state.ignored = (thread && judge_thread(thread)) ||
 			!connection_wanted(state.local.port, state.peer.port);
-	if (thread) /* its next pick-ups' ends are read in the kernel, once attached */
+	u32 zero = 0;
+	u8 *reading = reading_ends.lookup(&zero);
+	if (thread && reading && *reading) /* its next pick-ups' ends are read */
 		thread->thread |= THREAD_PICKS_UP;
 	conns.update(key, &state);
 	if (!state.ignored) {

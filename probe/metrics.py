@@ -45,6 +45,8 @@ COUNTERS = {
     "addresses_looked_up": "Connections whose addresses the kernel did not send, "
     "looked up in /proc instead",
     "execs_of_known_images": "Execs of images examined before, which did not wake the probe",
+    "accepts_without_address": "Connections accepted without an address buffer (libuv's way), "
+    "whose addresses the kernel then reads at their first read",
     "spans_produced": "Spans built from HTTP exchanges",
     "spans_exported": "Spans the collector accepted",
     "spans_dropped": "Spans dropped because the export queue was full or the probe stopped",

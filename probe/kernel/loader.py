@@ -54,6 +54,7 @@ KERNEL_COUNTERS = {
     lib.PROBE_COUNTER_TLS_NO_SOCKET: "tls_plaintext_without_socket",
     lib.PROBE_COUNTER_NOT_HTTP: "not_http_withheld",
     lib.PROBE_COUNTER_SHED: "exchanges_shed",
+    lib.PROBE_COUNTER_BARE_ACCEPTS: "accepts_without_address",
 }
 
 # libbcc's ring-buffer callback: (context, record address, record size) -> 0.
@@ -132,7 +133,7 @@ MAX_BATCH = 1024
 TASK_STORAGE_FLAG = "-DPROBE_TASK_STORAGE"
 DATA_EXIT = b"data_syscall_exit"  # the program of features.DATA_SYSCALLS' exits
 # The program that reads a connection's addresses at a read of its bytes,
-# attached once one comes without them (see read_addresses_at_reads).
+# attached once a process accepts without them (see read_addresses_at_reads).
 ADDRESSES_AT_READS_TRACEPOINT = b"tcp:tcp_rcv_space_adjust"
 ADDRESSES_AT_READS = b"tracepoint__tcp__tcp_rcv_space_adjust"
 # Tracepoints and uprobes detached side by side when stopping (see _detach_all).
@@ -363,8 +364,13 @@ class EventSource:
 
     def kernel_counters(self) -> dict[str, int]:
         """Every `enum probe_counter`, by the name it is reported under. Each
-        is a map read per CPU: read them now and then, not per poll."""
-        return {name: self.kernel_counter(slot) for slot, name in KERNEL_COUNTERS.items()}
+        is a map read per CPU: read them now and then, not per poll. Accepts
+        without an address buffer among them attach the program that reads
+        addresses at reads."""
+        counters = {name: self.kernel_counter(slot) for slot, name in KERNEL_COUNTERS.items()}
+        if counters["accepts_without_address"]:
+            self.read_addresses_at_reads()
+        return counters
 
     # -- KernelSide: what the registry asks of the kernel and of discovery --
 
@@ -385,7 +391,11 @@ class EventSource:
 
     def read_addresses_at_reads(self) -> None:
         """Attach the program that reads a connection's addresses at a read of
-        its bytes (bpf/socket_data.bpf.c, tcp_rcv_space_adjust), once: it runs
+        its bytes (bpf/socket_data.bpf.c, tcp_rcv_space_adjust), once: when a
+        process accepts without an address buffer (libuv's way), seen in its
+        connection's OPEN or, once a second, in the kernel's count of such
+        accepts (`kernel_counters`: Node's cluster primary hands each connection
+        to a worker, which the probe only picks up from its bytes). It runs
         for every TCP read on the host, so only where a server needs it."""
         if self._reading_addresses_at_reads or self._bpf is None:
             return
@@ -398,15 +408,15 @@ class EventSource:
         except Exception as error:  # noqa: BLE001 - bcc raises plain Exception
             log.warning(
                 "could not attach to %s (%s): the addresses of connections accepted "
-                "without them, or picked up from their bytes, are read from /proc",
+                "without them are read from /proc",
                 tracepoint,
                 error,
             )
             return
+        self._bpf[b"reading_ends"][ctypes.c_int(0)] = ctypes.c_uint8(1)
         log.info(
-            "a connection came without its addresses (accepted without them, as "
-            "libuv does, or picked up from its bytes): the kernel reads those of "
-            "the next ones at their reads (%s)",
+            "a process accepts connections without their addresses (libuv does): "
+            "the kernel reads them at their reads from now on (%s)",
             tracepoint,
         )
 

@@ -49,8 +49,8 @@ class KernelSide(Protocol):
         """It exec'd: ld.so maps the new image's libraries a moment later."""
 
     def read_addresses_at_reads(self) -> None:
-        """A connection came without its addresses (accepted without them, or
-        picked up from its bytes): have the kernel read them at reads from now on."""
+        """A connection was accepted without its addresses: have the kernel
+        read those of the next ones at their reads."""
 
     def forget_process(self, pid: int) -> None: ...
 
@@ -147,7 +147,7 @@ class ConnectionRegistry:
             # The kernel could not send them (see sockets.lookup): a read of
             # the process's whole TCP table, counted, as it costs far more.
             self._stats["addresses_looked_up"] += 1
-            if event.role != Role.CLIENT:  # a client's come with its ADDR
+            if event.role == Role.SERVER:  # accept() without an address buffer
                 self._kernel.read_addresses_at_reads()
             found = sockets.lookup(event.key.pid, event.key.fd)
             # A connection the kernel saw open (connect/accept) and that is

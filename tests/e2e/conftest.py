@@ -12,6 +12,7 @@ Tests never import this module: everything reaches them through fixtures.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.client
 import json
@@ -138,6 +139,17 @@ class ProbeCapture:
     @property
     def stderr(self) -> str:
         return "".join(self._stderr)
+
+    def attached(self) -> int:
+        """Tracepoints and uprobes the probe has attached now: its perf event
+        descriptors (bcc attaches each through one)."""
+        assert self._process is not None
+        fds = Path(f"/proc/{self._process.pid}/fd")
+        links = []
+        for fd in fds.iterdir():
+            with contextlib.suppress(OSError):  # closed meanwhile
+                links.append(os.readlink(fd))
+        return links.count("anon_inode:[perf_event]")
 
     def start(self) -> None:
         with self._stdout.open("w") as stdout:

@@ -4,6 +4,7 @@ net/http, and a Node.js cluster."""
 from __future__ import annotations
 
 import http.client
+import time
 from pathlib import Path
 
 NGINX_STATIC_FILE = Path(__file__).parent / "programs/nginx/static/index.html"
@@ -55,18 +56,30 @@ def test_go_server_with_curl(goserver, probe_capture, curl, curl_user_agent):
 
 def test_every_short_connection_to_a_node_cluster_has_its_span(node_cluster, probe_capture):
     """The primary accepts without an address buffer and hands each connection
-    to a worker, where the probe picks it up from its bytes. A worker's first
-    connection is looked up in /proc (kept open here, so that the lookup finds
-    it); the kernel reads the addresses of its next ones at their first read
-    (tests/kernel/test_bpf_events.py tests that part alone). Each connection
-    closed by the server right after its response has its span, with its
-    client's port, from one of the two workers."""
+    to a worker, where the probe picks it up from its bytes. The primary's
+    accepts have the probe attach the program that reads addresses at reads;
+    a worker's first connection picked up after that has its thread's next
+    ones' addresses read in the kernel. Those connections are closed by the
+    server right after their response, before a lookup in /proc could find
+    them: each has its span, with its client's port, from one of the workers."""
     port = node_cluster.port
-    with probe_capture("-P", str(port)) as probe:
-        first = [http.client.HTTPConnection("127.0.0.1", port, timeout=10) for _ in range(2)]
-        for worker, connection in enumerate(first):  # round-robin: one each
-            connection.request("GET", f"/first/{worker}")
+
+    def one_each() -> list[http.client.HTTPConnection]:
+        """A kept-alive connection to each worker (round-robin), left open."""
+        connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=10) for _ in range(2)]
+        for connection in connections:
+            connection.request("GET", "/kept")
             connection.getresponse().read()
+        return connections
+
+    with probe_capture("-P", str(port)) as probe:
+        attached = probe.attached()
+        first = one_each()
+        deadline = time.monotonic() + 10  # the counts are read once a second
+        while probe.attached() == attached and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert probe.attached() == attached + 1  # tcp:tcp_rcv_space_adjust
+        first += one_each()
         client_ports = {}
         for request in range(20):
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)

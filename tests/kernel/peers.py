@@ -44,6 +44,9 @@ python peers.py exec_acceptor PORT FILE
                                    accept one connection (close-on-exec), read
                                    nothing from it, then exec a Python that
                                    reads FILE on the connection's descriptor
+python peers.py late_reader PORT
+                                   accept one connection, say so, then read
+                                   its request once a line comes on stdin
 python peers.py holder PORT SECONDS [N [handover]]
                                    accept a connection without an address
                                    buffer (as libuv does), read its request,
@@ -260,6 +263,17 @@ def exec_file_reader(path: str, fd: int = 9) -> None:
     os.execv(sys.executable, [sys.executable, "-I", "-S", "-c", reader])
 
 
+def late_reader(port: int) -> None:
+    with socket.create_server(("127.0.0.1", port)) as listener:
+        print("listening", flush=True)
+        conn, _ = listener.accept()
+        print("accepted", flush=True)
+        sys.stdin.readline()
+        with conn:
+            assert conn.recv(4096)
+            time.sleep(0.3)
+
+
 def holder(port: int, seconds: float, connections: int = 1, hand_over: bool = False) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     with socket.create_server(("127.0.0.1", port)) as listener:
@@ -302,6 +316,8 @@ if __name__ == "__main__":
         exec_reader(port, sys.argv[3])
     elif mode == "exec_acceptor":
         exec_acceptor(port, sys.argv[3])
+    elif mode == "late_reader":
+        late_reader(port)
     elif mode == "holder":
         connections = int(sys.argv[4]) if len(sys.argv) > 4 else 1
         holder(port, float(sys.argv[3]), connections, hand_over=sys.argv[5:] == ["handover"])
