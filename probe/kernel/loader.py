@@ -259,6 +259,14 @@ class EventSource:
             # works everywhere, a little slower.
             self.notes.append("task storage refused: syscalls in flight are kept in a hash")
             self._bpf = _load(BPF, [flag for flag in cflags if flag != TASK_STORAGE_FLAG])
+        # bcc attached it with the others: it waits for read_addresses_at_reads.
+        # Its perf event is closed on another thread: a close waits for RCU
+        # grace periods (about 100 ms of the start here). Until then it runs,
+        # and can only fill in addresses, as it would once attached.
+        closing = self._bpf.tracepoint_fds.pop(ADDRESSES_AT_READS_TRACEPOINT)
+        threading.Thread(
+            target=libbcc.bpf_close_perf_event_fd, args=(closing,), name="detach", daemon=True
+        ).start()
         if self.options.pids:
             table = self._bpf[b"traced_pids"]
             for pid in self.options.pids:
@@ -460,8 +468,6 @@ def _load(bpf_class: Any, cflags: list[str]) -> Any:
     one program of every data syscall's exit is attached here."""
     try:
         bpf = bpf_class(text=program_source().encode(), cflags=cflags)
-        # bcc attached it with the others: it waits for read_addresses_at_reads.
-        bpf.detach_tracepoint(ADDRESSES_AT_READS_TRACEPOINT)
         for call in features.DATA_SYSCALLS:
             bpf.attach_tracepoint(tp=f"syscalls:sys_exit_{call}".encode(), fn_name=DATA_EXIT)
         return bpf
