@@ -147,7 +147,7 @@ class ConnectionRegistry:
             # The kernel could not send them (see sockets.lookup): a read of
             # the process's whole TCP table, counted, as it costs far more.
             self._stats["addresses_looked_up"] += 1
-            if event.role == Role.SERVER:  # accept() without an address buffer
+            if event.role == Role.SERVER and event.peer is None:  # accept() without a buffer
                 self._kernel.read_addresses_at_reads()
             found = sockets.lookup(event.key.pid, event.key.fd)
             # A connection the kernel saw open (connect/accept) and that is

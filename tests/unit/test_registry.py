@@ -100,7 +100,9 @@ def test_a_connection_accepted_without_addresses_asks_the_kernel_for_the_next_on
     client = ConnOpen(ConnKey(7, 4, 101), 7, 1, Role.CLIENT, None, SERVER)
     lost_address = ConnClose(client.key, 7, 2)  # before its ADDR: looked up
     picked_up = ConnOpen(ConnKey(7, 5, 102), 7, 1, Role.UNKNOWN, None, None)  # open before
-    settle_all(registry, with_addresses, client, lost_address, picked_up)
+    # accept() gave the peer; the local address's slot was taken by another
+    lost_slot = ConnOpen(ConnKey(7, 7, 104), 7, 1, Role.SERVER, None, CLIENT)
+    settle_all(registry, with_addresses, client, lost_address, picked_up, lost_slot)
     assert ("read addresses at reads", 0) not in kernel.asked
     settle_all(registry, ConnOpen(ConnKey(7, 6, 103), 7, 1, Role.SERVER, None, None))
     assert ("read addresses at reads", 0) in kernel.asked
