@@ -79,7 +79,7 @@ import yaml
 DEFAULT_PROTOCOL = "http/protobuf"
 DEFAULT_GRPC_ENDPOINT = "http://localhost:4317"
 # Exchanges (request/response pairs) traced per second, host-wide, by default:
-# at 10-15 us of the probe's CPU each, about a tenth of a core. Beyond it the
+# at 9-20 us of the probe's CPU each, about a tenth of a core. Beyond it the
 # kernel sheds whole exchanges and counts them (probe_exchanges_shed_total),
 # so the probe's cost stays bounded on a saturated node (bench/README.md).
 DEFAULT_EXCHANGE_RATE = 10_000
@@ -87,7 +87,7 @@ DEFAULT_EXCHANGE_RATE = 10_000
 # kind of request every second or so on a busy node.
 DEFAULT_MIN_EXCHANGE_RATE = 1_000
 # The share of time tasks wait for a CPU at which it is lowered: this VM read
-# 2-3 % at 5,000 requests a second, 11-28 % saturated with the probe.
+# 2-3 % at 5,000 requests a second, 5-28 % saturated with the probe.
 DEFAULT_CPU_PRESSURE_LIMIT = 0.1
 DEFAULT_HTTP_ENDPOINT = "http://localhost:4318/v1/traces"
 _GENERIC_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
