@@ -52,10 +52,13 @@ struct __attribute__((aligned(8))) peer_key {
 };
 
 #define ACCEPTED_SLOT_BITS 12
-struct accepted {
-	u64 state; /* enum slot_state */
-	struct peer_key peer;
+struct __attribute__((aligned(8))) accepted_entry {
+	struct peer_key peer; /* the key */
 	struct probe_endpoint local;
+};
+struct accepted {
+	u64 seal;
+	struct accepted_entry entry;
 };
 BPF_ARRAY(accepted_local, struct accepted, 1 << ACCEPTED_SLOT_BITS);
 
@@ -179,10 +182,10 @@ static __always_inline void accept_returned(long ret)
 		peer.port = event.peer.port;
 		peer.family = event.peer.family;
 		struct accepted *slot = accepted_slot(&peer);
-		if (slot && take_entry(&slot->state, &slot->peer, &peer, sizeof(peer))) {
-			event.local = slot->local;
-			give_slot(&slot->state, SLOT_EMPTY);
-		}
+		struct accepted_entry taken;
+		if (slot && take_entry(&slot->seal, &slot->entry, &taken, sizeof(taken), &peer,
+				       sizeof(peer)))
+			event.local = taken.local;
 	}
 	open_connection(pid, tid, (s32)ret, PROBE_ROLE_SERVER, &event);
 }
@@ -275,16 +278,14 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 #endif
 		emit_conn_event(&event);
 	} else if (args->oldstate == TCP_SYN_RECV) {
-		struct peer_key peer = {};
-		__builtin_memcpy(peer.addr, tuple.peer.addr, 16);
-		peer.port = tuple.peer.port;
-		peer.family = tuple.peer.family;
-		struct accepted *slot = accepted_slot(&peer);
-		if (slot && take_slot_to_write(&slot->state)) {
-			slot->peer = peer;
-			slot->local = tuple.local;
-			give_slot(&slot->state, SLOT_FULL);
-		}
+		struct accepted_entry entry = {};
+		__builtin_memcpy(entry.peer.addr, tuple.peer.addr, 16);
+		entry.peer.port = tuple.peer.port;
+		entry.peer.family = tuple.peer.family;
+		entry.local = tuple.local;
+		struct accepted *slot = accepted_slot(&entry.peer);
+		if (slot)
+			fill_slot(&slot->seal, &slot->entry, &entry, sizeof(entry));
 	}
 	return 0;
 }

@@ -432,10 +432,11 @@ static __always_inline void pair_ends(const struct probe_conn_key *key,
 	ends_endpoint(&ends.client, &state->peer);
 	ends_endpoint(&ends.server, &state->local);
 	struct client_end *slot = client_end_slot(&ends);
-	if (!slot || !take_entry(&slot->state, &slot->ends, &ends, sizeof(ends)))
+	struct client_end_entry taken;
+	if (!slot || !take_entry(&slot->seal, &slot->entry, &taken, sizeof(taken), &ends,
+				 sizeof(ends)))
 		return;
-	struct probe_conn_id client = slot->conn;
-	give_slot(&slot->state, SLOT_EMPTY);
+	struct probe_conn_id client = taken.conn;
 	struct probe_conn_key client_key = {.pid = client.pid, .fd = client.fd};
 	struct probe_conn_state *other = conns.lookup(&client_key);
 	if (!other || other->generation != client.generation || other->ignored)
