@@ -8,7 +8,16 @@ line: the share of time in which some runnable task waited), and little of
 it goes unused (``/proc/stat``: under a fifth idle). Pressure alone also
 rises on a node with CPU to spare, when its tasks wake in bursts: Python's
 threaded server, saturated here, read 25-38 % of pressure with 40 % of the
-CPU idle; nginx, saturated with the probe, 11-28 % with 9-22 % idle.
+CPU idle; nginx, saturated with the probe, 5-28 % with 8-22 % idle.
+
+The idle share decides only once the pressure is half the limit or more
+(under half, the CPU is neither short nor kept from growing the rate back),
+so ``/proc/stat`` is read only then: it is the dearer of the two files, as
+the kernel writes out every interrupt's count at each reading, which with
+its parse took two fifths of the governor's 120 us a reading on an idle
+probe here. The share then needs a reading at the tick before: the first
+tick at half the limit or more only takes one, and the governor acts from
+the next, a quarter of a second later.
 
 On a saturated node the probe's own work is part of what the workload waits
 behind, and most of it is per traced exchange: while the CPU is short, the
@@ -114,7 +123,7 @@ def _idle_ticks(text: str | None) -> tuple[int, int] | None:
 
 class _Cpu(NamedTuple):
     pressure: float  # the share of time some task waited for a CPU
-    idle: float  # the share of CPU time idle
+    idle: float | None  # the share of CPU time idle; None where not read (see above)
     limit: float  # the pressure at which the CPU is short, if little is idle
 
 
@@ -157,8 +166,10 @@ class RateGovernor:
         self._backlog = backlog
         self._clock = clock
         self.rate = maximum
-        # (time, stall, idle ticks, all ticks) of the last reading
-        self._last: tuple[float, int, int, int] | None = None
+        # (time, stall) of the last reading; (time, idle ticks, all ticks) of the last
+        # reading that took the idle time too
+        self._last: tuple[float, int] | None = None
+        self._last_idle: tuple[float, int, int] | None = None
         self._due = 0.0
 
     def tick(self) -> None:
@@ -183,7 +194,12 @@ class RateGovernor:
                 "an exchange shed in the kernel costs nearly nothing, a span dropped from "
                 "a full queue the whole of its making (OTEL_BSP_MAX_QUEUE_SIZE bounds it)",
             )
-        if cpu is not None and cpu.pressure >= cpu.limit and cpu.idle < IDLE_LIMIT:
+        if (
+            cpu is not None
+            and cpu.pressure >= cpu.limit
+            and cpu.idle is not None
+            and cpu.idle < IDLE_LIMIT
+        ):
             return (
                 f"the CPU is short (tasks waited for one {cpu.pressure:.0%} of the time, "
                 f"{cpu.idle:.0%} of it idle)",
@@ -197,21 +213,37 @@ class RateGovernor:
             return False
         if self._limit is None:
             return True  # the CPU is not governed
-        return cpu is not None and (cpu.pressure < cpu.limit / 2 or cpu.idle >= IDLE_LIMIT)
+        if cpu is None:
+            return False
+        return cpu.pressure < cpu.limit / 2 or (cpu.idle is not None and cpu.idle >= IDLE_LIMIT)
 
     def _cpu(self, now: float) -> _Cpu | None:
-        """The pressure and idle share since the last reading; None without
-        figures (the CPU not governed, the first reading, a kernel without them)."""
+        """The pressure since the last reading, and the idle share since then
+        where it decides; None without figures (the CPU not governed, the
+        first reading, a kernel without pressure figures)."""
         if self._limit is None:
             return None
-        stall, ticks = self._stall_us(), self._idle_ticks()
-        if stall is None or ticks is None:
+        stall = self._stall_us()
+        if stall is None:
             return None
-        last, self._last = self._last, (now, stall, *ticks)
-        if last is None or now <= last[0] or ticks[1] <= last[3]:
+        last, self._last = self._last, (now, stall)
+        if last is None or now <= last[0]:
             return None
         pressure = (stall - last[1]) / 1e6 / (now - last[0])
-        return _Cpu(pressure, (ticks[0] - last[2]) / (ticks[1] - last[3]), self._limit)
+        idle = self._idle_share(now, last[0]) if pressure >= self._limit / 2 else None
+        return _Cpu(pressure, idle, self._limit)
+
+    def _idle_share(self, now: float, since: float) -> float | None:
+        """The idle share since the reading at ``since``, if that one took the
+        idle time too; None otherwise (this reading is the start of the next)."""
+        ticks = self._idle_ticks()
+        if ticks is None:
+            self._last_idle = None
+            return None
+        last, self._last_idle = self._last_idle, (now, *ticks)
+        if last is None or last[0] != since or ticks[1] <= last[2]:
+            return None
+        return (ticks[0] - last[1]) / (ticks[1] - last[2])
 
     def _move(self, rate: int, shortage: tuple[str, str] | None) -> None:
         """Sets the limit; ``shortage`` says why a lowered one is (None: raised)."""

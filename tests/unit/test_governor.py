@@ -117,7 +117,7 @@ def test_once_the_pressure_passes_the_rate_grows_back_to_the_maximum(caplog) -> 
 def test_between_half_the_limit_and_the_limit_the_rate_holds() -> None:
     node = Node()
     governor = node.governor()
-    node.run(governor, pressure=0.2, seconds=0.5)
+    node.run(governor, pressure=0.2, seconds=1)
     held = governor.rate
     node.rates.clear()
     node.run(governor, pressure=0.07, seconds=3)
@@ -145,6 +145,37 @@ def test_a_quiet_node_keeps_every_exchange_and_ticks_between_intervals_do_nothin
     node.stalled_us += 10**6  # a whole second stalled, read no sooner than the interval
     governor.tick()
     assert node.rates == []
+
+
+def test_the_idle_time_is_read_only_where_the_pressure_makes_it_decide() -> None:
+    """Under half the pressure limit the CPU is neither short nor kept from
+    growing the rate back, whatever its idle share: /proc/stat, the dearer
+    file, is not read. From half the limit on it is read at every interval,
+    and the first reading only starts the share the next one decides by."""
+    node = Node()
+    reads: list[float] = []
+
+    def idle_ticks() -> tuple[int, int]:
+        reads.append(node.now)
+        return node.idle_ticks, node.all_ticks
+
+    governor = RateGovernor(
+        node.rates.append,
+        maximum=10_000,
+        minimum=1_000,
+        pressure_limit=0.1,
+        stall_us=lambda: node.stalled_us,
+        idle_ticks=idle_ticks,
+        clock=lambda: node.now,
+    )
+    node.run(governor, pressure=0.04, seconds=3)
+    assert reads == [] and node.rates == []
+    node.run(governor, pressure=0.3, seconds=0.25)
+    assert len(reads) == 1 and node.rates == []  # its share starts here
+    node.run(governor, pressure=0.3, seconds=0.5)
+    assert len(reads) == 3 and node.rates == [5_000, 2_500]
+    node.run(governor, pressure=0.01, seconds=0.25)
+    assert len(reads) == 3 and node.rates == [5_000, 2_500, 3_126]
 
 
 def test_an_export_behind_lowers_the_rate_with_cpu_to_spare_until_it_keeps_up(caplog) -> None:
