@@ -157,6 +157,7 @@ def rate_governor(
         minimum=min(config.min_exchange_rate, config.max_exchange_rate),
         pressure_limit=pressure_limit,
         backlog=backlog,
+        records=lambda: source.stats["events"],
     )
 
 

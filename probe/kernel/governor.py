@@ -19,6 +19,12 @@ probe here. The share then needs a reading at the tick before: the first
 tick at half the limit or more only takes one, and the governor acts from
 the next, a quarter of a second later.
 
+A tick with no record read since the last one reads neither file: with no
+exchange to shed, what the CPU does is not the probe's to weigh, and an idle
+probe's two readings a second were most of its governor's cost. It lets a
+lowered limit grow back, as a quiet CPU would, and the next tick with
+records starts its readings afresh.
+
 On a saturated node the probe's own work is part of what the workload waits
 behind, and most of it is per traced exchange: while the CPU is short, the
 governor halves the rate every quarter of a second, down to the floor; once
@@ -137,7 +143,8 @@ class RateGovernor:
     set, or a kernel without pressure figures); ``stall_us``, ``idle_ticks``
     (by default from /proc, kept open) and ``clock`` read the pressure, the
     idle time and the time; ``backlog`` the share of the export queue's
-    bounds in use (`BatchSpanProcessor.backlog`).
+    bounds in use (`BatchSpanProcessor.backlog`); ``records`` a count of the
+    records read so far (None: every tick has some).
     """
 
     def __init__(
@@ -150,6 +157,7 @@ class RateGovernor:
         stall_us: Callable[[], int | None] | None = None,
         idle_ticks: Callable[[], tuple[int, int] | None] | None = None,
         backlog: Callable[[], float] = lambda: 0.0,
+        records: Callable[[], int] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not 0 < minimum <= maximum:
@@ -164,6 +172,8 @@ class RateGovernor:
         self._stall_us = stall_us or (lambda: _stall_us(pressure.read()))
         self._idle_ticks = idle_ticks or (lambda: _idle_ticks(stat.read()))
         self._backlog = backlog
+        self._records = records
+        self._records_seen: int | None = None
         self._clock = clock
         self.rate = maximum
         # (time, stall) of the last reading; (time, idle ticks, all ticks) of the last
@@ -177,14 +187,31 @@ class RateGovernor:
         if now < self._due:
             return
         self._due = now + INTERVAL_S
+        if self._quiet():
+            self._last = None  # the next reading starts afresh
+            if self._backlog() <= BACKLOG_CLEAR:
+                self._grow_back()
+            return
         cpu, backlog = self._cpu(now), self._backlog()
         shortage = self._shortage(cpu, backlog)
         if shortage is not None:
             rate = max(self._minimum, int(self.rate * DECREASE))
             if rate != self.rate:
                 self._move(rate, shortage)
-        elif self._keeping_up(cpu, backlog) and self.rate < self._maximum:
+        elif self._keeping_up(cpu, backlog):
+            self._grow_back()
+
+    def _grow_back(self) -> None:
+        """A quarter more, up to the maximum."""
+        if self.rate < self._maximum:
             self._move(min(self._maximum, int(self.rate * INCREASE) + 1), None)
+
+    def _quiet(self) -> bool:
+        """No record read since the last tick."""
+        if self._records is None:
+            return False
+        seen, self._records_seen = self._records_seen, self._records()
+        return seen == self._records_seen
 
     def _shortage(self, cpu: _Cpu | None, backlog: float) -> tuple[str, str] | None:
         """Why the rate must fall, if it must, and what the user may do of it."""

@@ -178,6 +178,40 @@ def test_the_idle_time_is_read_only_where_the_pressure_makes_it_decide() -> None
     assert len(reads) == 3 and node.rates == [5_000, 2_500, 3_126]
 
 
+def test_a_tick_with_no_record_read_reads_nothing_and_lets_the_rate_grow_back() -> None:
+    """No record read since the last tick: neither file is read, a lowered
+    rate grows back as on a quiet CPU, and the first tick with records again
+    starts the readings afresh, its pressure over its own interval."""
+    node = Node()
+    records, reads = [0], []
+
+    def stall_us() -> int:
+        reads.append(node.now)
+        return node.stalled_us
+
+    governor = RateGovernor(
+        node.rates.append,
+        maximum=10_000,
+        minimum=1_000,
+        pressure_limit=0.1,
+        stall_us=stall_us,
+        idle_ticks=lambda: (node.idle_ticks, node.all_ticks),
+        records=lambda: records[0],
+        clock=lambda: node.now,
+    )
+    for _ in range(6):  # records read at every tick, under pressure
+        records[0] += 100
+        node.run(governor, pressure=0.5, seconds=0.25)
+    lowered = governor.rate
+    assert lowered < 10_000 and len(reads) == 6
+    node.run(governor, pressure=0.5, seconds=1)  # none read: the CPU is not the probe's to weigh
+    assert len(reads) == 6 and lowered < governor.rate
+    before = governor.rate
+    records[0] += 100
+    node.run(governor, pressure=0.5, seconds=0.25)  # records again: the first reading, no verdict
+    assert len(reads) == 7 and governor.rate == before
+
+
 def test_an_export_behind_lowers_the_rate_with_cpu_to_spare_until_it_keeps_up(caplog) -> None:
     node = Node()
     governor = node.governor()
