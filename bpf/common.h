@@ -166,6 +166,18 @@ static __always_inline bool same_words(const void *a, const void *b, u32 size)
 	return true;
 }
 
+/* Copies `size` bytes (a multiple of 8) word by word, each read and written
+ * once (volatile): a slot's words may change under a reader, and what it
+ * checks must be what it keeps. */
+static __always_inline void copy_words(volatile void *to, const volatile void *from, u32 size)
+{
+	volatile struct_word *x = to;
+	const volatile struct_word *y = from;
+#pragma unroll
+	for (u32 i = 0; i < size / 8; i++)
+		x[i] = y[i];
+}
+
 /* The seal of an entry of `size` bytes (a multiple of 8). */
 static __always_inline u64 seal_of(const void *entry, u32 size)
 {
@@ -182,29 +194,20 @@ static __always_inline u64 seal_of(const void *entry, u32 size)
 /* Writes an entry of `size` bytes into a slot: its words at `stored`, then its seal. */
 static __always_inline void fill_slot(u64 *seal, void *stored, const void *entry, u32 size)
 {
-	volatile struct_word *to = stored;
-	const struct_word *from = entry;
-#pragma unroll
-	for (u32 i = 0; i < size / 8; i++)
-		to[i] = from[i];
+	copy_words(stored, entry, size);
 	*(volatile u64 *)seal = seal_of(entry, size);
 }
 
 /* Copies a slot's entry of `size` bytes into `entry` and empties the slot, if
  * the entry is sealed and its first `key_size` bytes are `key`'s. Another
- * key's entry is left as it was. The copy is read once (volatile), so what is
- * checked is what the caller gets. */
+ * key's entry is left as it was. */
 static __always_inline bool take_entry(u64 *seal, const void *stored, void *entry, u32 size,
 				       const void *key, u32 key_size)
 {
 	u64 sealed = *(volatile u64 *)seal;
 	if (!sealed)
 		return false;
-	const volatile struct_word *from = stored;
-	struct_word *to = entry;
-#pragma unroll
-	for (u32 i = 0; i < size / 8; i++)
-		to[i] = from[i];
+	copy_words(entry, stored, size);
 	if (!same_words(entry, key, key_size) || seal_of(entry, size) != sealed)
 		return false;
 	*(volatile u64 *)seal = 0;
