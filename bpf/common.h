@@ -377,13 +377,18 @@ static __always_inline bool take_syscall(u32 tid, u8 syscall, struct syscall_arg
 	return true;
 }
 
-/* The thread's saved data syscall (PROBE_SYS_READ to PROBE_SYS_SENDFILE), if
- * it is the one returning now, number `nr`; marks it taken. */
+/* Is this saved call (enum probe_syscall, or a SYSCALL_*) a data syscall? */
+static __always_inline bool is_data_syscall(u8 syscall)
+{
+	return syscall >= PROBE_SYS_READ && syscall <= PROBE_SYS_SENDFILE;
+}
+
+/* The thread's saved data syscall, if it is the one returning now, number
+ * `nr`; marks it taken. */
 static __always_inline bool take_data_syscall(u32 tid, s32 nr, struct syscall_args *call)
 {
 	struct syscall_args *slot = thread_syscall(tid, false);
-	if (!slot || slot->syscall < PROBE_SYS_READ || slot->syscall > PROBE_SYS_SENDFILE ||
-	    slot->nr != nr)
+	if (!slot || !is_data_syscall(slot->syscall) || slot->nr != nr)
 		return false;
 	*call = *slot;
 	slot->syscall = SYSCALL_NONE;

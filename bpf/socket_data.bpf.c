@@ -164,8 +164,7 @@ TRACEPOINT_PROBE(tcp, tcp_rcv_space_adjust)
 	u32 tid = (u32)id;
 	struct syscall_args *slot = thread_syscall(tid, false);
 	if (!slot || !(slot->thread & (THREAD_ACCEPTS_BARE | THREAD_PICKS_UP)) ||
-	    slot->syscall < PROBE_SYS_READ || slot->syscall > PROBE_SYS_SENDFILE ||
-	    direction_of(slot->syscall) != PROBE_INGRESS)
+	    !is_data_syscall(slot->syscall) || direction_of(slot->syscall) != PROBE_INGRESS)
 		return 0;
 	struct probe_conn_key key = {.pid = id >> 32, .fd = slot->fd};
 	struct probe_conn_state *state = conns.lookup(&key);
