@@ -177,11 +177,15 @@ class ConnectionRegistry:
         batch.append(event)
 
     def _port_wanted(self, event: ConnOpen) -> bool:
-        ports = {ep.port for ep in (event.local, event.peer) if ep is not None}
-        # No address at all: accept() without one, and the connection gone from
-        # /proc before it was read (a short-lived client). Keep it rather than
-        # lose a span; its HTTP is still parsed, only its addresses are missing.
-        return not ports or not self._ports.isdisjoint(ports)
+        # An end still unknown may be the one with the wanted port: an accepted
+        # connection whose local address the kernel lost (its slot taken by
+        # another connection's at the same moment) and which was gone from
+        # /proc before it was read, or one accepted without any address. Keep
+        # it rather than lose a span, as the kernel let it through; its HTTP is
+        # still parsed, only its addresses are missing.
+        if event.local is None or event.peer is None:
+            return True
+        return not self._ports.isdisjoint((event.local.port, event.peer.port))
 
     def ignore(self, key: ConnKey) -> None:
         """Stop tracing a connection, in the kernel too."""

@@ -137,6 +137,18 @@ def test_only_connections_with_a_wanted_port_are_traced(ports, traced) -> None:
     assert settle_all(registry, opened) == ([opened] if traced else [])
 
 
+def test_a_gone_connection_with_an_end_unknown_is_not_judged_by_the_other_port(
+    monkeypatch,
+) -> None:
+    """An accepted connection whose local address the kernel lost, and which
+    closed before /proc was read: its peer's port is not the wanted one, but
+    its unknown local end may be. It is kept, as the kernel let it through."""
+    monkeypatch.setattr(sockets, "lookup", lambda pid, fd: sockets.SocketInfo(False, gone=True))
+    registry = ConnectionRegistry(RecordingKernel(), Stats(), ports=(8080,))
+    opened = ConnOpen(ConnKey(7, 3, 100), 7, 1, Role.SERVER, None, CLIENT)
+    assert settle_all(registry, opened) == [opened]
+
+
 def test_an_exit_deletes_its_open_connections_in_the_kernel() -> None:
     kernel = RecordingKernel()
     registry = ConnectionRegistry(kernel, Stats())
