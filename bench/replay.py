@@ -51,14 +51,18 @@ READ_BATCH = 512  # records per poll, about what a poll reads at 5,000 requests/
 PID = os.getpid()  # the resource detector reads /proc: a process that exists
 
 
-def _conn_record(kind: int, fd: int, generation: int, peer_port: int) -> bytes:
+def _fill_header(header, kind: int, fd: int, generation: int, at_ns: int) -> None:
+    header.type = kind
+    header.tid = PID
+    header.conn.pid = PID
+    header.conn.fd = fd
+    header.conn.generation = generation
+    header.timestamp_ns = at_ns
+
+
+def _open_record(fd: int, generation: int, peer_port: int) -> bytes:
     record = ffi.new("struct probe_conn_event *")
-    record.header.type = kind
-    record.header.tid = PID
-    record.header.conn.pid = PID
-    record.header.conn.fd = fd
-    record.header.conn.generation = generation
-    record.header.timestamp_ns = generation
+    _fill_header(record.header, lib.PROBE_EVENT_OPEN, fd, generation, generation)
     for endpoint, port in ((record.local, SERVER_PORT), (record.peer, peer_port)):
         endpoint.family = lib.PROBE_AF_INET
         endpoint.port = port
@@ -70,12 +74,7 @@ def _conn_record(kind: int, fd: int, generation: int, peer_port: int) -> bytes:
 
 def _data_record(fd: int, generation: int, at_ns: int, direction: int, payload: bytes) -> bytes:
     record = ffi.new("struct probe_data_event *")
-    record.header.type = lib.PROBE_EVENT_DATA
-    record.header.tid = PID
-    record.header.conn.pid = PID
-    record.header.conn.fd = fd
-    record.header.conn.generation = generation
-    record.header.timestamp_ns = at_ns
+    _fill_header(record.header, lib.PROBE_EVENT_DATA, fd, generation, at_ns)
     record.exit_ns = at_ns + 1_000
     record.bytes = len(payload)
     record.captured = len(payload)
@@ -85,6 +84,12 @@ def _data_record(fd: int, generation: int, at_ns: int, direction: int, payload: 
     record.syscall = lib.PROBE_SYS_RECVFROM if ingress else lib.PROBE_SYS_WRITEV
     header = bytes(ffi.buffer(record))[: ffi.offsetof("struct probe_data_event", "payload")]
     return header + payload
+
+
+def _close_record(fd: int, generation: int, at_ns: int) -> bytes:
+    record = ffi.new("struct probe_event_header *")
+    _fill_header(record, lib.PROBE_EVENT_CLOSE, fd, generation, at_ns)
+    return bytes(ffi.buffer(record))
 
 
 def records_of(pattern: str, requests: int) -> int:
@@ -97,16 +102,16 @@ def records(pattern: str, requests: int) -> list[bytes]:
     start = time.monotonic_ns()
     out = []
     if pattern == "keepalive":
-        out.append(_conn_record(lib.PROBE_EVENT_OPEN, 10, start, 40_000))
+        out.append(_open_record(10, start, 40_000))
     for n in range(requests):
         at = start + n * 10_000
         fd, generation = (10, start) if pattern == "keepalive" else (10 + n % 1000, at)
         if pattern == "close":
-            out.append(_conn_record(lib.PROBE_EVENT_OPEN, fd, generation, 30_000 + n % 30_000))
+            out.append(_open_record(fd, generation, 30_000 + n % 30_000))
         out.append(_data_record(fd, generation, at + 1, lib.PROBE_INGRESS, REQUEST))
         out.append(_data_record(fd, generation, at + 2, lib.PROBE_EGRESS, RESPONSE))
         if pattern == "close":
-            out.append(_conn_record(lib.PROBE_EVENT_CLOSE, fd, generation, 0))
+            out.append(_close_record(fd, generation, at + 3))
     return out
 
 

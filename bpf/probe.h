@@ -28,9 +28,9 @@
 enum probe_event_type {
 	PROBE_EVENT_DATA = 1,  /* struct probe_data_event */
 	PROBE_EVENT_OPEN = 2,  /* struct probe_conn_event: connect() or accept() returned */
-	PROBE_EVENT_CLOSE = 3, /* struct probe_conn_event: close() of a traced connection */
+	PROBE_EVENT_CLOSE = 3, /* struct probe_event_header alone: close() of a traced connection */
 	PROBE_EVENT_ADDR = 4,  /* struct probe_conn_event: local address learnt after OPEN */
-	PROBE_EVENT_EXIT = 5,  /* struct probe_conn_event: a process exited */
+	PROBE_EVENT_EXIT = 5,  /* struct probe_event_header alone: a process exited */
 	PROBE_EVENT_EXEC = 6,  /* struct probe_exec_event: a process exec'd a new image
 				* (user space looks for TLS libraries and Go in it) */
 };

@@ -301,13 +301,11 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
 	if (!state)
 		return 0;
 	if (!state->ignored && !state->unannounced) {
-		struct probe_conn_event event = {};
-		u64 now = bpf_ktime_get_ns();
+		struct probe_event_header event;
 		struct probe_conn_id conn = {.pid = pid, .fd = key.fd,
 					     .generation = state->generation};
-		fill_header(&event.header, PROBE_EVENT_CLOSE, (u32)id, &conn, now);
-		event.role = state->role;
-		emit_conn_event(&event);
+		fill_header(&event, PROBE_EVENT_CLOSE, (u32)id, &conn, bpf_ktime_get_ns());
+		emit(&event, sizeof(event));
 	}
 	conns.delete(&key);
 	return 0;
@@ -324,10 +322,10 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 		return 0;
 	u64 now = bpf_ktime_get_ns();
 	descriptors_reset(pid, now);
-	struct probe_conn_event event = {};
+	struct probe_event_header event;
 	struct probe_conn_id process = {.pid = pid, .fd = -1};
-	fill_header(&event.header, PROBE_EVENT_EXIT, tid, &process, now);
-	emit_conn_event(&event);
+	fill_header(&event, PROBE_EVENT_EXIT, tid, &process, now);
+	emit(&event, sizeof(event));
 	return 0;
 }
 

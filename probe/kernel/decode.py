@@ -89,18 +89,20 @@ _EXEC, _ = flat_struct("struct probe_exec_event", only=(*_HEADER_NAMES, "comm", 
 _IMAGE_START: Final = ffi.offsetof("struct probe_exec_event", "image")
 _IMAGE_END: Final = _IMAGE_START + ffi.sizeof("struct probe_image_key")
 _IMAGE_PATH: Final = ffi.offsetof("struct probe_exec_event", "image", "path")
-# A CLOSE's and an EXIT's header alone: their addresses and name are not
-# read, and unpacking them would make three bytes objects a record.
-_CONN_HEADER, _ = flat_struct("struct probe_conn_event", only=_HEADER_NAMES)
+# A CLOSE and an EXIT are a header alone.
+_HEADER, _ = flat_struct(
+    "struct probe_event_header", only=tuple(name.split(".", 1)[1] for name in _HEADER_NAMES)
+)
 # Their sizes and bound unpack methods, read once: compiled, a Final is a
 # constant of the C code, where a Struct's method is looked up at every call.
 _TYPE_SIZE: Final = _TYPE.size
 _DATA_HEADER_SIZE: Final = DATA_HEADER_SIZE
 _CONN_SIZE: Final = _CONN.size
+_HEADER_SIZE: Final = _HEADER.size
 _EXEC_SIZE: Final = _EXEC.size
 _unpack_data: Final = _DATA.unpack_from
 _unpack_conn: Final = _CONN.unpack_from
-_unpack_conn_header: Final = _CONN_HEADER.unpack_from
+_unpack_header: Final = _HEADER.unpack_from
 _unpack_exec: Final = _EXEC.unpack_from
 # Constants and enum members by value, read once: not a cffi attribute
 # lookup or an enum call per record.
@@ -215,15 +217,17 @@ def decode(raw: bytes) -> KernelEvent | None:
             image_key=raw[_IMAGE_START:_IMAGE_END] if raw[_IMAGE_PATH] else b"",
             image_known=bool(known),
         )
-    if len(raw) < _CONN_SIZE:
-        return None
     if kind in (_EVENT_CLOSE, _EVENT_EXIT):
-        tid, pid, fd, generation, timestamp_ns = _unpack_conn_header(raw)
+        if len(raw) < _HEADER_SIZE:
+            return None
+        tid, pid, fd, generation, timestamp_ns = _unpack_header(raw)
         if kind == _EVENT_EXIT:
             return ProcessExit(pid=pid, timestamp_ns=timestamp_ns)
         key = _key(pid, fd, generation)
         del _keys[generation]
         return ConnClose(key=key, tid=tid, timestamp_ns=timestamp_ns)
+    if len(raw) < _CONN_SIZE:
+        return None
     (
         tid, pid, fd, generation, timestamp_ns,
         local_addr, local_port, local_family, peer_addr, peer_port, peer_family, role, comm,

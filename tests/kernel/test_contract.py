@@ -120,12 +120,14 @@ def test_flat_struct_unpacks_what_cffi_wrote() -> None:
 
 
 def _header(record, kind: int, pid: int = 7, fd: int = 3, generation: int = 99) -> None:
-    record.header.type = kind
-    record.header.tid = 8
-    record.header.conn.pid = pid
-    record.header.conn.fd = fd
-    record.header.conn.generation = generation
-    record.header.timestamp_ns = 1_000
+    """Fills a record's header, or a bare header (a CLOSE, an EXIT)."""
+    header = getattr(record, "header", record)
+    header.type = kind
+    header.tid = 8
+    header.conn.pid = pid
+    header.conn.fd = fd
+    header.conn.generation = generation
+    header.timestamp_ns = 1_000
 
 
 def _decode(record, size: int | None = None):
@@ -250,7 +252,7 @@ def test_decode_remembers_keys_boundedly_until_close(monkeypatch) -> None:
     monkeypatch.setattr(decode_module, "MAX_REMEMBERED", 4)
     decode_module._keys.clear()  # compiled, the module holds this dict for good
     data = ffi.new("struct probe_data_event *")
-    close = ffi.new("struct probe_conn_event *")
+    close = ffi.new("struct probe_event_header *")
 
     def key_of(record, kind: int, pid: int, fd: int, generation: int) -> ConnKey:
         _header(record, kind, pid=pid, fd=fd, generation=generation)
@@ -280,11 +282,14 @@ def test_decode_unknown_family_is_no_address() -> None:
 
 
 def test_decode_close_exit_and_garbage() -> None:
-    record = ffi.new("struct probe_conn_event *")
+    """A CLOSE and an EXIT are a header alone; one cut short is malformed."""
+    record = ffi.new("struct probe_event_header *")
     _header(record, lib.PROBE_EVENT_CLOSE)
     assert _decode(record) == ConnClose(ConnKey(7, 3, 99), 8, 1_000)
+    assert _decode(record, ffi.sizeof(record[0]) - 1) is None
     _header(record, lib.PROBE_EVENT_EXIT, fd=-1)
     assert _decode(record) == ProcessExit(7, 1_000)
+    assert _decode(record, ffi.sizeof(record[0]) - 1) is None
     _header(record, 12345)
     assert _decode(record) is None
     assert _decode(record, 10) is None  # shorter than any header
@@ -337,7 +342,7 @@ def test_the_record_reader_batches_data_and_hands_on_the_rest() -> None:
     awaiting: dict = {}
     settled: list = []
     reader = RecordReader(3, ignored, awaiting, lambda event, batch: settled.append(event))
-    close = ffi.new("struct probe_conn_event *")
+    close = ffi.new("struct probe_event_header *")
     _header(close, lib.PROBE_EVENT_CLOSE)
     records = [_data_record(7), _data_record(6), bytes(ffi.buffer(close)), b"\x01"]
     assert [reader(None, raw, len(raw)) for raw in records] == [0, 0, 0, 0]
