@@ -15,15 +15,17 @@ The idle share decides only once the pressure is half the limit or more
 so ``/proc/stat`` is read only then: it is the dearer of the two files, as
 the kernel writes out every interrupt's count at each reading, which with
 its parse took two fifths of the governor's 120 us a reading on an idle
-probe here. The share then needs a reading at the tick before: the first
-tick at half the limit or more only takes one, and the governor acts from
+probe here. The share then needs a reading at the tick before: a tick that
+rises to half the limit or more only takes one, and the governor acts from
 the next, a quarter of a second later.
 
 A tick with no record read since the last one reads neither file: with no
 exchange to shed, what the CPU does is not the probe's to weigh, and an idle
 probe's two readings a second were most of its governor's cost. It lets a
 lowered limit grow back, as a quiet CPU would, and the next tick with
-records starts its readings afresh.
+records starts its readings afresh, the idle time's with the pressure's: a
+shortage that comes with the traffic, as a burst does, is then acted on at
+the tick after, not two ticks after.
 
 On a saturated node the probe's own work is part of what the workload waits
 behind, and most of it is per traced exchange: while the CPU is short, the
@@ -255,12 +257,13 @@ class RateGovernor:
             return None
         last, self._last = self._last, (now, stall)
         if last is None or now <= last[0]:
+            self._idle_share(now, None)  # the first reading: the next one may need both
             return None
         pressure = (stall - last[1]) / 1e6 / (now - last[0])
         idle = self._idle_share(now, last[0]) if pressure >= self._limit / 2 else None
         return _Cpu(pressure, idle, self._limit)
 
-    def _idle_share(self, now: float, since: float) -> float | None:
+    def _idle_share(self, now: float, since: float | None) -> float | None:
         """The idle share since the reading at ``since``, if that one took the
         idle time too; None otherwise (this reading is the start of the next)."""
         ticks = self._idle_ticks()
@@ -268,7 +271,7 @@ class RateGovernor:
             self._last_idle = None
             return None
         last, self._last_idle = self._last_idle, (now, *ticks)
-        if last is None or last[0] != since or ticks[1] <= last[2]:
+        if since is None or last is None or last[0] != since or ticks[1] <= last[2]:
             return None
         return (ticks[0] - last[1]) / (ticks[1] - last[2])
 

@@ -150,8 +150,9 @@ def test_a_quiet_node_keeps_every_exchange_and_ticks_between_intervals_do_nothin
 def test_the_idle_time_is_read_only_where_the_pressure_makes_it_decide() -> None:
     """Under half the pressure limit the CPU is neither short nor kept from
     growing the rate back, whatever its idle share: /proc/stat, the dearer
-    file, is not read. From half the limit on it is read at every interval,
-    and the first reading only starts the share the next one decides by."""
+    file, is not read, but with the first pressure reading. From half the
+    limit on it is read at every interval, and the first reading there only
+    starts the share the next one decides by."""
     node = Node()
     reads: list[float] = []
 
@@ -169,19 +170,20 @@ def test_the_idle_time_is_read_only_where_the_pressure_makes_it_decide() -> None
         clock=lambda: node.now,
     )
     node.run(governor, pressure=0.04, seconds=3)
-    assert reads == [] and node.rates == []
+    assert reads == [100.25] and node.rates == []  # with the first pressure reading only
     node.run(governor, pressure=0.3, seconds=0.25)
-    assert len(reads) == 1 and node.rates == []  # its share starts here
+    assert len(reads) == 2 and node.rates == []  # its share starts here
     node.run(governor, pressure=0.3, seconds=0.5)
-    assert len(reads) == 3 and node.rates == [5_000, 2_500]
+    assert len(reads) == 4 and node.rates == [5_000, 2_500]
     node.run(governor, pressure=0.01, seconds=0.25)
-    assert len(reads) == 3 and node.rates == [5_000, 2_500, 3_126]
+    assert len(reads) == 4 and node.rates == [5_000, 2_500, 3_126]
 
 
 def test_a_tick_with_no_record_read_reads_nothing_and_lets_the_rate_grow_back() -> None:
     """No record read since the last tick: neither file is read, a lowered
     rate grows back as on a quiet CPU, and the first tick with records again
-    starts the readings afresh, its pressure over its own interval."""
+    starts the readings afresh, the idle time's too, so that the tick after
+    acts on a shortage that came with the records."""
     node = Node()
     records, reads = [0], []
 
@@ -210,6 +212,9 @@ def test_a_tick_with_no_record_read_reads_nothing_and_lets_the_rate_grow_back() 
     records[0] += 100
     node.run(governor, pressure=0.5, seconds=0.25)  # records again: the first reading, no verdict
     assert len(reads) == 7 and governor.rate == before
+    records[0] += 100
+    node.run(governor, pressure=0.5, seconds=0.25)  # the shortage, acted on at once
+    assert len(reads) == 8 and governor.rate == before // 2
 
 
 def test_an_export_behind_lowers_the_rate_with_cpu_to_spare_until_it_keeps_up(caplog) -> None:
