@@ -265,7 +265,8 @@ class RateGovernor:
 
     def _idle_share(self, now: float, since: float | None) -> float | None:
         """The idle share since the reading at ``since``, if that one took the
-        idle time too; None otherwise (this reading is the start of the next)."""
+        idle time too; None otherwise, or with ``since`` None (this reading is
+        only the start of the next)."""
         ticks = self._idle_ticks()
         if ticks is None:
             self._last_idle = None
