@@ -128,6 +128,27 @@ def test_schedule_delay_sends_a_partial_batch(stats, processors):
     assert [len(b) for b in exporter.batches] == [1]
 
 
+def test_an_idle_worker_sleeps_until_a_span_comes(stats, processors):
+    """With nothing queued at a tick, the worker waits with no timeout: an idle
+    probe's export thread does not wake at every tick of the schedule."""
+    exporter = ScriptedExporter()
+    processor = processors(exporter, stats)  # a tick every 20 ms
+    waits: list[float | None] = []
+    wait = processor._wake.wait
+
+    def counted_wait(timeout: float | None = None) -> bool:
+        waits.append(timeout)
+        return wait(timeout)
+
+    processor._wake.wait = counted_wait
+    wait_until(lambda: None in waits)
+    time.sleep(0.2)  # ten ticks of the schedule
+    assert waits[-1] is None and waits.count(None) == 1
+    processor.on_end(make_spans(1)[0])
+    wait_until(lambda: stats["spans_exported"] == 1)
+    assert waits.count(None) == 1  # woken by the span, then on the schedule again
+
+
 def test_overflow_drops_the_oldest_and_counts_each(stats, processors):
     exporter = ScriptedExporter(held=True)
     processor = processors(
