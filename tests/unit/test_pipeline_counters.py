@@ -55,3 +55,28 @@ def test_every_kernel_counter_reaches_stats(monkeypatch, name) -> None:
     monkeypatch.setattr(source, "kernel_counters", lambda: counters(**{name: 7}))
     pipeline._read_kernel_counters()
     assert stats[name] == 7
+
+
+@pytest.mark.parametrize(("records_per_poll", "readings"), [(0, 2), (5, 20)])
+def test_the_counters_are_read_each_second_while_records_come(
+    monkeypatch, records_per_poll, readings
+) -> None:
+    """Twenty seconds of half-second polls: a reading a second while records
+    come, one every ten seconds while none do."""
+    stats = Stats()
+    source = EventSource(ProbeOptions(), stats)
+    pipeline = Pipeline(source, [], stats)
+    polls = 0
+
+    def poll(timeout_ms: int) -> list:
+        nonlocal polls
+        polls += 1
+        stats["events"] += records_per_poll
+        return []
+
+    read = []
+    monkeypatch.setattr(source, "poll", poll)
+    monkeypatch.setattr(source, "kernel_counters", lambda: read.append(1) or counters())
+    monkeypatch.setattr("probe.pipeline.time.monotonic", lambda: 0.5 * polls)
+    pipeline.run(lambda: polls >= 40)
+    assert len(read) == readings
