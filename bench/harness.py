@@ -205,18 +205,27 @@ def probe(
         yield Traced(child, at - child.started_at, found[1])
 
 
-def settle(read: Callable[[], T], quiet: Callable[[T, T], bool], timeout: float) -> tuple[bool, T]:
+def settle(
+    read: Callable[[], T], quiet: Callable[[T, T], bool], timeout: float
+) -> tuple[bool, T, T]:
     """Poll ``read`` every 0.3 s until SETTLE_CALM_READS intervals in a row
     were ``quiet`` (1.5 s, longer than the export delay). Returns whether that
-    happened within ``timeout``, and the last value read."""
+    happened within ``timeout``, the value read where the last quiet streak
+    began (what came before it is the drain; the streak only confirms its
+    end), and the last value read."""
     deadline = time.monotonic() + timeout
-    value = read()
+    value = streak_start = read()
     calm = 0
     while calm < SETTLE_CALM_READS and time.monotonic() < deadline:
         time.sleep(SETTLE_POLL_S)
         previous, value = value, read()
-        calm = calm + 1 if quiet(previous, value) else 0
-    return calm >= SETTLE_CALM_READS, value
+        if not quiet(previous, value):
+            calm = 0
+            continue
+        if calm == 0:
+            streak_start = previous
+        calm += 1
+    return calm >= SETTLE_CALM_READS, streak_start, value
 
 
 class Bench:
@@ -335,7 +344,9 @@ class Bench:
         metrics_before = observe.probe_metrics(metrics_url) if metrics_url else {}
         counts_before, cpu_before = read()
         result = run()
-        settled, (counts_after, cpu_after) = settle(read, quiet, SETTLE_TIMEOUT_S)
+        # The probe's CPU up to where the spans stopped arriving: the quiet
+        # streak after it only confirms that they did.
+        settled, (_, cpu_after), (counts_after, _) = settle(read, quiet, SETTLE_TIMEOUT_S)
         if not settled:
             self.notes.append(f"{workload.name}/{config}: spans still arriving after the wait")
         seen = figures.span_figures(counts_before, counts_after, workload.front, result.requests)

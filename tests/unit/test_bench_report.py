@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bench import figures, report, targets
+from bench import figures, harness, report, targets
 from bench.stats import Summary, paired_differences, paired_ratios, percentile, summarize
 from bench.workloads import CONFIGS, Settings, config_order
 
@@ -231,3 +231,20 @@ def test_summary_says_which_exchange_limit_the_probe_ran_with() -> None:
     )
     document["meta"]["probe_exchange_rate"] = 0
     assert first_line().endswith(", with no exchange rate limit")
+
+
+def test_settle_returns_where_the_last_quiet_streak_began(monkeypatch) -> None:
+    """The probe's CPU is charged up to where its spans stopped arriving: the
+    quiet streak after that only confirms the end. A streak that breaks
+    starts over."""
+    monkeypatch.setattr(harness.time, "sleep", lambda seconds: None)
+    counts = [0, 5, 10, 10, 12, *[12] * harness.SETTLE_CALM_READS]
+    readings = iter(enumerate(counts))  # (CPU so far, spans so far)
+
+    def quiet(before: tuple[int, int], after: tuple[int, int]) -> bool:
+        return before[1] == after[1]
+
+    settled, streak_start, last = harness.settle(lambda: next(readings), quiet, 60)
+    assert settled
+    assert streak_start == (4, 12)  # the spans' last arrival, not (2, 10)
+    assert last == (len(counts) - 1, 12)
