@@ -304,7 +304,12 @@ class Bench:
                 config,
                 traced,
                 functools.partial(
-                    load.fixed_rate, url, rate, seconds, workload.new_connections, self._log
+                    load.fixed_rate,
+                    url,
+                    rate,
+                    self.settings.fixed_rate_seconds(rate),
+                    workload.new_connections,
+                    self._log,
                 ),
             )
             record(
@@ -453,6 +458,7 @@ def run(settings: Settings) -> dict[str, object]:
         "quick": settings.quick,
         "repeats": settings.repeats,
         "seconds": settings.seconds,
+        "fixed_rate_min_requests": settings.min_requests,
         "kernel_seconds": settings.kernel_seconds,
         "wrk_connections": settings.connections,
         "load_generator_traced": settings.trace_load_generator,

@@ -112,6 +112,14 @@ def test_settings_from_environment() -> None:
         Settings.from_environment({"BENCH_REPEATS": "0"})
 
 
+def test_a_fixed_rate_run_lasts_for_its_requests() -> None:
+    full = Settings()
+    assert full.fixed_rate_seconds(1000) == 5.0  # 5,000 requests
+    assert full.fixed_rate_seconds(5000) == full.seconds  # 10,000 in the 2 s
+    quick = Settings.from_environment({"BENCH_QUICK": "1"})
+    assert quick.fixed_rate_seconds(1000) == quick.seconds
+
+
 def _samples() -> report.Samples:
     samples = report.Samples()
     for repeat, (none, floor, probe) in enumerate([(100.0, 80.0, 40.0), (90.0, 90.0, 45.0)]):
