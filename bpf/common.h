@@ -5,7 +5,7 @@
  * Run-time knobs arrive as -D flags from probe/kernel/loader.py, because
  * bcc compiles at run time anyway:
  *   PROBE_SELF_PID       the probe's own pid, never traced
- *   PROBE_CAPTURE_BYTES  payload prefix copied per syscall (<= PROBE_MAX_CAPTURE)
+ *   PROBE_CAPTURE_BYTES  payload bytes copied per message (<= PROBE_MAX_CAPTURE)
  *   PROBE_RINGBUF_PAGES  ring buffer size in pages
  *   PROBE_NR_CPUS        possible CPUs (sizes per-CPU scratch space)
  *   PROBE_FILTER_PIDS    trace only the pids in `traced_pids`

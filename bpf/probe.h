@@ -12,9 +12,13 @@
 #ifndef PROBE_H
 #define PROBE_H
 
-/* Largest payload prefix copied per syscall; the run-time capture size
+/* Largest payload copied per message; the run-time capture size
  * (PROBE_CAPTURE_BYTES, default 4096) may be smaller, never larger. */
 #define PROBE_MAX_CAPTURE 16384
+/* Bytes copied from the end of a plain-buffer call past a message's first
+ * PROBE_CAPTURE_BYTES (PROBE_DATA_TAIL): enough for a chunked body's end,
+ * the CRLF of its last chunk, "0" and two more CRLFs. */
+#define PROBE_TAIL_BYTES 8
 /* iovec entries walked per readv/writev/sendmsg/recvmsg. */
 #define PROBE_MAX_IOVECS 8
 /* Bytes looked at to recognise HTTP on a connection the probe did not see open. */
@@ -66,7 +70,8 @@ enum probe_syscall {
 
 /* Bits of probe_data_event.flags. */
 enum probe_data_flags {
-	PROBE_DATA_TLS = 1, /* decrypted bytes from a TLS library's read or write */
+	PROBE_DATA_TLS = 1,  /* decrypted bytes from a TLS library's read or write */
+	PROBE_DATA_TAIL = 2, /* the payload is the call's last bytes, not its first */
 };
 
 /* Address families as the kernel numbers them (AF_INET, AF_INET6). */
@@ -101,7 +106,11 @@ struct probe_event_header {
 };
 
 /* One read- or write-like syscall on a traced connection. Only
- * `captured` bytes of payload are sent: the record is variable-length. */
+ * `captured` bytes of payload are sent: the record is variable-length. They
+ * are the call's first bytes, as far as the first PROBE_CAPTURE_BYTES of its
+ * message reach (the bytes moved one way until they move the other); past
+ * them, none, or for a call with one buffer its last PROBE_TAIL_BYTES
+ * (flags has PROBE_DATA_TAIL), where a chunked body's end shows. */
 struct probe_data_event {
 	struct probe_event_header header;
 	__u64 exit_ns;     /* syscall return */
@@ -184,7 +193,9 @@ struct probe_conn_state {
 	struct probe_endpoint local; /* while unannounced */
 	struct probe_endpoint peer;
 	__u32 exchanges; /* requests started so far: see probe_data_event.exchange */
-	__u32 _pad2;
+	/* Bytes moved the same way since they last moved the other way, counted
+	 * up to PROBE_CAPTURE_BYTES: what is left of the message's capture. */
+	__u32 message_bytes;
 	/* The latest verdict of the rate limit, (exchange number << 2) | (paid or
 	 * counted << 1) | shed, in the client end's entry, which both ends of a
 	 * connection on this host share: the end that starts an exchange first

@@ -4,9 +4,10 @@
  *
  * Entry of every read/write-like syscall saves its arguments per thread;
  * its exit, if the fd is a traced connection that speaks HTTP, sends one
- * PROBE_EVENT_DATA record with timing, the byte count and the first
- * PROBE_CAPTURE_BYTES of payload (iovecs walked in order, at most
- * PROBE_MAX_IOVECS). A connection's first bytes decide whether it speaks
+ * PROBE_EVENT_DATA record with timing, the byte count and payload: the
+ * first PROBE_CAPTURE_BYTES of each message (iovecs walked in order, at most
+ * PROBE_MAX_IOVECS), then a call's last PROBE_TAIL_BYTES (see
+ * probe_data_event). A connection's first bytes decide whether it speaks
  * HTTP (protocol_verdict): a database's or a cache's connections cost no
  * records. A connection that was open before the probe started is picked up
  * when its bytes look like HTTP (sniff_connection); user space then resolves
@@ -248,6 +249,15 @@ static __always_inline u32 copy_buffer(char *payload, const void *buf, long ret)
 	u32 len = ret < PROBE_CAPTURE_BYTES ? ret : PROBE_CAPTURE_BYTES;
 	copy_user(payload, 0, len, buf);
 	return len;
+}
+
+/* The last PROBE_TAIL_BYTES of a call's buffer (all of a shorter call's). */
+static __always_inline u32 copy_tail(char *payload, const void *buf, long ret)
+{
+	if (ret <= PROBE_TAIL_BYTES)
+		return copy_buffer(payload, buf, ret);
+	read_user(payload, PROBE_TAIL_BYTES, buf + ret - PROBE_TAIL_BYTES);
+	return PROBE_TAIL_BYTES;
 }
 
 static __always_inline u32 copy_iovecs(char *payload, const struct iovec *iov, u64 iovcnt,
@@ -544,6 +554,7 @@ static __always_inline bool shed(const struct probe_conn_key *key,
 #endif
 		bits = (bits & ~PROBE_EXCHANGE_MOVED) | moved;
 		state->exchange = bits;
+		state->message_bytes = 0;
 	}
 	return bits & PROBE_EXCHANGE_SHED;
 }
@@ -625,13 +636,28 @@ static __always_inline struct probe_data_event *data_event(u32 pid, u32 tid,
 	 * and walk the rest of the program once for each: three to four times
 	 * the work at every start (probe run's `ready`). */
 	long moved = *(volatile typeof(event->bytes) *)&event->bytes;
-	if (call->syscall == PROBE_SYS_SENDFILE)
+	/* What user space parses is a message's head and a chunked body's chunk
+	 * sizes; past a message's first PROBE_CAPTURE_BYTES it mostly counts, and
+	 * a call with one buffer then sends only its last bytes: copies of a large
+	 * body cost the kernel, the ring buffer and the reader for nothing, and
+	 * raised the server's latency too (bench/README.md). Calls with iovecs
+	 * (writev, sendmsg), whose last bytes are harder to find, still send their
+	 * first bytes. */
+	u32 seen = state->message_bytes;
+	long left = seen < PROBE_CAPTURE_BYTES ? PROBE_CAPTURE_BYTES - seen : 0;
+	state->message_bytes = moved < left ? seen + moved : PROBE_CAPTURE_BYTES;
+	const void *buf = (const void *)call->buf;
+	if (call->syscall == PROBE_SYS_SENDFILE) {
 		event->captured = 0;
-	else if (is_vectored(call->syscall))
-		event->captured = copy_iovecs(event->payload, (const struct iovec *)call->buf,
-					      call->len, moved);
-	else
-		event->captured = copy_buffer(event->payload, (const void *)call->buf, moved);
+	} else if (is_vectored(call->syscall)) {
+		event->captured = copy_iovecs(event->payload, (const struct iovec *)buf, call->len,
+					      moved);
+	} else if (left) {
+		event->captured = copy_buffer(event->payload, buf, moved < left ? moved : left);
+	} else {
+		event->captured = copy_tail(event->payload, buf, moved);
+		event->flags = PROBE_DATA_TAIL;
+	}
 	return event;
 }
 

@@ -6,8 +6,9 @@
  * that links OpenSSL statically (Node.js).
  *
  * The uprobe records the call per thread (tls_calls, common.h); the
- * uretprobe reads the byte count and sends the first PROBE_CAPTURE_BYTES of
- * plaintext as a data event of the SSL's socket, flagged PROBE_DATA_TLS.
+ * uretprobe reads the byte count and sends the plaintext as a data event of
+ * the SSL's socket (as much of it as socket_data.bpf.c's data_event() copies
+ * of any call), flagged PROBE_DATA_TLS.
  *
  * Which socket: OpenSSL has no stable layout to read the fd from, so it is
  * learnt from what the thread does. A socket syscall made inside the call

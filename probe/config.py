@@ -38,7 +38,7 @@ The YAML file (every key optional; the variables are in brackets)::
     log_format: text                   # text | json [PROBE_LOG_FORMAT]
     nice: 10                           # 0-19: CPU priority below the traced programs' [PROBE_NICE]
     capture:
-      size: 4096                       # payload bytes copied per syscall [PROBE_CAPTURE_SIZE]
+      size: 4096                       # payload bytes copied per message [PROBE_CAPTURE_SIZE]
       max_exchange_rate: 10000         # exchanges traced per second, host-wide; the rest
                                        # are shed in the kernel and counted; 0: no limit
                                        # [PROBE_MAX_EXCHANGE_RATE]

@@ -64,7 +64,7 @@ def add_filter_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=4096,
         metavar="N",
-        help="payload bytes copied per syscall (default 4096)",
+        help="payload bytes copied per message (default 4096)",
     )
     parser.add_argument("--capture-credentials", action="store_true",
                         help="export credential headers and raw query strings "

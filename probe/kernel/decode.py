@@ -113,6 +113,7 @@ _EVENT_CLOSE: Final = lib.PROBE_EVENT_CLOSE
 _EVENT_EXIT: Final = lib.PROBE_EVENT_EXIT
 _EVENT_EXEC: Final = lib.PROBE_EVENT_EXEC
 _DATA_TLS: Final = lib.PROBE_DATA_TLS
+_DATA_TAIL: Final = lib.PROBE_DATA_TAIL
 _AF_INET: Final = lib.PROBE_AF_INET
 _AF_INET6: Final = lib.PROBE_AF_INET6
 _DIRECTIONS: Final = {member.value: member for member in Direction}
@@ -205,6 +206,7 @@ def decode(raw: bytes) -> KernelEvent | None:
             goroutine=goroutine,
             tls=bool(flags & _DATA_TLS),
             exchange=exchange,
+            tail=bool(flags & _DATA_TAIL),
         )
     if kind == _EVENT_EXEC:
         if len(raw) < _EXEC_SIZE:

@@ -113,6 +113,9 @@ class DataEvent:
     # numbers them from 1 (shed ones included, so both ends of a connection
     # agree); 0: not numbered (a connection picked up mid-stream).
     exchange: int = 0
+    # The payload is the call's last bytes, not its first: the call came past
+    # its message's first capture-size bytes (bpf/probe.h, PROBE_DATA_TAIL).
+    tail: bool = False
 
     def __init__(  # written out for mypyc (probe/compiled.py): a generated one runs interpreted
         self,
@@ -127,6 +130,7 @@ class DataEvent:
         goroutine: int = 0,
         tls: bool = False,
         exchange: int = 0,
+        tail: bool = False,
     ) -> None:
         self.key = key
         self.tid = tid
@@ -139,6 +143,7 @@ class DataEvent:
         self.goroutine = goroutine
         self.tls = tls
         self.exchange = exchange
+        self.tail = tail
 
 
 @dataclass(slots=True, init=False)

@@ -112,7 +112,8 @@ class HttpConnection:
 
     def feed(self, event: DataEvent) -> None:
         """One syscall's bytes on this connection."""
-        if self._request_direction is None and not self._infer_role(event):
+        # (a call's last bytes tell nothing of where a message starts)
+        if self._request_direction is None and (event.tail or not self._infer_role(event)):
             return
         # a blocked read's entry says nothing of when its bytes arrived
         ingress = event.direction == Direction.INGRESS
@@ -122,7 +123,15 @@ class HttpConnection:
             self.info.tls = True
         if stream is self._requests and event.exchange != self._exchange:
             self._exchange, self._within = event.exchange, 0
-        stream.feed(event.payload, event.size, first_ns, event.exit_ns, event.tid, event.goroutine)
+        stream.feed(
+            event.payload,
+            event.size,
+            first_ns,
+            event.exit_ns,
+            event.tid,
+            event.goroutine,
+            event.tail,
+        )
 
     def close(self, reason: str) -> None:
         """The connection is gone: end what is in progress, emit what is waiting.

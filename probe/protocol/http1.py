@@ -295,6 +295,7 @@ class MessageStream:
         "_tid",
         "_goroutine",
         "_last_parsed",
+        "_chunked",
     )
 
     def __init__(self, sink: StreamSink, stats: Stats) -> None:
@@ -319,11 +320,20 @@ class MessageStream:
         # for byte, found again here with a comparison, where the parse cache
         # hashes the head and the start line is matched against a pattern.
         self._last_parsed: _ParsedHead | None = None
+        self._chunked = False  # the message in progress has a chunked body
 
     def feed(
-        self, payload: bytes, size: int, first_ns: int, last_ns: int, tid: int, goroutine: int = 0
+        self,
+        payload: bytes,
+        size: int,
+        first_ns: int,
+        last_ns: int,
+        tid: int,
+        goroutine: int = 0,
+        tail: bool = False,
     ) -> None:
-        """One syscall moved ``size`` bytes, of which ``payload`` are the first.
+        """One syscall moved ``size`` bytes, of which ``payload`` are the first,
+        or with ``tail`` the last (past its message's captured bytes).
 
         ``first_ns`` is when its first byte counts as moved (a read's return, a
         write's entry), ``last_ns`` when its last one does (the return).
@@ -334,9 +344,25 @@ class MessageStream:
         self._syscall_goroutine = goroutine
         if self._message is not None:
             self._message.end_ns = last_ns
+        if tail:
+            self._run(None, size)  # counted, as bytes not captured are
+            self._chunked_end(payload)
+            return
         self._run(payload, len(payload))
         if size > len(payload):
             self._run(None, size - len(payload))
+
+    def _chunked_end(self, tail: bytes) -> None:
+        """A chunked body whose chunk sizes went uncaptured ends where a call's
+        last bytes are the last chunk's: its data's CRLF, ``0``, CRLF and the
+        CRLF of no trailers (or the call is that last chunk alone). Trailers
+        leave it open until the other way starts a message, or the close."""
+        if (
+            self._state == _State.OPEN
+            and self._chunked
+            and (tail.endswith(b"\n0\r\n\r\n") or tail == b"0\r\n\r\n")
+        ):
+            self._end_message(_State.IDLE)
 
     def end_open_message(self) -> None:
         """The other direction started a message: an unframed message here ends."""
@@ -572,7 +598,7 @@ class MessageStream:
             self._fail()
             return
         message.head_truncated = truncated
-        self._message = message
+        self._message, self._chunked = message, body == _Body.CHUNKED
         self._sink.head_parsed(message)
         if truncated:
             self._lose_framing(count_body=False)  # where the head ends is unknown
@@ -587,7 +613,7 @@ class MessageStream:
 
     def _end_message(self, next_state: int) -> None:
         message = self._message
-        self._message = None
+        self._message, self._chunked = None, False
         self._state = next_state  # before the sink runs: it may stop this stream
         if message is not None:
             self._sink.message_ended(message)

@@ -378,7 +378,12 @@ class Observed:
             )
 
     def check_server_span(
-        self, span: Span, server: Server, user_agent: str = USER_AGENT, head_truncated: bool = False
+        self,
+        span: Span,
+        server: Server,
+        user_agent: str = USER_AGENT,
+        head_truncated: bool = False,
+        body_framing_lost: bool = False,
     ) -> None:
         """Everything the server span must say about this exchange."""
         assert span["kind"] == "SERVER"
@@ -387,7 +392,7 @@ class Observed:
             "ERROR" if self.status is None or self.status >= 500 else "UNSET"
         )
         attributes = span["attributes"]
-        self._check_common(attributes, server, user_agent, head_truncated)
+        self._check_common(attributes, server, user_agent, head_truncated, body_framing_lost)
         assert attributes.get("client.address") == server.host
         assert attributes.get("client.port") == self.local_port
         assert attributes.get("network.peer.address") == server.host
@@ -398,7 +403,12 @@ class Observed:
         self.check_times(span)
 
     def check_client_span(
-        self, span: Span, server: Server, user_agent: str = USER_AGENT, head_truncated: bool = False
+        self,
+        span: Span,
+        server: Server,
+        user_agent: str = USER_AGENT,
+        head_truncated: bool = False,
+        body_framing_lost: bool = False,
     ) -> None:
         """Everything the client span must say about this exchange."""
         assert span["kind"] == "CLIENT"
@@ -407,7 +417,7 @@ class Observed:
             "ERROR" if self.status is None or self.status >= 400 else "UNSET"
         )
         attributes = span["attributes"]
-        self._check_common(attributes, server, user_agent, head_truncated)
+        self._check_common(attributes, server, user_agent, head_truncated, body_framing_lost)
         assert attributes.get("network.peer.address") == server.host
         assert attributes.get("network.peer.port") == server.port
         query = self.redacted_query
@@ -416,7 +426,12 @@ class Observed:
         self.check_times(span)
 
     def _check_common(
-        self, attributes: dict[str, Any], server: Server, user_agent: str, head_truncated: bool
+        self,
+        attributes: dict[str, Any],
+        server: Server,
+        user_agent: str,
+        head_truncated: bool,
+        body_framing_lost: bool,
     ) -> None:
         if self.method in KNOWN_METHODS:
             assert attributes.get("http.request.method") == self.method
@@ -437,7 +452,8 @@ class Observed:
             assert attributes.get("http.response.body.size", 0) == self.response_body_size
         assert attributes.get("probe.http.head_truncated", False) is head_truncated
         if not head_truncated:  # a cut head may hide the body's framing
-            assert "probe.http.body_framing_lost" not in attributes
+            lost = attributes.get("probe.http.body_framing_lost", False)
+            assert lost is body_framing_lost
 
 
 class HttpClient:

@@ -53,6 +53,31 @@ def test_chunked_response(pyserver, probe_capture, http_client):
     assert len(probe.spans) == 4
 
 
+def test_chunked_body_past_the_capture_ends_at_its_last_chunk(pyserver, probe_capture, http_client):
+    """64 KB of chunks against the default 4 KiB capture: past a message's
+    first 4 KiB the kernel sends each call's last bytes, and both ends' spans
+    end with the last chunk, out while the connection is still open."""
+    count, size = 32, 2000
+    with probe_capture("-P", str(pyserver.port)) as probe, http_client(pyserver) as client:
+        observed = client.request("GET", f"/chunked?n={count}&size={size}")
+        deadline = time.monotonic() + 15
+        while probe.output.read_text().count('"/chunked"') < 2:  # url.path, both spans
+            assert time.monotonic() < deadline, "the chunked exchange never ended"
+            time.sleep(0.1)
+        after = client.request("GET", "/after-chunked")  # the stream is in step again
+    assert observed.status == 200
+    server_span = probe.one("SERVER", "/chunked", pyserver.pid)
+    client_span = probe.one("CLIENT", "/chunked", observed.pid)
+    # The chunk sizes went uncaptured: the body's size counts their bytes too.
+    observed.check_server_span(server_span, pyserver, body_framing_lost=True)
+    observed.check_client_span(client_span, pyserver, body_framing_lost=True)
+    for span in (server_span, client_span):
+        assert span["attributes"]["http.response.body.size"] >= count * size
+    after.check_server_span(probe.one("SERVER", "/after-chunked", pyserver.pid), pyserver)
+    after.check_client_span(probe.one("CLIENT", "/after-chunked", after.pid), pyserver)
+    assert len(probe.spans) == 4
+
+
 def test_head_larger_than_capture(pyserver, probe_capture, http_client):
     """8 KiB of headers against the default 4 KiB capture: still one span, marked."""
     padding = {f"X-Padding-{i}": "p" * 1000 for i in range(8)}

@@ -155,6 +155,21 @@ def conversations(port: int, count: int) -> None:
         conversation(port, 1)
 
 
+def large(port: int, count: int) -> None:
+    """``count`` exchanges whose response body, 64 KiB, is sent in sixteen
+    4 KiB parts and received 4 KiB at a time: calls with one buffer each."""
+    with connection_to_itself(port) as (out, conn):
+        for k in range(count):
+            request = b"GET /large/%d HTTP/1.1\r\nHost: peer\r\n\r\n" % k
+            out.sendall(request)
+            receive(conn, len(request))
+            head = b"HTTP/1.1 200 OK\r\nContent-Length: 65536\r\n\r\n"
+            conn.sendall(head)
+            for part in range(16):
+                conn.sendall(b"%x" % part * 4095 + b"\n")
+            receive(out, len(head) + 65536, most=4096)
+
+
 def continued(port: int, count: int) -> None:
     with connection_to_itself(port) as (out, conn):
         for k in range(count):
@@ -306,6 +321,8 @@ if __name__ == "__main__":
         conversations(port, int(sys.argv[3]))
     elif mode == "continued":
         continued(port, int(sys.argv[3]))
+    elif mode == "large":
+        large(port, int(sys.argv[3]))
     elif mode == "tls_chatter":
         tls_chatter(port, int(sys.argv[3]), bytes.fromhex(sys.argv[4]), *sys.argv[5:7])
     elif mode == "relay":

@@ -100,8 +100,11 @@ def test_one_exchange_seen_from_both_ends(body_file: Path, task_storage: bool) -
     client_out = [e for e in data if e.key.pid == client_pid and e.direction == Direction.EGRESS]
     # sendmsg's three iovecs arrive as one event, in order.
     assert client_out[0].payload == b"POST /upload HTTP/1.1\r\nContent-Length: 10000\r\n\r\n"
-    # a 10,000-byte write: all counted, the default 4 KiB captured.
-    assert (client_out[1].size, len(client_out[1].payload)) == (10_000, 4096)
+    # a 10,000-byte write: all counted, what the head left of the message's
+    # default 4 KiB captured.
+    head = len(client_out[0].payload)
+    assert (client_out[1].size, len(client_out[1].payload)) == (10_000, 4096 - head)
+    assert not client_out[1].tail
     assert client_out[0].enter_ns <= client_out[0].exit_ns <= client_out[1].enter_ns
 
     server_out = [e for e in data if e.key.pid == server_pid and e.direction == Direction.EGRESS]
@@ -581,6 +584,39 @@ def _peer_events(source: EventSource, mode: str, port: int, count: int, wait_s: 
     return collect(
         source, lambda evs: any(isinstance(e, ProcessExit) and e.pid == peer.pid for e in evs)
     )
+
+
+# What peers.py large answers, head and body.
+RESPONSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: 65536\r\n\r\n"
+RESPONSE = RESPONSE_HEAD + b"".join(b"%x" % part * 4095 + b"\n" for part in range(16))
+
+
+def test_a_message_past_the_capture_sends_each_calls_last_bytes() -> None:
+    """Each way, a message's first 4 KiB (the default capture) come as the
+    calls' first bytes; past them, each call sends its last 8 bytes, flagged.
+    The next message, the other way and back, is captured from its start."""
+    port = free_port()
+    with EventSource(ProbeOptions(ports=(port,)), Stats()) as source:
+        events = _peer_events(source, "large", port, 2, wait_s=20)
+    opens = {e.role: e.key for e in events if isinstance(e, ConnOpen)}
+    data = [e for e in events if isinstance(e, DataEvent)]
+    for role, answer in ((Role.SERVER, Direction.EGRESS), (Role.CLIENT, Direction.INGRESS)):
+        calls = [e for e in data if e.key == opens[role]]
+        requests = [i for i, e in enumerate(calls) if e.direction != answer]
+        assert len(requests) == 2 and calls[requests[1]].payload.startswith(b"GET /large/1 ")
+        response = calls[requests[0] + 1 : requests[1]]
+        assert sum(e.size for e in response) == len(RESPONSE) == len(RESPONSE_HEAD) + 65536
+        moved = 0
+        for call in response:
+            assert call.direction == answer
+            end = moved + call.size
+            if moved < 4096:
+                assert not call.tail
+                assert call.payload == RESPONSE[moved : min(end, 4096)]
+            else:
+                assert call.tail and call.payload == RESPONSE[max(moved, end - 8) : end]
+            moved = end
+        assert sum(call.tail for call in response) >= 12
 
 
 def test_every_accepted_connection_gets_its_local_address_from_the_kernel() -> None:

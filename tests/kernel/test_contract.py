@@ -163,6 +163,20 @@ def test_decode_data_event_takes_only_captured_bytes() -> None:
     )
 
 
+def test_decode_reads_a_calls_last_bytes_as_such() -> None:
+    record = ffi.new("struct probe_data_event *")
+    _header(record, lib.PROBE_EVENT_DATA)
+    record.bytes = 9_000
+    record.captured = lib.PROBE_TAIL_BYTES
+    record.flags = lib.PROBE_DATA_TAIL | lib.PROBE_DATA_TLS
+    ffi.memmove(record.payload, b"a\r\n0\r\n\r\n", 8)
+    event = _decode(record, DATA_HEADER_SIZE + 8)
+    assert (event.payload, event.size) == (b"a\r\n0\r\n\r\n", 9_000)
+    assert event.tail and event.tls
+    record.flags = 0
+    assert not _decode(record, DATA_HEADER_SIZE + 8).tail
+
+
 def test_decode_never_reads_past_the_record() -> None:
     record = ffi.new("struct probe_data_event *")
     _header(record, lib.PROBE_EVENT_DATA)

@@ -361,6 +361,19 @@ def test_unknown_role_is_inferred_from_first_message(
     ]
 
 
+def test_a_calls_last_bytes_never_tell_a_role(make_wire, recorder) -> None:
+    """Last bytes that look like a message's start are no start: a connection
+    picked up mid-stream learns its role from a call's first bytes only (a
+    server reading a response would be a client)."""
+    wire = make_wire(role=Role.UNKNOWN)
+    [last] = wire.read(ok(b"the end of a request's body"))
+    last.tail = True
+    recorder.feed([last], wire.read(get("/real")), wire.write(ok(b"yes")))
+    assert [(e.connection.role, e.request.target) for e in recorder.exchanges] == [
+        (Role.SERVER, "/real")
+    ]
+
+
 def test_unknown_role_server_exchange(make_wire, recorder) -> None:
     wire = make_wire(role=Role.UNKNOWN)
     recorder.feed(wire.read(b"tail of a body"), wire.read(get("/late")), wire.write(ok(b"yes")))

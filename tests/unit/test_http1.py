@@ -73,9 +73,12 @@ class Fixture:
         self.stream = stream_class(self.sink, self.stats)
         self.now = 0
 
-    def feed(self, data: bytes, size: int | None = None, tid: int = 1) -> None:
-        """One syscall that started at now+1 and returned at now+2."""
-        self.stream.feed(data, len(data) if size is None else size, self.now + 1, self.now + 2, tid)
+    def feed(self, data: bytes, size: int | None = None, tid: int = 1, tail: bool = False) -> None:
+        """One syscall that started at now+1 and returned at now+2; with
+        ``tail``, ``data`` is its last bytes, as the kernel sends past a
+        message's captured ones."""
+        size = len(data) if size is None else size
+        self.stream.feed(data, size, self.now + 1, self.now + 2, tid, tail=tail)
         self.now += 10
 
     @property
@@ -207,6 +210,63 @@ def test_gap_in_chunk_size_line_loses_framing_until_the_other_side_speaks() -> N
     assert response.body_size == 11 + 10  # the bytes after the lost chunk-size line
     assert response.end_ns == 12
     assert f.stats["parse_errors"] == 0
+
+
+def test_a_chunked_body_past_the_capture_ends_at_its_last_chunk() -> None:
+    """Past the capture, each call comes as its last bytes: the chunk sizes in
+    between are lost, and the body ends with the call whose last bytes are
+    the last chunk, without waiting for the other side."""
+    f = responses()
+    f.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1000\r\n", size=100)
+    f.feed(b"aaaaaa\r\n", size=4102, tail=True)  # a chunk's rest, and the next's size
+    f.feed(b"aaaaaa\r\n", size=4104, tail=True)
+    assert f.ended == []
+    f.feed(b"0\r\n\r\n", tail=True)  # the last chunk, written alone
+    [response] = f.ended
+    assert response.end_ns == 32
+    assert response.body_framing_lost is True  # its size counts the framing too
+    assert f.stats["parse_errors"] == 0
+    f.feed(b"HTTP/1.1 204 No Content\r\n\r\n")  # the next response, captured again
+    assert [r.status_code for r in f.ended] == [200, 204]
+
+
+def test_a_call_ending_with_the_last_chunk_ends_the_body() -> None:
+    f = responses()
+    f.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10", size=4096)
+    f.feed(b"a\r\n0\r\n\r\n", size=9000, tail=True)
+    [response] = f.ended
+    assert response.end_ns == 12
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        b"xx\r\n0\r\nX:",  # trailers follow
+        b"\r\n10\r\n\r\n",  # a chunk of 16 that starts with CRLF
+        b"aaaaaaaa",
+    ],
+)
+def test_other_last_bytes_leave_a_chunked_body_open(tail: bytes) -> None:
+    f = responses()
+    f.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10", size=4096)
+    f.feed(tail, size=9000, tail=True)
+    assert f.ended == []
+    f.stream.end_open_message()
+    assert len(f.ended) == 1
+
+
+def test_last_bytes_are_counted_and_never_parsed() -> None:
+    """A body framed by its length is counted to its end; last bytes that look
+    like the end of a chunked body, or like a message, are neither."""
+    f = responses()
+    f.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10000\r\n\r\n", size=4096)
+    f.feed(b"\r\n0\r\n\r\n", size=5000, tail=True)
+    assert f.ended == []
+    f.feed(b"HTTP/1.1", size=10000 - 4096 + 38 - 5000 + 38, tail=True)
+    [response] = f.ended
+    assert (response.body_size, response.body_framing_lost) == (10000, False)
+    f.feed(b"HTTP/1.1", size=20, tail=True)  # the middle of something: not a start
+    assert len(f.ended) == 1 and f.sink.started == 1
 
 
 def test_malformed_chunk_size_is_a_parse_error_and_loses_framing() -> None:
