@@ -129,9 +129,10 @@ class RingWait:
 _RESCAN_AFTER_EXEC_S = 0.1
 # Records decoded per poll at most: a backlog (the ring buffer holds tens of
 # thousands) is handed on in slices, so it is never all in memory as objects,
-# and the probe lets the CPU go between two (Pipeline.run): 256 records are
-# 0.3-1.5 ms of its work.
-MAX_BATCH = 256
+# and the probe lets the CPU go between two (Pipeline.run). Slices of 256 kept
+# a contended server's p99 best but cost 5-14 % more CPU a request, each
+# starting with caches that the services had used meanwhile (bench/README.md).
+MAX_BATCH = 1024
 TASK_STORAGE_FLAG = "-DPROBE_TASK_STORAGE"
 DATA_EXIT = b"data_syscall_exit"  # the program of features.DATA_SYSCALLS' exits
 # The program that reads a connection's addresses at a read of its bytes,
