@@ -274,7 +274,8 @@ class Pipeline:
             self.tick()
             self.stats["connections_tracked"] = len(self.tracker)
             # Under load a poll returns every few records; the kernel's
-            # counters are a map read per CPU each, so they are read once a second.
+            # counters are a map read per CPU each, so they are read once a
+            # second (every KERNEL_COUNTERS_QUIET_S while no record comes).
             now = time.monotonic()
             records = self.source.stats["events"]
             quiet = records == records_then

@@ -378,12 +378,7 @@ class Observed:
             )
 
     def check_server_span(
-        self,
-        span: Span,
-        server: Server,
-        user_agent: str = USER_AGENT,
-        head_truncated: bool = False,
-        body_framing_lost: bool = False,
+        self, span: Span, server: Server, user_agent: str = USER_AGENT, lost: str = ""
     ) -> None:
         """Everything the server span must say about this exchange."""
         assert span["kind"] == "SERVER"
@@ -392,7 +387,7 @@ class Observed:
             "ERROR" if self.status is None or self.status >= 500 else "UNSET"
         )
         attributes = span["attributes"]
-        self._check_common(attributes, server, user_agent, head_truncated, body_framing_lost)
+        self._check_common(attributes, server, user_agent, lost)
         assert attributes.get("client.address") == server.host
         assert attributes.get("client.port") == self.local_port
         assert attributes.get("network.peer.address") == server.host
@@ -403,12 +398,7 @@ class Observed:
         self.check_times(span)
 
     def check_client_span(
-        self,
-        span: Span,
-        server: Server,
-        user_agent: str = USER_AGENT,
-        head_truncated: bool = False,
-        body_framing_lost: bool = False,
+        self, span: Span, server: Server, user_agent: str = USER_AGENT, lost: str = ""
     ) -> None:
         """Everything the client span must say about this exchange."""
         assert span["kind"] == "CLIENT"
@@ -417,7 +407,7 @@ class Observed:
             "ERROR" if self.status is None or self.status >= 400 else "UNSET"
         )
         attributes = span["attributes"]
-        self._check_common(attributes, server, user_agent, head_truncated, body_framing_lost)
+        self._check_common(attributes, server, user_agent, lost)
         assert attributes.get("network.peer.address") == server.host
         assert attributes.get("network.peer.port") == server.port
         query = self.redacted_query
@@ -426,13 +416,10 @@ class Observed:
         self.check_times(span)
 
     def _check_common(
-        self,
-        attributes: dict[str, Any],
-        server: Server,
-        user_agent: str,
-        head_truncated: bool,
-        body_framing_lost: bool,
+        self, attributes: dict[str, Any], server: Server, user_agent: str, lost: str
     ) -> None:
+        """``lost``: what the probe could not follow, "head" (longer than the
+        capture) or "framing" (a body's chunks); "" for nothing."""
         if self.method in KNOWN_METHODS:
             assert attributes.get("http.request.method") == self.method
             assert "http.request.method_original" not in attributes
@@ -450,10 +437,10 @@ class Observed:
         assert attributes.get("http.request.body.size", 0) == self.request_body_size
         if self.response_body_size is not None:
             assert attributes.get("http.response.body.size", 0) == self.response_body_size
-        assert attributes.get("probe.http.head_truncated", False) is head_truncated
-        if not head_truncated:  # a cut head may hide the body's framing
-            lost = attributes.get("probe.http.body_framing_lost", False)
-            assert lost is body_framing_lost
+        assert attributes.get("probe.http.head_truncated", False) is (lost == "head")
+        if lost != "head":  # a cut head may hide the body's framing
+            framing_lost = attributes.get("probe.http.body_framing_lost", False)
+            assert framing_lost is (lost == "framing")
 
 
 class HttpClient:

@@ -69,8 +69,8 @@ def test_chunked_body_past_the_capture_ends_at_its_last_chunk(pyserver, probe_ca
     server_span = probe.one("SERVER", "/chunked", pyserver.pid)
     client_span = probe.one("CLIENT", "/chunked", observed.pid)
     # The chunk sizes went uncaptured: the body's size counts their bytes too.
-    observed.check_server_span(server_span, pyserver, body_framing_lost=True)
-    observed.check_client_span(client_span, pyserver, body_framing_lost=True)
+    observed.check_server_span(server_span, pyserver, lost="framing")
+    observed.check_client_span(client_span, pyserver, lost="framing")
     for span in (server_span, client_span):
         assert span["attributes"]["http.response.body.size"] >= count * size
     after.check_server_span(probe.one("SERVER", "/after-chunked", pyserver.pid), pyserver)
@@ -86,8 +86,8 @@ def test_head_larger_than_capture(pyserver, probe_capture, http_client):
     assert observed.status == 200
     server_span = probe.one("SERVER", "/big-head", pyserver.pid)
     client_span = probe.one("CLIENT", "/big-head", observed.pid)
-    observed.check_server_span(server_span, pyserver, head_truncated=True)
-    observed.check_client_span(client_span, pyserver, head_truncated=True)
+    observed.check_server_span(server_span, pyserver, lost="head")
+    observed.check_client_span(client_span, pyserver, lost="head")
     assert len(probe.spans) == 2
 
 
