@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import os
 import socket
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -24,7 +23,7 @@ from probe.export.processor import SpanProcessor
 from probe.kernel import sockets
 from probe.kernel.elf import is_go_binary
 from probe.kernel.events import ConnOpen, Endpoint, KernelEvent, ProcessExec, ProcessExit
-from probe.kernel.loader import MAX_BATCH, EventSource
+from probe.kernel.loader import EventSource
 from probe.protocol.model import ConnectionInfo, HttpExchange, HttpRequest
 from probe.protocol.tracker import ConnectionTracker
 from probe.stats import Stats
@@ -263,14 +262,8 @@ class Pipeline:
         counters_read_at = -KERNEL_COUNTERS_QUIET_S
         records_then = -1  # records read when the counters were
         while not should_stop():
-            batch = self.source.poll(poll_ms)
-            for event in batch:
+            for event in self.source.poll(poll_ms):
                 self.handle(event)
-            if len(batch) >= MAX_BATCH:
-                # More records wait. The traced services' threads go first:
-                # worked through in one run, a backlog kept them off a CPU for
-                # milliseconds at a time, which their p99 showed (bench/README.md).
-                os.sched_yield()
             self.tick()
             self.stats["connections_tracked"] = len(self.tracker)
             # Under load a poll returns every few records; the kernel's

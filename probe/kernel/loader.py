@@ -128,10 +128,7 @@ class RingWait:
 # ld.so maps a new image's libraries just after exec: look again a moment later.
 _RESCAN_AFTER_EXEC_S = 0.1
 # Records decoded per poll at most: a backlog (the ring buffer holds tens of
-# thousands) is handed on in slices, so it is never all in memory as objects,
-# and the probe lets the CPU go between two (Pipeline.run). Slices of 256 kept
-# a contended server's p99 best but cost 5-14 % more CPU a request, each
-# starting with caches that the services had used meanwhile (bench/README.md).
+# thousands) is handed on in slices, so it is never all in memory as objects.
 MAX_BATCH = 1024
 TASK_STORAGE_FLAG = "-DPROBE_TASK_STORAGE"
 DATA_EXIT = b"data_syscall_exit"  # the program of features.DATA_SYSCALLS' exits

@@ -7,8 +7,7 @@ import logging
 
 import pytest
 
-from probe.kernel.events import ProcessExit
-from probe.kernel.loader import KERNEL_COUNTERS, MAX_BATCH, EventSource, ProbeOptions
+from probe.kernel.loader import KERNEL_COUNTERS, EventSource, ProbeOptions
 from probe.pipeline import Pipeline
 from probe.stats import Stats
 
@@ -81,25 +80,3 @@ def test_the_counters_are_read_each_second_while_records_come(
     monkeypatch.setattr("probe.pipeline.time.monotonic", lambda: 0.5 * polls)
     pipeline.run(lambda: polls >= 40)
     assert len(read) == readings
-
-
-def test_the_cpu_is_let_go_between_full_batches(monkeypatch) -> None:
-    """A full batch means records still wait: the probe yields the CPU before
-    the next, so that a backlog does not keep the traced services waiting."""
-    stats = Stats()
-    source = EventSource(ProbeOptions(), stats)
-    pipeline = Pipeline(source, [], stats)
-    sizes = iter([MAX_BATCH, MAX_BATCH, 3, 0, MAX_BATCH, 0])
-    polls = 0
-
-    def poll(timeout_ms: int) -> list:
-        nonlocal polls
-        polls += 1
-        return [ProcessExit(pid=1, timestamp_ns=1)] * next(sizes)
-
-    yields = []
-    monkeypatch.setattr(source, "poll", poll)
-    monkeypatch.setattr(source, "kernel_counters", counters)
-    monkeypatch.setattr("probe.pipeline.os.sched_yield", lambda: yields.append(polls))
-    pipeline.run(lambda: polls >= 6)
-    assert yields == [1, 2, 5]
