@@ -106,11 +106,12 @@ struct probe_event_header {
 };
 
 /* One read- or write-like syscall on a traced connection. Only
- * `captured` bytes of payload are sent: the record is variable-length. They
- * are the call's first bytes, as far as the first PROBE_CAPTURE_BYTES of its
- * message reach (the bytes moved one way until they move the other); past
- * them, none, or for a call with one buffer its last PROBE_TAIL_BYTES
- * (flags has PROBE_DATA_TAIL), where a chunked body's end shows. */
+ * `captured` bytes of payload are sent: the record is variable-length. For a
+ * call with one buffer they are its first bytes, as far as the first
+ * PROBE_CAPTURE_BYTES of its message reach (the bytes moved one way until
+ * they move the other), and past them its last PROBE_TAIL_BYTES (flags has
+ * PROBE_DATA_TAIL), where a chunked body's end shows. A call with iovecs
+ * sends its first PROBE_CAPTURE_BYTES wherever it falls; sendfile none. */
 struct probe_data_event {
 	struct probe_event_header header;
 	__u64 exit_ns;     /* syscall return */

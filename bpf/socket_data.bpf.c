@@ -4,10 +4,11 @@
  *
  * Entry of every read/write-like syscall saves its arguments per thread;
  * its exit, if the fd is a traced connection that speaks HTTP, sends one
- * PROBE_EVENT_DATA record with timing, the byte count and payload: the
- * first PROBE_CAPTURE_BYTES of each message (iovecs walked in order, at most
- * PROBE_MAX_IOVECS), then a call's last PROBE_TAIL_BYTES (see
- * probe_data_event). A connection's first bytes decide whether it speaks
+ * PROBE_EVENT_DATA record with timing, the byte count and payload: for a
+ * call with one buffer, the first PROBE_CAPTURE_BYTES of each message, then
+ * a call's last PROBE_TAIL_BYTES; for one with iovecs, its first
+ * PROBE_CAPTURE_BYTES (walked in order, at most PROBE_MAX_IOVECS); see
+ * probe_data_event. A connection's first bytes decide whether it speaks
  * HTTP (protocol_verdict): a database's or a cache's connections cost no
  * records. A connection that was open before the probe started is picked up
  * when its bytes look like HTTP (sniff_connection); user space then resolves

@@ -29,6 +29,10 @@ python peers.py continued PORT COUNT
                                    the same, each request a head with Expect:
                                    100-continue, then its body once the
                                    server has answered 100 Continue
+python peers.py large PORT COUNT   one connection to itself: COUNT requests,
+                                   each answered LARGE_HEAD, then a 64 KiB
+                                   body in LARGE_PARTS' sixteen sends,
+                                   received 4 KiB at a time
 python peers.py relay PORT NAME    one connection to itself: the main thread
                                    sends GET /a, a thread named NAME sends
                                    GET /b on it, then takes another name and
@@ -155,6 +159,11 @@ def conversations(port: int, count: int) -> None:
         conversation(port, 1)
 
 
+# What `large` answers (test_bpf_events.py checks it byte for byte).
+LARGE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: 65536\r\n\r\n"
+LARGE_PARTS = [b"%x" % part * 4095 + b"\n" for part in range(16)]
+
+
 def large(port: int, count: int) -> None:
     """``count`` exchanges whose response body, 64 KiB, is sent in sixteen
     4 KiB parts and received 4 KiB at a time: calls with one buffer each."""
@@ -163,11 +172,9 @@ def large(port: int, count: int) -> None:
             request = b"GET /large/%d HTTP/1.1\r\nHost: peer\r\n\r\n" % k
             out.sendall(request)
             receive(conn, len(request))
-            head = b"HTTP/1.1 200 OK\r\nContent-Length: 65536\r\n\r\n"
-            conn.sendall(head)
-            for part in range(16):
-                conn.sendall(b"%x" % part * 4095 + b"\n")
-            receive(out, len(head) + 65536, most=4096)
+            for part in [LARGE_HEAD, *LARGE_PARTS]:
+                conn.sendall(part)
+            receive(out, len(LARGE_HEAD) + 65536, most=4096)
 
 
 def continued(port: int, count: int) -> None:

@@ -30,6 +30,7 @@ from probe.kernel.events import (
 from probe.kernel.loader import EventSource, ProbeOptions
 from probe.stats import Stats
 from tests.helpers import free_port
+from tests.kernel.peers import LARGE_HEAD, LARGE_PARTS
 
 PEERS = Path(__file__).with_name("peers.py")
 pytestmark = pytest.mark.usefixtures("tracing_ready")
@@ -586,9 +587,7 @@ def _peer_events(source: EventSource, mode: str, port: int, count: int, wait_s: 
     )
 
 
-# What peers.py large answers, head and body.
-RESPONSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: 65536\r\n\r\n"
-RESPONSE = RESPONSE_HEAD + b"".join(b"%x" % part * 4095 + b"\n" for part in range(16))
+LARGE_RESPONSE = LARGE_HEAD + b"".join(LARGE_PARTS)  # what peers.py large answers
 
 
 def test_a_message_past_the_capture_sends_each_calls_last_bytes() -> None:
@@ -605,16 +604,16 @@ def test_a_message_past_the_capture_sends_each_calls_last_bytes() -> None:
         requests = [i for i, e in enumerate(calls) if e.direction != answer]
         assert len(requests) == 2 and calls[requests[1]].payload.startswith(b"GET /large/1 ")
         response = calls[requests[0] + 1 : requests[1]]
-        assert sum(e.size for e in response) == len(RESPONSE) == len(RESPONSE_HEAD) + 65536
+        assert sum(e.size for e in response) == len(LARGE_RESPONSE) == len(LARGE_HEAD) + 65536
         moved = 0
         for call in response:
             assert call.direction == answer
             end = moved + call.size
             if moved < 4096:
                 assert not call.tail
-                assert call.payload == RESPONSE[moved : min(end, 4096)]
+                assert call.payload == LARGE_RESPONSE[moved : min(end, 4096)]
             else:
-                assert call.tail and call.payload == RESPONSE[max(moved, end - 8) : end]
+                assert call.tail and call.payload == LARGE_RESPONSE[max(moved, end - 8) : end]
             moved = end
         assert sum(call.tail for call in response) >= 12
 
