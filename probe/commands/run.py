@@ -9,7 +9,9 @@ import gc
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 from probe import compiled
 from probe.commands.capture import (
@@ -31,6 +33,10 @@ from probe.trace.kubernetes import PodMetadata
 from probe.trace.resource import ResourceDetector
 
 SHUTDOWN_DEADLINE_MS = 10_000
+# This process's session's scheduling group (an autogroup): its nice.
+AUTOGROUP = Path("/proc/self/autogroup")
+AUTOGROUP_ATTEMPTS = 3
+AUTOGROUP_RETRY_S = 0.1
 GC_YOUNG_THRESHOLD = 10_000  # objects made between collections of the youngest generation
 
 EXAMPLES = """examples:
@@ -161,12 +167,43 @@ def rate_governor(
     )
 
 
-def lower_priority(nice: int) -> None:
-    """Give every thread of this process ``nice``; threads started later
-    (export, metrics, gRPC's own) inherit it. Linux keeps a nice value per
-    thread, so each existing one is set."""
+def lower_priority(nice: int, autogroup: Path = AUTOGROUP) -> str:
+    """Give every thread of this process ``nice``, and its session's scheduling
+    group too when it leads that session; says what was done, for the log.
+
+    Linux keeps a nice value per thread, so each existing one is set; threads
+    started later (export, metrics, gRPC's own) inherit it. A nice value only
+    orders the threads of one scheduling group, though. With autogroups (on by
+    default) each session is a group, and groups share the CPU as equals
+    whatever their threads' nice: a probe at nice 10 in a session of its own
+    took as much of a shared CPU as the service it traced, in runs of a few
+    milliseconds that the service's requests waited out. A daemon leads its
+    own session (under systemd, in a container, after setsid), and the
+    group's nice is set too. Started from a shell it does not, and changing
+    the shell's group would lower every program in it. Under a cgroup's CPU
+    controller the cgroup's weight decides instead (the systemd unit's
+    CPUWeight, a container's CPU request)."""
     for tid in os.listdir("/proc/self/task"):
         os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+    if not autogroup.exists():  # a kernel without autogroups: threads are all there is
+        return f"CPU priority: nice {nice}"
+    if os.getsid(0) != os.getpid():
+        return (
+            f"CPU priority: nice {nice} for its threads, which orders them only among"
+            " the programs of its session: other sessions share the CPU with it as"
+            " equals (run it as a service, or under setsid, for nice to apply)"
+        )
+    for _ in range(AUTOGROUP_ATTEMPTS):
+        try:
+            autogroup.write_text(str(nice))
+            break
+        except BlockingIOError:  # one change a machine per 100 ms without CAP_SYS_ADMIN
+            time.sleep(AUTOGROUP_RETRY_S)
+        except OSError as error:
+            return f"CPU priority: nice {nice} for its threads; its session's: {error}"
+    else:
+        return f"CPU priority: nice {nice} for its threads; its session's: busy, left as it was"
+    return f"CPU priority: nice {nice}, for its threads and its session"
 
 
 def settle_heap() -> None:
@@ -190,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"probe: configuration: {error}", file=sys.stderr)
         return 2
     log = configure(config.log_format)
-    lower_priority(config.nice)
+    log.info("%s", lower_priority(config.nice))
     stats = Stats()
     source = EventSource(kernel_options(config), stats)
     stop = StopFlag()

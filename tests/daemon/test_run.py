@@ -62,7 +62,9 @@ class Daemon:
 
 
 @contextmanager
-def daemon(*args: str, **env: str) -> Iterator[Daemon]:
+def daemon(*args: str, new_session: bool = False, **env: str) -> Iterator[Daemon]:
+    """`probe run` with ``args`` and ``env``; in this test's session unless
+    ``new_session`` (as systemd and container runtimes start it)."""
     environ = {**os.environ, "OTEL_BSP_SCHEDULE_DELAY": "200", **env}
     process = subprocess.Popen(
         [*PROBE, "run", "--metrics-address", "127.0.0.1:0", *args],
@@ -70,6 +72,7 @@ def daemon(*args: str, **env: str) -> Iterator[Daemon]:
         text=True,
         env=environ,
         cwd=REPO,
+        start_new_session=new_session,
     )
     running = Daemon(process)
     try:
@@ -113,6 +116,38 @@ def thread_nice_values(pid: int) -> set[int]:
         fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
         values.add(int(fields[16]))
     return values
+
+
+def autogroup_nice(pid: int) -> int:
+    """The nice value of the scheduling group of ``pid``'s session."""
+    return int(Path(f"/proc/{pid}/autogroup").read_text().split("nice")[1])
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/autogroup").exists(),
+    reason="this kernel has no autogroups (CONFIG_SCHED_AUTOGROUP): nice orders threads only",
+)
+def test_nice_reaches_the_sessions_group_only_in_a_session_of_its_own() -> None:
+    receiver = HttpReceiver()
+    endpoint = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.endpoint}
+    ours = autogroup_nice(os.getpid())
+    try:
+        with daemon(new_session=True, **endpoint) as probe:
+            assert autogroup_nice(probe.process.pid) == 10
+            assert thread_nice_values(probe.process.pid) == {10}
+            log = "\n".join(probe.lines)
+            assert "CPU priority: nice 10, for its threads and its session" in log
+            assert probe.stop() == 0
+        # Started from this test's session, as from a shell: the session's other
+        # programs keep their priority, and the log says what nice does not do.
+        with daemon(**endpoint) as probe:
+            assert autogroup_nice(probe.process.pid) == ours
+            assert thread_nice_values(probe.process.pid) == {10}
+            assert "other sessions share the CPU with it as equals" in "\n".join(probe.lines)
+            assert probe.stop() == 0
+    finally:
+        receiver.stop()
+    assert autogroup_nice(os.getpid()) == ours
 
 
 @pytest.mark.parametrize("receiver_class", [GrpcReceiver, HttpReceiver])

@@ -339,6 +339,11 @@ def test_unit_capabilities_each_with_a_reason():
     assert not any(e.key == "AmbientCapabilities" for e in parse_unit(UNIT.read_text())["Service"])
 
 
+def test_unit_weighs_the_probe_below_the_services_it_traces():
+    service = unit_settings(parse_unit(UNIT.read_text())["Service"])
+    assert int(service["CPUWeight"]) < 100  # systemd's default for every other service
+
+
 def test_unit_hardening_keeps_what_probe_needs():
     service = unit_settings(parse_unit(UNIT.read_text())["Service"])
     assert service["NoNewPrivileges"] == "yes"
