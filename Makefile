@@ -42,7 +42,7 @@ test-unit: compile
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 # What the probe costs, side by side with no probe and with empty BPF programs
-# (root; about 6 minutes, BENCH_QUICK=1 for about 1.5). See bench/README.md.
+# (root; about 9 minutes, BENCH_QUICK=1 for about 1.5). See bench/README.md.
 bench: setup
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m bench
