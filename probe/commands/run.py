@@ -193,17 +193,28 @@ def lower_priority(nice: int, autogroup: Path = AUTOGROUP) -> str:
             " the programs of its session: other sessions share the CPU with it as"
             " equals (run it as a service, or under setsid, for nice to apply)"
         )
-    for _ in range(AUTOGROUP_ATTEMPTS):
-        try:
-            autogroup.write_text(str(nice))
-            break
-        except BlockingIOError:  # one change a machine per 100 ms without CAP_SYS_ADMIN
-            time.sleep(AUTOGROUP_RETRY_S)
-        except OSError as error:
-            return f"CPU priority: nice {nice} for its threads; its session's: {error}"
-    else:
-        return f"CPU priority: nice {nice} for its threads; its session's: busy, left as it was"
+    problem = _set_session_nice(nice, autogroup)
+    if problem:
+        return f"CPU priority: nice {nice} for its threads; its session's: {problem}"
     return f"CPU priority: nice {nice}, for its threads and its session"
+
+
+def _set_session_nice(nice: int, autogroup: Path) -> str | None:
+    """None once the session's group has ``nice``; else why it has not."""
+    try:
+        if not autogroup.read_text():
+            # Init's session, never left for one of its own: its group is the
+            # root one, whose share the kernel does not let nice change.
+            return "the root scheduling group, left as it was"
+        for _ in range(AUTOGROUP_ATTEMPTS):
+            try:
+                autogroup.write_text(str(nice))
+                return None
+            except BlockingIOError:  # one change a machine per 100 ms without CAP_SYS_ADMIN
+                time.sleep(AUTOGROUP_RETRY_S)
+    except OSError as error:
+        return str(error)
+    return "busy, left as it was"
 
 
 def settle_heap() -> None:

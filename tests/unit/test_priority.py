@@ -33,7 +33,7 @@ def lowered(group: Path, new_session: bool) -> str:
 
 def test_a_session_leader_gives_its_group_the_nice(tmp_path):
     group = tmp_path / "autogroup"
-    group.write_text("")
+    group.write_text("/autogroup-12 nice 0\n")
     assert (
         lowered(group, new_session=True) == "CPU priority: nice 7, for its threads and its session"
     )
@@ -58,3 +58,14 @@ def test_a_group_that_cannot_be_set_is_reported(tmp_path):
         f"CPU priority: nice 7 for its threads; its session's: [Errno 21] Is a directory: "
         f"'{tmp_path}'"
     )
+
+
+def test_the_root_group_is_left_alone_and_said_so(tmp_path):
+    group = tmp_path / "autogroup"
+    group.write_text("")  # what the kernel shows for init's session
+    said = lowered(group, new_session=True)
+    assert said == (
+        "CPU priority: nice 7 for its threads; its session's: the root scheduling group,"
+        " left as it was"
+    )
+    assert group.read_text() == ""
