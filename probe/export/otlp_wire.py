@@ -46,6 +46,7 @@ _INT64_MAX: Final = 2**63 - 1
 # (such as the bounds above, and 2**62 itself) take the slow way of every
 # comparison.
 _MAX_SMALL_INT: Final = 2**62 - 1
+_MAX_SMALL_INT_VARINT: Final = 9  # bytes of its varint: 62 bits in groups of 7
 _ONE_BYTE: Final = [bytes((n,)) for n in range(0x80)]
 _FIXED64_LE: Final = struct.Struct("<Q").pack
 _TWO_BYTES: Final = struct.Struct("<BB").pack
@@ -192,9 +193,7 @@ def _key_value_field(tag: bytes, key_field: bytes, value: AttributeValue) -> byt
     any_value = _any_value(value)
     any_size = _varint(len(any_value))
     size = len(key_field) + len(_KEY_VALUE_VALUE) + len(any_size) + len(any_value)
-    # Sizes first, then one join: a pair that is not cached (a client's port, on
-    # a connection's first span) is encoded at each span, with no bytes made
-    # for the value field on the way.
+    # Sizes first, then one join: no bytes made for the value field on the way.
     return b"".join((tag, _varint(size), key_field, _KEY_VALUE_VALUE, any_size, any_value))
 
 
@@ -209,7 +208,9 @@ class _CachedAttributes:
     """Attributes as KeyValue fields of one tag, remembering the pairs it has encoded.
 
     Looked up by key, then by value: no tuple is built and hashed per attribute.
-    Bounded: when full it starts over, which costs one encoding per pair that
+    An int not found is written after its key's prefix, kept per length of the
+    int's varint, with no AnyValue made: a connection per request brings two
+    new ports a span. Bounded: when full it starts over, which costs one encoding per pair that
     is still in use; the ports, paths and addresses that never repeat are what
     fills it.
     """
@@ -221,6 +222,8 @@ class _CachedAttributes:
         self._fields: dict[str, dict[AttributeValue, tuple[type, bytes]]] = {}
         self._entries = 0
         self._key_fields: dict[str, bytes] = {}  # KeyValue.key fields
+        # key -> the KeyValue field up to an int's varint, by the varint's length
+        self._int_prefixes: dict[str, list[bytes]] = {}
 
     def append_fields(self, out: list[bytes], attributes: Attributes) -> None:
         by_key = self._fields
@@ -251,13 +254,39 @@ class _CachedAttributes:
                 self._entries += 1
 
     def _encode(self, key: str, value: AttributeValue) -> bytes:
+        if type(value) is int and 0 <= value <= _MAX_SMALL_INT:
+            encoded = _varint(value)
+            prefixes = self._int_prefixes.get(key)
+            if prefixes is None:
+                prefixes = self._int_prefixes_of(key)
+            return prefixes[len(encoded)] + encoded
+        return _key_value_field(self._tag, self._key_field(key), value)
+
+    def _key_field(self, key: str) -> bytes:
         key_field = self._key_fields.get(key)
         if key_field is None:
             key_field = _string_field(_KEY_VALUE_KEY, key)
             if len(self._key_fields) >= self._max_entries:
                 self._key_fields.clear()
             self._key_fields[key] = key_field
-        return _key_value_field(self._tag, key_field, value)
+        return key_field
+
+    def _int_prefixes_of(self, key: str) -> list[bytes]:
+        """The KeyValue field of ``key`` and an int, up to the int's varint,
+        for each of a small int's varint lengths (1 to 9: index 0 is unused)."""
+        key_field = self._key_field(key)
+        prefixes = [b""]
+        for length in range(1, _MAX_SMALL_INT_VARINT + 1):
+            any_size = 1 + length  # _ANY_INT's tag and the varint
+            size = len(key_field) + len(_KEY_VALUE_VALUE) + 1 + any_size
+            prefixes.append(
+                b"".join((self._tag, _varint(size), key_field, _KEY_VALUE_VALUE,
+                          _varint(any_size), _ANY_INT))
+            )  # fmt: skip
+        if len(self._int_prefixes) >= self._max_entries:
+            self._int_prefixes.clear()
+        self._int_prefixes[key] = prefixes
+        return prefixes
 
 
 class TraceRequestEncoder:

@@ -131,6 +131,19 @@ def test_equal_values_of_other_types_stay_apart():
         assert signs == [-1, 1, 1]
 
 
+def test_ints_of_every_varint_length_encode_as_official():
+    """New ints are written after a prefix chosen by their varint's length."""
+    encoder = TraceRequestEncoder()
+    values = [0, 1, 127, 128, *(2**shift for shift in range(14, 63, 7)), 2**62 - 1, 2**63 - 1]
+    values += [-1, -(2**63)]  # ten bytes, two's complement: the general way
+    batch = [
+        Span("s", SpanKind.SERVER, 1, 2, RESOURCES[0], attributes={"n": v, "m": v // 3})
+        for v in values
+    ]
+    for _ in range(2):  # new ints, then remembered ones
+        assert_encodes_as_official(encoder, batch)
+
+
 def test_caches_stay_bounded():
     encoder = TraceRequestEncoder(
         max_cached_attributes=64, max_cached_resources=4, max_cached_shared=8
