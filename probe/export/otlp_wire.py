@@ -210,9 +210,9 @@ class _CachedAttributes:
     Looked up by key, then by value: no tuple is built and hashed per attribute.
     An int not found is written after its key's prefix, kept per length of the
     int's varint, with no AnyValue made: a connection per request brings two
-    new ports a span. Bounded: when full it starts over, which costs one encoding per pair that
-    is still in use; the ports, paths and addresses that never repeat are what
-    fills it.
+    new ports a span. Bounded: when full it starts over, which costs one
+    encoding per pair that is still in use; the ports, paths and addresses
+    that never repeat are what fills it.
     """
 
     def __init__(self, tag: bytes, max_entries: int) -> None:
