@@ -273,16 +273,13 @@ class _CachedAttributes:
 
     def _int_prefixes_of(self, key: str) -> list[bytes]:
         """The KeyValue field of ``key`` and an int, up to the int's varint,
-        for each of a small int's varint lengths (1 to 9: index 0 is unused)."""
+        for each of a small int's varint lengths (1 to 9: index 0 is unused):
+        the field of the smallest int of that length, its varint cut off."""
         key_field = self._key_field(key)
         prefixes = [b""]
         for length in range(1, _MAX_SMALL_INT_VARINT + 1):
-            any_size = 1 + length  # _ANY_INT's tag and the varint
-            size = len(key_field) + len(_KEY_VALUE_VALUE) + 1 + any_size
-            prefixes.append(
-                b"".join((self._tag, _varint(size), key_field, _KEY_VALUE_VALUE,
-                          _varint(any_size), _ANY_INT))
-            )  # fmt: skip
+            field = _key_value_field(self._tag, key_field, 1 << 7 * (length - 1))
+            prefixes.append(field[:-length])
         if len(self._int_prefixes) >= self._max_entries:
             self._int_prefixes.clear()
         self._int_prefixes[key] = prefixes
